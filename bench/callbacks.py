@@ -1,0 +1,29 @@
+"""Hydra callbacks: a run or a whole multirun ends with its report."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+class ReportCallback(Callback):
+    """Write the leaderboard and figures of everything below `results_dir` once the job(s) end."""
+
+    def _report(self, config: DictConfig) -> None:
+        if not config.get("report", True):
+            return
+        from bench.report import write_report                      # matplotlib only when a report is due
+        try:
+            write_report(config.results_dir)
+        except ValueError as e:                                     # e.g. every job failed: nothing to report
+            log.error("no report: %s", e)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._report(config)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._report(config)

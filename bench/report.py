@@ -1,0 +1,304 @@
+"""Reports from the result store: tidy tables, a bootstrap leaderboard, Markdown and seaborn figures.
+
+A report reads only the store (DESIGN): every ``manifest.json`` below a folder and
+exactly the Parquet cells it lists. Directions come from each run's ``score_meta``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SCORE_COLUMNS = ["run_id", "dataset", "model", "method", "metric", "score", "sample_id", "value"]
+CURVE_COLUMNS = ["run_id", "dataset", "model", "method", "metric", "curve", "sample_id", "step", "x", "x_label", "y"]
+META_COLUMNS = ["metric", "score", "higher_is_better"]
+FAILURE_COLUMNS = ["run_id", "dataset", "model", "method", "metric", "error"]
+_NUMERIC = {"sample_id", "value", "step", "x", "y"}
+_BOARD_KEYS = ["dataset", "model", "method", "metric", "score"]
+_COLUMN_KEYS = ["dataset", "model", "metric", "score"]   # one leaderboard column of one table
+_STATS = ["mean", "ci_low", "ci_high", "n", "n_nan"]
+
+
+@dataclass(frozen=True)
+class Results:
+    """Everything the runs below one folder stored, as tidy tables."""
+
+    scores: pd.DataFrame      # SCORE_COLUMNS: one row per sample and score
+    curves: pd.DataFrame      # CURVE_COLUMNS: one row per sample and step; x_label "" when absent
+    meta: pd.DataFrame        # META_COLUMNS: one row per (metric, score)
+    failures: pd.DataFrame    # FAILURE_COLUMNS: one row per failed (method, metric) of a run
+    manifests: list[dict]
+
+
+def load(root: str | Path) -> Results:
+    """Read every run below `root`: each manifest.json and exactly the cells it lists.
+
+    Other Parquet files beside a manifest (stale cells of an older config) are ignored.
+    NaN values are kept: they mean "undefined for this sample".
+    """
+    root = Path(root)
+    paths = sorted(root.rglob("manifest.json")) if root.is_dir() else []
+    if not paths:
+        raise ValueError(f"no manifest.json found below {str(root)!r}; run `python -m bench` first, "
+                         "or pass the folder it wrote its results to")
+    manifests, scores, curves, meta, failures = [], [], [], [], []
+    for path in paths:
+        manifest = _read_manifest(path)
+        manifests.append(manifest)
+        for cell in manifest["cells"]:
+            scores.append(_read_cell(path, cell.get("scores")))
+            if cell.get("curves"):
+                curves.append(_read_cell(path, cell["curves"]))
+        meta += manifest.get("score_meta", [])
+        run = {key: manifest[key] for key in ("run_id", "dataset", "model")}
+        failures += [{**failure, **run} for failure in manifest.get("failures", [])]
+    return Results(scores=_table(scores, SCORE_COLUMNS), curves=_table(curves, CURVE_COLUMNS),
+                   meta=_directions(pd.DataFrame(meta, columns=META_COLUMNS)),
+                   failures=pd.DataFrame(failures, columns=FAILURE_COLUMNS), manifests=manifests)
+
+
+def bootstrap_ci(values: np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean (Efron 1979) over the finite entries of `values`.
+
+    Resample indices are ``np.random.default_rng(seed).integers(0, n, (n_boot, n))`` over
+    the n finite values, drawn at once; the CI is the (1 - level)/2 and (1 + level)/2
+    quantiles (numpy's linear rule) of the n_boot resampled means. Fewer than 2 finite
+    values: (nan, nan). Constant values give exactly (value, value).
+    """
+    if n_boot < 1 or not 0 < level < 1:
+        raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got n_boot={n_boot}, level={level}")
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]                                             # (n,)
+    if v.size < 2:
+        return (np.nan, np.nan)
+    idx = np.random.default_rng(seed).integers(0, v.size, size=(n_boot, v.size))  # (n_boot, n)
+    d = v - v[0]                                                      # centred, so a constant stays exact
+    means = v[0] + d[idx].mean(axis=1)                                # (n_boot,)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return (float(low), float(high))
+
+
+def leaderboard(results: Results, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Tidy leaderboard: one row per (dataset, model, method, metric, score), "@" detail scores excluded.
+
+    mean and n use the n non-NaN samples, n_nan counts the undefined ones; ci_low/ci_high
+    are `bootstrap_ci` at 95%. rank orders methods within each (dataset, model, metric,
+    score) by mean in the score's direction: 1 = best, ties averaged, NaN mean last.
+    """
+    scores = results.scores[~results.scores["score"].str.contains("@", regex=False)]
+    board = _summarise(scores, _BOARD_KEYS, value="value", n_boot=n_boot, seed=seed)
+    board = board.merge(results.meta, on=["metric", "score"], how="left", validate="many_to_one")
+    missing = board.loc[board["higher_is_better"].isna(), ["metric", "score"]].drop_duplicates()
+    if len(missing):
+        names = ", ".join(missing["metric"] + "/" + missing["score"])
+        raise ValueError(f"no direction for {names}: the runs' score_meta lacks them; re-run with the current runner")
+    board["higher_is_better"] = board["higher_is_better"].astype(bool)
+    key = board["mean"].where(~board["higher_is_better"], -board["mean"])   # smaller key = better
+    board["rank"] = key.groupby([board[c] for c in _COLUMN_KEYS]).rank(method="average", na_option="bottom")
+    return board
+
+
+def overall_rank(board: pd.DataFrame) -> pd.DataFrame:
+    """Mean of each method's ranks over the leaderboard columns it has, ranked again (1 = best)."""
+    out = board.groupby(["dataset", "model", "method"])["rank"].mean().rename("mean_rank").reset_index()
+    out["rank"] = out.groupby(["dataset", "model"])["mean_rank"].rank(method="average")
+    return out
+
+
+def format_leaderboard(board: pd.DataFrame) -> str:
+    """Markdown: one table per (dataset, model), methods by overall rank, the best per column in bold."""
+    overall = overall_rank(board)
+    sections = []
+    for (dataset, model), table in board.groupby(["dataset", "model"], sort=True):
+        ranks = overall[overall["dataset"].eq(dataset) & overall["model"].eq(model)].sort_values(["rank", "method"])
+        arrow = np.where(table["higher_is_better"], " (↑)", " (↓)")
+        table = table.assign(column=table["metric"] + "/" + table["score"] + arrow, cell=_cells(table))
+        columns = table.sort_values(["metric", "score"])["column"].unique()
+        wide = table.pivot(index="method", columns="column", values="cell")
+        wide = wide.reindex(index=ranks["method"], columns=columns).fillna("–").assign(**{"mean rank": ranks["mean_rank"].map("{:.2f}".format).to_numpy()})
+        sections.append(f"## {dataset} / {model}\n\n{_markdown(wide)}\n\n{_sample_note(table)}\n")
+    return "\n".join(sections)
+
+
+def plot_curves(results: Results, out_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> list[Path]:
+    """One PNG per (metric, curve): mean y vs x per method, 95% bootstrap band, one column per model.
+
+    Non-empty x_label values (e.g. the layer randomized at an MPRT stage) become the x tick labels.
+    """
+    import matplotlib.pyplot as plt    # heavy imports, needed only for figures
+    import seaborn as sns
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = ["dataset", "model", "method", "metric", "curve", "x", "x_label"]
+    band = _summarise(results.curves, keys, value="y", n_boot=n_boot, seed=seed)
+    methods = sorted(band["method"].unique())
+    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
+    paths = []
+    for (metric, curve), data in band.groupby(["metric", "curve"], sort=True):
+        g = sns.relplot(data=data, x="x", y="mean", hue="method", hue_order=methods, palette=palette, kind="line",
+                        row="dataset", col="model", marker="o", errorbar=None, height=3.5,
+                        facet_kws={"sharex": False})
+        try:
+            for (dataset, model), ax in g.axes_dict.items():
+                facet = data[data["dataset"].eq(dataset) & data["model"].eq(model)]
+                for method, m in facet.groupby("method"):
+                    ax.fill_between(m["x"], m["ci_low"], m["ci_high"], color=palette[method], alpha=0.2, lw=0)
+                ticks = facet.drop_duplicates("x")
+                if ticks["x_label"].ne("").any():
+                    ax.set_xticks(ticks["x"], ticks["x_label"], rotation=45, ha="right")
+            g.set_titles("{row_name} / {col_name}").set_axis_labels("x", curve)
+            g.figure.suptitle(f"{metric}: {curve} (mean, 95% bootstrap CI over samples)", y=1.03)
+            paths.append(out_dir / f"curves_{metric}_{curve}.png")
+            _write_atomic(paths[-1], partial(g.figure.savefig, dpi=120, bbox_inches="tight"))
+        finally:
+            plt.close(g.figure)
+    return paths
+
+
+def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0) -> Path:
+    """Write leaderboard.csv/.md, overall_rank.csv, failures.csv and the curve figures; return the folder.
+
+    Every file is written atomically; the default folder is ``<root>/report``.
+    """
+    results = load(root)
+    out = Path(root) / "report" if out_dir is None else Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    board = leaderboard(results, n_boot=n_boot, seed=seed)
+    markdown = format_leaderboard(board)
+    if len(results.failures):
+        markdown += f"\n{len(results.failures)} failed cells: see failures.csv\n"
+        _write_atomic(out / "failures.csv", partial(results.failures.to_csv, index=False))
+    else:
+        (out / "failures.csv").unlink(missing_ok=True)   # a stale list would blame runs that now pass
+    _write_atomic(out / "leaderboard.csv", partial(board.to_csv, index=False))
+    _write_atomic(out / "overall_rank.csv", partial(_wide_ranks(board).to_csv, index=False))
+    _write_atomic(out / "leaderboard.md", partial(Path.write_text, data=markdown, encoding="utf-8"))
+    plot_curves(results, out, n_boot=n_boot, seed=seed)
+    print(markdown)
+    print(f"report written to {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: ``python -m bench.report RESULTS_DIR [--out DIR] [--n-boot N] [--seed S]``."""
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description="Leaderboard and figures of a results folder.")
+    parser.add_argument("results_dir", help="folder that `python -m bench` wrote its runs to")
+    parser.add_argument("--out", default=None, help="output folder (default: RESULTS_DIR/report)")
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per CI")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    args = parser.parse_args(argv)
+    import matplotlib
+    matplotlib.use("Agg")                 # the CLI writes files only, never opens a window
+    try:
+        write_report(args.results_dir, args.out, n_boot=args.n_boot, seed=args.seed)
+    except (ValueError, OSError) as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+def _read_manifest(path: Path) -> dict:
+    """Parse one manifest and check the keys a report needs."""
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    missing = [k for k in ("run_id", "dataset", "model", "cells") if k not in manifest]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; it was not written by `python -m bench`, remove or re-run it")
+    return manifest
+
+
+def _read_cell(manifest: Path, relative: str | None) -> pd.DataFrame:
+    """Read one Parquet file listed in a manifest, relative to the manifest's folder."""
+    path = manifest.parent / (relative or "")
+    if not relative or not path.is_file():
+        raise ValueError(f"{manifest} lists the cell file {relative!r}, which is missing; re-run that run")
+    return pd.read_parquet(path)
+
+
+def _table(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    """Concatenate cells into one table with plain string keys (categories differ between files)."""
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    if missing := sorted(set(columns) - set(df.columns)):
+        raise ValueError(f"result cells lack columns {missing}; re-run them with the current runner")
+    df = df[columns].copy()
+    for c in set(columns) - _NUMERIC:
+        df[c] = df[c].astype(object).fillna("").astype(str)
+    return df
+
+
+def _directions(meta: pd.DataFrame) -> pd.DataFrame:
+    """One direction per (metric, score); runs that disagree are an error."""
+    meta = meta.astype({"higher_is_better": bool}).drop_duplicates(ignore_index=True)
+    clash = meta.loc[meta.duplicated(["metric", "score"]), ["metric", "score"]]
+    if len(clash):
+        names = ", ".join(clash["metric"] + "/" + clash["score"])
+        raise ValueError(f"runs disagree on whether higher is better for {names} (e.g. pixel flipping "
+                         "MoRF vs LeRF); report them from separate folders")
+    return meta
+
+
+def _summarise(df: pd.DataFrame, keys: list[str], *, value: str, n_boot: int, seed: int) -> pd.DataFrame:
+    """Mean, bootstrap CI, n (non-NaN) and n_nan of `value` per group of `keys`."""
+    if df.empty:
+        return pd.DataFrame(columns=keys + _STATS)
+    g = df.groupby(keys, sort=True)[value]
+    out = g.agg(["mean", "count", "size"]).rename(columns={"count": "n"})
+    ci = g.apply(lambda v: bootstrap_ci(v.to_numpy(), n_boot=n_boot, seed=seed))
+    out[["ci_low", "ci_high"]] = pd.DataFrame(ci.tolist(), index=ci.index)
+    out["n_nan"] = out.pop("size") - out["n"]
+    return out[_STATS].reset_index()
+
+
+def _cells(table: pd.DataFrame) -> list[str]:
+    """'mean [ci_low, ci_high]' to 3 significant digits, in bold where the rank is the column's best."""
+    best = table["rank"].eq(table.groupby(_COLUMN_KEYS)["rank"].transform("min")) & table["mean"].notna()
+    text = [("–" if np.isnan(m) else f"{m:.3g}" if np.isnan(lo) else f"{m:.3g} [{lo:.3g}, {hi:.3g}]")
+            for m, lo, hi in zip(table["mean"], table["ci_low"], table["ci_high"])]
+    return [f"**{t}**" if b else t for t, b in zip(text, best)]
+
+
+def _markdown(wide: pd.DataFrame) -> str:
+    """A plain Markdown table, index first (tabulate is not a dependency)."""
+    header = [wide.index.name or "", *wide.columns]
+    rows = [[str(i), *map(str, row)] for i, row in zip(wide.index, wide.to_numpy())]
+    return "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
+
+
+def _sample_note(table: pd.DataFrame) -> str:
+    """One line: samples per cell and where NaN values were excluded."""
+    total = table["n"] + table["n_nan"]
+    note = f"n = {total.min()}" + ("" if total.min() == total.max() else f"–{total.max()}") + " samples per cell"
+    nan = table[table["n_nan"] > 0]
+    if len(nan):
+        where = ", ".join(f"{r.method} {r.metric}/{r.score}: {r.n_nan}" for r in nan.itertuples())
+        note += f"; {nan['n_nan'].sum()} NaN values (undefined, excluded from mean and CI): {where}"
+    return note + "."
+
+
+def _wide_ranks(board: pd.DataFrame) -> pd.DataFrame:
+    """overall_rank plus one rank column per metric/score."""
+    ranks = board.assign(column=board["metric"] + "/" + board["score"])
+    ranks = ranks.pivot(index=["dataset", "model", "method"], columns="column", values="rank").reset_index()
+    return overall_rank(board).merge(ranks, on=["dataset", "model", "method"])
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write` on a temporary file beside `path`, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":
+    main()

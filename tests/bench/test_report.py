@@ -1,0 +1,182 @@
+"""Tests for bench.report on a hand-written results tree with known numbers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.report import bootstrap_ci, format_leaderboard, leaderboard, load, main, overall_rank, write_report
+
+NAN = np.nan
+# run 1: (shapes, cnn); per method and score, the values of samples 0..3
+SCORES = {
+    ("flip", "auc"): {"alpha": [0.1, 0.2, 0.3, 0.4], "beta": [0.5] * 4, "gamma": [0.2, 0.3, 0.2, 0.3]},
+    ("flip", "aopc"): {"alpha": [0.9, 0.8, 0.7, 0.6], "beta": [0.1, 0.2, 0.3, 0.4], "gamma": [0.5] * 4},
+    ("point", "hit"): {"alpha": [1.0, 0.0, NAN, 1.0], "beta": [0.0, 0.0, 0.0, 1.0], "gamma": [1.0] * 4},
+    ("mprt", "spearman"): {"alpha": [0.2] * 4, "beta": [0.8] * 4, "gamma": [0.5] * 4},
+    ("mprt", "spearman@conv1"): {"alpha": [0.1] * 4, "beta": [0.9] * 4, "gamma": [0.4] * 4},
+}
+META = [{"metric": "flip", "score": "auc", "higher_is_better": False},
+        {"metric": "flip", "score": "aopc", "higher_is_better": True},
+        {"metric": "point", "score": "hit", "higher_is_better": True},
+        {"metric": "mprt", "score": "spearman", "higher_is_better": False},
+        {"metric": "mprt", "score": "spearman@conv1", "higher_is_better": False}]
+CURVES = {"flip": ("curve", [0.0, 0.5, 1.0], ["", "", ""]), "mprt": ("spearman", [1.0, 2.0], ["conv1", "fc"])}
+
+
+def _frame(keys: dict[str, str], rows: dict[str, list]) -> pd.DataFrame:
+    """A cell table with categorical string keys, as the store writes them."""
+    df = pd.DataFrame(rows).assign(**keys)
+    return df.astype({k: "category" for k in keys})
+
+
+def _write_run(root: Path, run_id: str, model: str, scores: dict, *, meta: list[dict] = META,
+               failures: tuple[dict, ...] = ()) -> Path:
+    """Write one run folder with a manifest listing one cell per (method, metric)."""
+    run = root / "sweep" / run_id
+    (run / "cells").mkdir(parents=True)
+    keys = {"run_id": run_id, "dataset": "shapes", "model": model}
+    cells = []
+    for metric in dict.fromkeys(m for m, _ in scores):
+        for method in scores[next(k for k in scores if k[0] == metric)]:
+            stem = f"cells/{method}__{metric}"
+            rows = [_frame({**keys, "method": method, "metric": metric, "score": s},
+                           {"sample_id": np.arange(4), "value": np.array(v[method], dtype=np.float64)})
+                    for (m, s), v in scores.items() if m == metric]
+            pd.concat(rows).to_parquet(run / f"{stem}.scores.parquet")
+            cell = {"method": method, "metric": metric, "scores": f"{stem}.scores.parquet", "curves": None}
+            if metric in CURVES:
+                name, x, labels = CURVES[metric]
+                y = np.arange(4 * len(x), dtype=np.float64).reshape(4, len(x))   # (samples, steps)
+                curve = {"sample_id": np.repeat(np.arange(4), len(x)), "step": np.tile(np.arange(len(x)), 4),
+                         "x": np.tile(x, 4), "x_label": np.tile(labels, 4), "y": y.ravel()}
+                _frame({**keys, "method": method, "metric": metric, "curve": name}, curve).to_parquet(
+                    run / f"{stem}.curves.parquet")
+                cell["curves"] = f"{stem}.curves.parquet"
+            cells.append(cell)
+    manifest = {**keys, "cells": cells, "score_meta": meta, "failures": list(failures),
+                "timings": {}, "model_info": {"test_accuracy": 0.9}}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return run
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    run = _write_run(tmp_path, "shapes-cnn-1", "cnn", SCORES)
+    stale = pd.read_parquet(run / "cells/alpha__flip.scores.parquet").assign(value=99.0)
+    stale.to_parquet(run / "cells/alpha__flip__old.scores.parquet")   # not in the manifest: ignored
+    flip = {k: {m: v[m] for m in ("alpha", "beta")} for k, v in SCORES.items() if k[0] == "flip"}
+    failure = {"method": "gamma", "metric": None, "error": "ValueError: no conv layer"}
+    _write_run(tmp_path, "shapes-mlp-2", "mlp", flip, meta=META[:2], failures=(failure,))
+    return tmp_path
+
+
+def test_load_reads_exactly_the_listed_cells(tree: Path) -> None:
+    results = load(tree)
+    assert len(results.manifests) == 2
+    assert len(results.scores) == 4 * (3 * 5 + 2 * 2)
+    assert results.scores["value"].max() < 99.0
+    assert results.scores["value"].isna().sum() == 1
+    assert len(results.curves) == 4 * (3 * 3 + 3 * 2 + 2 * 3)
+    assert sorted(results.meta["score"]) == sorted(m["score"] for m in META)
+    assert results.failures.to_dict("records") == [{"run_id": "shapes-mlp-2", "dataset": "shapes", "model": "mlp",
+                                                     "method": "gamma", "metric": None,
+                                                     "error": "ValueError: no conv layer"}]
+
+
+def test_load_rejects_conflicting_directions_and_empty_folders(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="python -m bench"):
+        load(tmp_path)
+    flipped = [{**META[0], "higher_is_better": True}]
+    _write_run(tmp_path, "a", "cnn", {("flip", "auc"): SCORES[("flip", "auc")]}, meta=META[:1])
+    _write_run(tmp_path, "b", "mlp", {("flip", "auc"): SCORES[("flip", "auc")]}, meta=flipped)
+    with pytest.raises(ValueError, match="flip/auc"):
+        load(tmp_path)
+
+
+def test_leaderboard_means_nan_counts_and_ranks(tree: Path) -> None:
+    board = leaderboard(load(tree), n_boot=200, seed=1)
+    assert not board["score"].str.contains("@").any()
+    cnn = board[board["model"] == "cnn"].set_index(["metric", "score", "method"])
+    for (metric, score), values in SCORES.items():
+        if "@" in score:
+            continue
+        for method, v in values.items():
+            row = cnn.loc[(metric, score, method)]
+            finite = [x for x in v if x == x]
+            assert row["mean"] == pytest.approx(sum(finite) / len(finite), abs=1e-15)
+            assert (row["n"], row["n_nan"]) == (len(finite), 4 - len(finite))
+            assert (row["ci_low"], row["ci_high"]) == bootstrap_ci(np.array(v), n_boot=200, seed=1)
+    ranks = cnn["rank"].unstack("method")
+    assert ranks.loc[("flip", "auc")].to_dict() == {"alpha": 1.5, "beta": 3.0, "gamma": 1.5}   # lower is better, tie
+    assert ranks.loc[("flip", "aopc")].to_dict() == {"alpha": 1.0, "beta": 3.0, "gamma": 2.0}
+    assert ranks.loc[("point", "hit")].to_dict() == {"alpha": 2.0, "beta": 3.0, "gamma": 1.0}
+    assert ranks.loc[("mprt", "spearman")].to_dict() == {"alpha": 1.0, "beta": 3.0, "gamma": 2.0}
+    overall = overall_rank(board).set_index(["model", "method"])
+    assert overall.loc["cnn", "mean_rank"].to_dict() == {"alpha": 1.375, "beta": 3.0, "gamma": 1.625}
+    assert overall.loc["cnn", "rank"].to_dict() == {"alpha": 1.0, "beta": 3.0, "gamma": 2.0}
+    assert overall.loc["mlp", "rank"].to_dict() == {"alpha": 1.0, "beta": 2.0}
+
+
+def test_bootstrap_ci_matches_a_loop_reference() -> None:
+    v = np.random.default_rng(7).normal(size=40)
+    v[[3, 11]] = np.nan
+    finite = v[np.isfinite(v)]
+    idx = np.random.default_rng(5).integers(0, finite.size, size=(300, finite.size))
+    means = [np.mean(finite[i]) for i in idx]   # one resample at a time, straight from the definition
+    expected = np.quantile(means, [0.05, 0.95])
+    assert np.allclose(bootstrap_ci(v, n_boot=300, level=0.9, seed=5), expected, rtol=0, atol=1e-12)
+
+
+def test_bootstrap_ci_properties() -> None:
+    v = np.random.default_rng(0).exponential(size=30)
+    low, high = bootstrap_ci(v, seed=3)
+    assert low < v.mean() < high
+    assert bootstrap_ci(v, seed=3) == (low, high)
+    assert bootstrap_ci(v, seed=4) != (low, high)
+    assert bootstrap_ci(np.full(7, 0.1)) == (0.1, 0.1)
+    assert np.isnan(bootstrap_ci(np.array([1.0, np.nan]))).all()
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_ci(v, level=95)
+
+
+def test_format_leaderboard_bolds_the_best(tree: Path) -> None:
+    text = format_leaderboard(leaderboard(load(tree), n_boot=100))
+    cnn = text.split("## shapes / mlp")[0]
+    assert "## shapes / cnn" in cnn and "flip/auc (↓)" in cnn and "flip/aopc (↑)" in cnn
+    rows = [line for line in cnn.splitlines() if line.startswith("| ") and "method" not in line and "---" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| alpha", "| gamma", "| beta"]
+    assert rows[0].count("**") == 2 * 3 and rows[1].count("**") == 2 * 2   # auc tie: both bold
+    assert "**0.75 [" in rows[0] and rows[0].endswith("| 1.38 |")
+    assert "n = 4 samples per cell; 1 NaN values" in cnn and "alpha point/hit: 1" in cnn
+    assert "spearman@" not in text
+
+
+def test_write_report_writes_files(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = write_report(tree, n_boot=50)
+    assert out == tree / "report"
+    names = {"leaderboard.csv", "overall_rank.csv", "leaderboard.md", "failures.csv",
+             "curves_flip_curve.png", "curves_mprt_spearman.png"}
+    assert {p.name for p in out.iterdir()} == names   # no temporary files left behind
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(pd.read_csv(out / "leaderboard.csv")) == 3 * 4 + 2 * 2
+    wide = pd.read_csv(out / "overall_rank.csv")
+    assert list(wide.columns[:5]) == ["dataset", "model", "method", "mean_rank", "rank"]
+    assert "**" in (out / "leaderboard.md").read_text(encoding="utf-8")
+    assert "report written to" in capsys.readouterr().out
+
+
+def test_main_on_an_empty_folder_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no manifest.json" in err and "python -m bench" in err and "Traceback" not in err

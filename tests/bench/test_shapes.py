@@ -1,0 +1,169 @@
+"""The embedded `shapes` dataset: determinism, exact masks, the item contract, errors, config."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.path import Path as Polygon
+
+from bench.data import CLASSES, Shapes, render_shapes_item
+from bench.data.shapes import _AREA, _render
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: threads only add overhead (and stall on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- an independent oracle: polygon outlines (matplotlib) and distances, in float64 ----------
+def _outline(name: str) -> list[tuple[float, float]]:
+    """Corners of a polygonal class in units of the bounding radius, counter-clockwise."""
+    if name == "square":
+        h = 1 / math.sqrt(2)
+        return [(h, h), (-h, h), (-h, -h), (h, -h)]
+    if name == "triangle":
+        return [(0.0, 1.0), (-math.sqrt(3) / 2, -0.5), (math.sqrt(3) / 2, -0.5)]
+    if name == "cross":
+        w, n = 0.3, 0.95
+        return [(w, -n), (w, -w), (n, -w), (n, w), (w, w), (w, n),
+                (-w, n), (-w, w), (-n, w), (-n, -w), (-w, -w), (-w, -n)]
+    assert name == "star"
+    return [(rho * math.cos(a), rho * math.sin(a))
+            for k in range(10) for rho, a in [(1.0 if k % 2 == 0 else 0.5, math.pi / 2 + k * math.pi / 5)]]
+
+
+def _oracle_mask(name: str, centre: torch.Tensor, rotation: torch.Tensor, r: float, size: int) -> torch.Tensor:
+    """The object's pixels from its parameters, by a different route than the renderer."""
+    cy, cx = centre.double().tolist()
+    c, s = rotation.double().tolist()
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    if name in ("disk", "ring"):
+        rho2 = ((ys - cy) ** 2 + (xs - cx) ** 2) / r**2
+        inside = rho2 <= 0.64 if name == "disk" else (rho2 >= 0.36) & (rho2 <= 1.0)
+        return torch.from_numpy(inside)
+    corners = [(cx + r * (c * u - s * v), cy + r * (s * u + c * v)) for u, v in _outline(name)]   # (x, y)
+    points = np.stack([xs.ravel(), ys.ravel()], axis=1)
+    return torch.from_numpy(Polygon(corners).contains_points(points).reshape(size, size))
+
+
+def test_item_is_a_pure_function_of_seed_split_index():
+    a = render_shapes_item(seed=3, split="train", index=7)
+    b = render_shapes_item(seed=3, split="train", index=7)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2] == 7 % 6
+    first, second = Shapes(split="val", n_samples=13, seed=3), Shapes(split="val", n_samples=13, seed=3)
+    for i in (0, 5, 12):                        # batched rendering == rendering alone, bit for bit
+        image, mask, label = render_shapes_item(seed=3, split="val", index=i)
+        item = first[i]
+        assert torch.equal(item["x"], second[i]["x"]) and torch.equal(item["mask"], second[i]["mask"])
+        assert torch.equal(item["mask"], mask) and int(item["target"]) == label
+        assert torch.equal(item["x"], (image.float() / 255 - 0.5) / 0.25)
+
+
+def test_splits_and_seeds_give_different_items():
+    base = render_shapes_item(seed=0, split="test", index=0)[0]
+    for other in (render_shapes_item(seed=0, split="train", index=0)[0],
+                  render_shapes_item(seed=0, split="val", index=0)[0],
+                  render_shapes_item(seed=1, split="test", index=0)[0]):
+        assert not torch.equal(base, other)
+
+
+def test_global_rng_is_untouched():
+    torch.manual_seed(123)
+    state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    Shapes(n_samples=6).tensors()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert np.array_equal(np.random.get_state()[1], np_state)
+
+
+def test_masks_are_pinned():
+    # Golden values: items must never change, since sample_id keys results across runs.
+    masks = torch.stack([render_shapes_item(seed=0, split="test", index=i)[1] for i in range(6)])
+    assert masks.sum(dim=(1, 2)).tolist() == GOLDEN_AREAS
+
+
+GOLDEN_AREAS = [398, 438, 231, 291, 445, 219]   # disk, square, triangle, cross, ring, star
+
+
+def test_mask_is_exactly_the_object():
+    item = _render(0, "test", range(36), 64, 1)
+    for i in range(36):
+        image, mask, name = item["image"][i], item["mask"][i], CLASSES[int(item["label"][i])]
+        r = float(item["radius"][i])
+        oracle = _oracle_mask(name, item["centre"][i], item["rotation"][i], r, 64)
+        assert torch.equal(mask, oracle), (i, name, (mask ^ oracle).sum())
+        # every mask pixel wears the object's flat colour
+        assert torch.equal(image[:, mask], item["colour"][i, :, None].expand(3, int(mask.sum())))
+        # and the pixel count is the shape's area (about 1-3 % boundary error at these radii)
+        assert abs(mask.sum().item() - _AREA[CLASSES.index(name)] * r * r) <= 0.06 * _AREA[CLASSES.index(name)] * r * r
+        assert not mask[0].any() and not mask[-1].any() and not mask[:, 0].any() and not mask[:, -1].any()
+
+
+def test_distractor_only_adds_its_own_pixels():
+    alone, busy = _render(0, "train", range(24), 64, 0), _render(0, "train", range(24), 64, 1)
+    assert torch.equal(alone["mask"], busy["mask"])
+    assert alone["distractor_mask"].sum() == 0
+    bar = busy["distractor_mask"]                                        # (N, H, W), visible bar pixels
+    assert (bar.sum(dim=(1, 2)) > 0).all() and not (bar & busy["mask"]).any()
+    assert torch.equal(busy["image"].permute(1, 0, 2, 3)[:, ~bar], alone["image"].permute(1, 0, 2, 3)[:, ~bar])
+    painted = busy["distractor_colour"][:, 0, :, None, None].expand_as(busy["image"])
+    assert torch.equal(busy["image"].permute(1, 0, 2, 3)[:, bar], painted.permute(1, 0, 2, 3)[:, bar])
+
+
+def test_dataset_contract():
+    ds = Shapes(split="train", n_samples=24, size=32, seed=5, distractors=2)
+    assert (len(ds), ds.num_classes, ds.classes, ds.image_shape, ds.name) == (24, 6, CLASSES, (3, 32, 32), "shapes")
+    item = ds[7]
+    assert item["x"].shape == (3, 32, 32) and item["x"].dtype == torch.float32
+    assert item["mask"].shape == (32, 32) and item["mask"].dtype == torch.bool and item["mask"].any()
+    assert item["target"].shape == () and item["target"].dtype == torch.int64 and int(item["target"]) == 1
+    assert item["sample_id"].dtype == torch.int64 and int(item["sample_id"]) == 7
+    assert int(ds[-1]["sample_id"]) == 23
+    image = render_shapes_item(seed=5, split="train", index=7, size=32, distractors=2)[0]
+    std, mean = torch.tensor(ds.std)[:, None, None], torch.tensor(ds.mean)[:, None, None]
+    assert torch.allclose(item["x"] * std + mean, image.float() / 255, rtol=0.0, atol=1e-6)
+    with pytest.raises(IndexError):
+        ds[24]
+
+
+def test_tensors_match_items_and_classes_are_balanced():
+    ds = Shapes(n_samples=24)
+    t = ds.tensors()
+    assert t["x"].shape == (24, 3, 64, 64) and t["mask"].shape == (24, 64, 64)
+    assert torch.bincount(t["target"]).tolist() == [4] * 6
+    assert torch.equal(t["sample_id"], torch.arange(24))
+    assert (t["mask"].sum(dim=(1, 2)) > 0).all()
+    for i in (0, 23):
+        item = ds[i]
+        assert all(torch.equal(t[key][i], item[key]) for key in ("x", "target", "mask", "sample_id"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"split": "validation"}, r"split must be one of \['test', 'train', 'val'\], got 'validation'"),
+        ({"n_samples": 0}, "n_samples must be an integer >= 1, got 0"),
+        ({"size": 8}, "size must be an integer >= 16"),
+        ({"distractors": -1}, "distractors must be an integer >= 0, got -1"),
+        ({"seed": -2}, "seed must be a non-negative integer, got -2"),
+    ],
+)
+def test_bad_arguments_say_what_to_pass(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Shapes(**kwargs)
+
+
+def test_hydra_config_instantiates():
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    ds = instantiate(OmegaConf.load(CONF / "dataset" / "shapes.yaml"), n_samples=6)
+    assert isinstance(ds, Shapes) and ds.name == "shapes" and ds.split == "test" and len(ds) == 6

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny analytic models and seeded data."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class PixelSum(nn.Module):
+    """f_c(x) = (c + 1) * sum of all input values: every pixel's exact contribution is known."""
+
+    def __init__(self, classes: int = 2):
+        super().__init__()
+        self.scale = nn.Parameter(torch.arange(1.0, classes + 1.0), requires_grad=False)
+
+    def forward(self, x):
+        return x.flatten(1).sum(dim=1, keepdim=True) * self.scale
+
+
+class TinyCNN(nn.Module):
+    """conv -> ReLU -> conv -> ReLU -> global mean -> linear: small, spatial, deterministic."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv1, self.relu1 = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv2d(4, 6, 3, padding=1), nn.ReLU()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(6, classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x))))).flatten(1))
+
+
+@pytest.fixture
+def pixel_sum():
+    return PixelSum().eval()
+
+
+@pytest.fixture
+def tiny_cnn():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return TinyCNN().eval()
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0xDEADBEEF)
+    x = torch.randn(5, 3, 8, 8, generator=g)
+    target = torch.tensor([0, 1, 2, 0, 1])
+    return x, target
