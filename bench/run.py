@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench import store
 from bench.zoo import accuracy, cache_key, load_model
-from metrics import MetricResult, to_map
+from metrics import REDUCTIONS, MetricResult, to_map
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,10 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
     started = time.perf_counter()
     out_dir = Path(out_dir)
     check_targets(cfg)
+    if cfg.reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {list(REDUCTIONS)}, got {cfg.reduce!r}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {cfg.batch_size}")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     torch.manual_seed(cfg.seed)

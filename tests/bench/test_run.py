@@ -1,0 +1,86 @@
+"""End-to-end: the runner on a tiny configuration, resume, failures, and the Hydra app."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from bench.report import load
+from bench.run import run
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "model=small_cnn", "model.net.width=4", "model.train.epochs=1", "model.train.n_train=96",
+    "model.train.n_test=32", "dataset.n_samples=10", "batch_size=4",
+    "metric.pixel_flipping.steps=4",
+]
+FAILING = ["method=[saliency,random,grad_cam]", "method.grad_cam.layer=nope"]
+
+
+def _cfg(tmp_path, *extra):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=TINY + FAILING + [f"cache_dir={tmp_path / 'cache'}", *extra])
+
+
+def test_run_writes_tidy_cells_and_manifest(tmp_path):
+    manifest = run(_cfg(tmp_path), out_dir=tmp_path / "out")
+    assert manifest["n_samples"] == 10 and manifest["reduce"] == "abs_sum"
+    assert {c["method"] for c in manifest["cells"]} == {"saliency", "random"}
+    assert len(manifest["cells"]) == 2 * 4
+    # a method that raises is recorded, with the reason, and the run goes on
+    [failure] = manifest["failures"]
+    assert failure["method"] == "grad_cam" and "'nope' is not a module" in failure["error"]
+    assert manifest["versions"]["torch"] and manifest["config"]["method"]["saliency"]["_target_"] == "methods.saliency"
+    assert 0.0 <= manifest["model_info"]["test_accuracy"] <= 1.0 and manifest["model_info"]["cached"] is False
+
+    results = load(tmp_path / "out")
+    s = results.scores
+    auc = s[(s.method == "saliency") & (s.metric == "pixel_flipping") & (s.score == "auc")]
+    assert sorted(auc.sample_id) == list(range(10))                           # one row per sample
+    assert set(s.score) == {"auc", "aopc", "hit", "rma", "spearman"} | {x for x in s.score if "@" in x}
+    c = results.curves
+    pf = c[(c.method == "random") & (c.metric == "pixel_flipping")]
+    assert len(pf) == 10 * 5 and pf.x.min() == 0.0 and pf.x.max() == 1.0
+    directions = results.meta.set_index(["metric", "score"]).higher_is_better
+    assert directions["pixel_flipping", "auc"] == False and directions["pointing_game", "hit"] == True  # noqa: E712
+
+
+def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
+    out = tmp_path / "out"
+    run(_cfg(tmp_path), out_dir=out)
+    before = load(out).scores.sort_values(["method", "metric", "score", "sample_id"]).reset_index(drop=True)
+    cells = sorted((out / "cells").glob("*.scores.parquet"))
+    lost = next(p for p in cells if p.name.startswith("saliency__pixel_flipping"))
+    lost.unlink()                                                             # as if killed before this cell
+    kept = {p: p.stat().st_mtime_ns for p in cells if p != lost}
+    manifest = run(_cfg(tmp_path), out_dir=out)
+    assert manifest["model_info"]["cached"] is True
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())            # nothing else recomputed
+    after = load(out).scores.sort_values(["method", "metric", "score", "sample_id"]).reset_index(drop=True)
+    assert after.equals(before)                                               # same numbers, no duplicate rows
+    # a changed option is a new cell, not a silent reuse
+    manifest = run(_cfg(tmp_path, "metric.pixel_flipping.steps=2"), out_dir=out)
+    pf = [c for c in manifest["cells"] if c["metric"] == "pixel_flipping"]
+    assert all(c["key"] not in {p.name.split("__")[2].split(".")[0] for p in kept} for c in pf)
+
+
+def test_bad_reduce_is_refused_before_work(tmp_path):
+    with pytest.raises(ValueError, match=r"reduce must be one of \['sum', 'abs_sum', 'max_abs', 'l2'\], got 'mean'"):
+        run(_cfg(tmp_path, "reduce=mean"), out_dir=tmp_path / "out")
+
+
+def test_hydra_app_runs_and_reports(tmp_path):
+    """`python -m bench` as a user runs it: a multirun that ends with the report."""
+    cmd = [sys.executable, "-m", "bench", *TINY, "method=[saliency,random]", "metric=[pixel_flipping,pointing_game]",
+           f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "results/shapes/small_cnn/manifest.json").exists()
+    report = tmp_path / "results/report"
+    assert (report / "leaderboard.md").exists() and (report / "curves_pixel_flipping_curve.png").exists()
+    assert "| saliency |" in proc.stdout and "| random |" in proc.stdout

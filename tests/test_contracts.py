@@ -1,0 +1,97 @@
+"""Registry-wide contracts: every YAML in conf/ is covered the moment it is added."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from bench.run import _call_metric, check_targets
+from metrics import randomization_layers, to_map
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def _names(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", _names("method"))
+def test_method_contract(name, tiny_cnn, batch):
+    cfg = _compose(f"method=[{name}]")
+    assert list(cfg.method) == [name]                     # the top key is the file stem
+    check_targets(cfg)
+    method = instantiate(cfg.method[name])
+    x, target = batch
+    x0, state = x.clone(), copy.deepcopy(tiny_cnn.state_dict())
+    hooks = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in tiny_cnn.modules())
+    a = method(tiny_cnn, x, target)
+    assert a.shape == x.shape and a.dtype == torch.float32 and a.device == x.device
+    assert not a.requires_grad and a.grad_fn is None
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(method(tiny_cnn, x, target), a)                 # deterministic
+    torch.testing.assert_close(method(tiny_cnn, x[1:3], target[1:3]), a[1:3], atol=1e-5, rtol=1e-4)   # batch-invariant
+    assert torch.equal(x, x0) and not tiny_cnn.training
+    assert all(torch.equal(v, state[k]) for k, v in tiny_cnn.state_dict().items())
+    assert sum(len(m._forward_hooks) + len(m._backward_hooks) for m in tiny_cnn.modules()) == hooks
+
+
+@pytest.mark.parametrize("name", _names("metric"))
+def test_metric_contract(name, tiny_cnn, batch):
+    cfg = _compose(f"metric=[{name}]")
+    assert list(cfg.metric) == [name]
+    check_targets(cfg)
+    metric = instantiate(cfg.metric[name])
+    x, target = batch
+    method = instantiate(_compose("method=[saliency]").method.saliency)
+    mask = torch.zeros(5, 8, 8, dtype=torch.bool)
+    mask[:, 2:6, 2:6] = True
+    attribution = to_map(method(tiny_cnn, x, target), "abs_sum")
+    inputs = {"model": tiny_cnn, "x": x, "target": target, "attribution": attribution, "mask": mask,
+              "method": method, "reduce": "abs_sum"}
+    state = copy.deepcopy(tiny_cnn.state_dict())
+    result = _call_metric(metric, inputs)
+    assert result.scores and set(result.higher_is_better) == set(result.scores)
+    for score in result.scores.values():
+        assert score.shape == (5,) and score.dtype == x.dtype
+    for curve in result.curves.values():
+        assert curve.y.shape == (5, len(curve.x)) and len(curve.labels) in (0, len(curve.x))
+    assert all(torch.equal(v, state[k]) for k, v in tiny_cnn.state_dict().items())
+
+
+@pytest.mark.parametrize("name", _names("model"))
+def test_model_contract(name):
+    cfg = _compose(f"model={name}")
+    assert cfg.model.name == name
+    net = instantiate(cfg.model.net, num_classes=6).eval()
+    assert net(torch.zeros(2, 3, 64, 64)).shape == (2, 6)
+    modules = dict(net.named_modules())
+    assert all(layer in modules for layer in randomization_layers(net))
+    assert not any(getattr(m, "inplace", False) for m in net.modules())        # captum hooks need this
+    relus = [m for m in net.modules() if isinstance(m, torch.nn.ReLU)]
+    assert len(relus) == len({id(m) for m in relus})
+
+
+@pytest.mark.parametrize("name", _names("dataset"))
+def test_dataset_contract(name):
+    cfg = _compose(f"dataset={name}")
+    assert cfg.dataset.name == name
+    data = instantiate(cfg.dataset, n_samples=4).tensors()
+    B, C, H, W = data["x"].shape
+    assert B == 4 and data["target"].shape == (4,) and data["sample_id"].shape == (4,)
+    assert data["mask"].shape == (4, H, W) and data["mask"].dtype == torch.bool
+
+
+def test_unknown_target_is_refused():
+    cfg = _compose("method=[saliency]", "method.saliency._target_=os.system")
+    with pytest.raises(ValueError, match=r"method.saliency._target_='os.system' .* add yours to `allowed_targets`"):
+        check_targets(cfg)
+    check_targets(_compose("method=[saliency]", "method.saliency._target_=os.system", "allowed_targets=[os.]"))
