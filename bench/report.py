@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -17,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-SCORE_COLUMNS = ["run_id", "dataset", "model", "method", "metric", "score", "sample_id", "value"]
-CURVE_COLUMNS = ["run_id", "dataset", "model", "method", "metric", "curve", "sample_id", "step", "x", "x_label", "y"]
+from bench.store import CURVE_COLUMNS, SCORE_COLUMNS, write_atomic
+
 META_COLUMNS = ["metric", "score", "higher_is_better"]
 FAILURE_COLUMNS = ["run_id", "dataset", "model", "method", "metric", "error"]
 _NUMERIC = {"sample_id", "value", "step", "x", "y"}
@@ -158,7 +155,7 @@ def plot_curves(results: Results, out_dir: str | Path, *, n_boot: int = 1000, se
             g.set_titles("{row_name} / {col_name}").set_axis_labels("x", curve)
             g.figure.suptitle(f"{metric}: {curve} (mean, 95% bootstrap CI over samples)", y=1.03)
             paths.append(out_dir / f"curves_{metric}_{curve}.png")
-            _write_atomic(paths[-1], partial(g.figure.savefig, dpi=120, bbox_inches="tight"))
+            write_atomic(paths[-1], partial(g.figure.savefig, dpi=120, bbox_inches="tight"))
         finally:
             plt.close(g.figure)
     return paths
@@ -176,12 +173,12 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot:
     markdown = format_leaderboard(board)
     if len(results.failures):
         markdown += f"\n{len(results.failures)} failed cells: see failures.csv\n"
-        _write_atomic(out / "failures.csv", partial(results.failures.to_csv, index=False))
+        write_atomic(out / "failures.csv", partial(results.failures.to_csv, index=False))
     else:
         (out / "failures.csv").unlink(missing_ok=True)   # a stale list would blame runs that now pass
-    _write_atomic(out / "leaderboard.csv", partial(board.to_csv, index=False))
-    _write_atomic(out / "overall_rank.csv", partial(_wide_ranks(board).to_csv, index=False))
-    _write_atomic(out / "leaderboard.md", partial(Path.write_text, data=markdown, encoding="utf-8"))
+    write_atomic(out / "leaderboard.csv", partial(board.to_csv, index=False))
+    write_atomic(out / "overall_rank.csv", partial(_wide_ranks(board).to_csv, index=False))
+    write_atomic(out / "leaderboard.md", partial(Path.write_text, data=markdown, encoding="utf-8"))
     plot_curves(results, out, n_boot=n_boot, seed=seed)
     print(markdown)
     print(f"report written to {out}")
@@ -286,18 +283,6 @@ def _wide_ranks(board: pd.DataFrame) -> pd.DataFrame:
     ranks = board.assign(column=board["metric"] + "/" + board["score"])
     ranks = ranks.pivot(index=["dataset", "model", "method"], columns="column", values="rank").reset_index()
     return overall_rank(board).merge(ranks, on=["dataset", "model", "method"])
-
-
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write` on a temporary file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":

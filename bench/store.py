@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import pyarrow as pa
@@ -49,13 +49,13 @@ def curve_rows(result: MetricResult, sample_id: Tensor, **keys: str) -> pd.DataF
     return pd.concat(frames, ignore_index=True).assign(**keys)[CURVE_COLUMNS]
 
 
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write` on a temporary file beside `path`, then rename it over `path`: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
-        write(tmp)
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -68,7 +68,7 @@ def write_table(df: pd.DataFrame, path: Path, *, metadata: dict[str, Any] | None
     table = pa.Table.from_pandas(df, preserve_index=False)
     if metadata:
         table = table.replace_schema_metadata({**table.schema.metadata, b"saliency_bench": json.dumps(metadata).encode()})
-    _atomic(path, lambda tmp: pq.write_table(table, tmp))
+    write_atomic(path, lambda tmp: pq.write_table(table, str(tmp)))
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -91,10 +91,10 @@ def write_cell(scores_path: Path, curves_path: Path, result: MetricResult, sampl
 
 def write_json(obj: Any, path: Path) -> None:
     """Atomic, human-readable JSON write."""
-    def dump(tmp: str) -> None:
+    def dump(tmp: Path) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, default=str)
-    _atomic(path, dump)
+    write_atomic(path, dump)
 
 
 def cell_paths(run_dir: Path, method: str, metric: str, key: str) -> tuple[Path, Path]:
