@@ -1,12 +1,13 @@
-"""Evaluation metrics: pure, batched tensor functions returning per-sample scores."""
+"""Evaluation metrics: pure, batched tensor functions returning per-sample scores.
+
+One module per family; each lists its public functions in its own `__all__`.
+"""
 from metrics._map import REDUCTIONS, to_map
 from metrics._result import Curve, MetricResult
-from metrics.faithfulness import pixel_flipping
-from metrics.localization import pointing_game, relevance_mass_accuracy
-from metrics.randomization import mprt, randomization_layers, spearman
+from metrics.faithfulness import *  # noqa: F403
+from metrics.localization import *  # noqa: F403
+from metrics.randomization import *  # noqa: F403
+from metrics import faithfulness, localization, randomization
 
-__all__ = [
-    "Curve", "MetricResult", "REDUCTIONS", "to_map",
-    "pixel_flipping", "mprt", "randomization_layers", "spearman",
-    "pointing_game", "relevance_mass_accuracy",
-]
+__all__ = ["Curve", "MetricResult", "REDUCTIONS", "to_map",
+           *faithfulness.__all__, *localization.__all__, *randomization.__all__]

@@ -9,6 +9,8 @@ from torch import Tensor, nn
 from metrics._chunk import chunked
 from metrics._result import Curve, MetricResult
 
+__all__ = ["pixel_flipping"]
+
 
 def _check_inputs(model_input: Tensor, target: Tensor, attribution: Tensor) -> None:
     """Shape checks shared by the perturbation metrics."""

@@ -6,6 +6,8 @@ from torch import Tensor
 
 from metrics._result import MetricResult
 
+__all__ = ["pointing_game", "relevance_mass_accuracy"]
+
 
 def _flatten(attribution: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Check shapes and flatten map and mask to (B, HW)."""

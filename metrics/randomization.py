@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from metrics._map import Reduce, to_map
 from metrics._result import Curve, MetricResult
 
+__all__ = ["mprt", "randomization_layers", "spearman"]
+
 Method = Callable[[nn.Module, Tensor, Tensor], Tensor]          # (model, x, target) -> (B, C, H, W)
 
 

@@ -1,9 +1,13 @@
 """Shared fixtures: tiny analytic models and seeded data."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 class PixelSum(nn.Module):
@@ -48,3 +52,23 @@ def batch():
     x = torch.randn(5, 3, 8, 8, generator=g)
     target = torch.tensor([0, 1, 2, 0, 1])
     return x, target
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """small_cnn trained on `shapes` with the default config (once per session, ~1 minute), with the
+    default experiment's 128 test images. Fields: cfg (composed default config, cache_dir set),
+    cache_dir, model (eval mode), info, x, target, mask, sample_id."""
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from bench.zoo import load_model
+
+    cache = tmp_path_factory.mktemp("zoo")
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["model=small_cnn", f"cache_dir={cache}"])
+    model, info = load_model(cfg.model, cfg.dataset, cache_dir=cache)
+    data = instantiate(cfg.dataset).tensors()
+    return SimpleNamespace(cfg=cfg, cache_dir=cache, model=model, info=info, **data)

@@ -2,15 +2,10 @@
 for small_cnn: 128 test images, every default method and metric). Trains once, ~2 minutes on 2 CPUs."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 
 from bench.report import load
 from bench.run import run
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 INFORMED = ["saliency", "gradient_x_input", "integrated_gradients", "guided_backprop", "grad_cam"]
 GRADIENTS = ["saliency", "gradient_x_input", "integrated_gradients"]
 
@@ -18,12 +13,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(trained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("findings")
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["model=small_cnn", f"cache_dir={tmp / 'cache'}"])
-    manifest = run(cfg, out_dir=tmp / "out")
-    assert manifest["failures"] == []
+    manifest = run(trained.cfg, out_dir=tmp / "out")            # loads the session's trained small_cnn
+    assert manifest["failures"] == [] and manifest["model_info"]["cached"] is True
     assert manifest["model_info"]["test_accuracy"] >= 0.95          # the zoo's promise
     return load(tmp / "out")
 
