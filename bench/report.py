@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench import stats
 from bench.store import CURVE_COLUMNS, SCORE_COLUMNS, write_atomic
 
 META_COLUMNS = ["metric", "score", "higher_is_better"]
@@ -125,6 +126,22 @@ def format_leaderboard(board: pd.DataFrame) -> str:
     return "\n".join(sections)
 
 
+def format_latex(board: pd.DataFrame) -> str:
+    """LaTeX (booktabs) leaderboard, one tabular per (dataset, model): mean [95% CI], best in bold."""
+    sections = []
+    for (dataset, model), table in board.groupby(["dataset", "model"], sort=True):
+        arrow = np.where(table["higher_is_better"], r" $\uparrow$", r" $\downarrow$")
+        cells = [rf"\textbf{{{c[2:-2]}}}" if c.startswith("**") else c for c in _cells(table)]
+        wide = table.assign(column=_tex_escape(table["metric"] + "/" + table["score"]) + arrow, cell=cells)
+        wide = wide.pivot(index="method", columns="column", values="cell").fillna("--")
+        lines = [f"% {dataset} / {model}", r"\begin{tabular}{l" + "r" * wide.shape[1] + "}", r"\toprule",
+                 " & ".join(["method", *wide.columns]) + r" \\", r"\midrule",
+                 *(" & ".join([m, *row]) + r" \\" for m, row in zip(_tex_escape(wide.index.to_series()), wide.to_numpy())),
+                 r"\bottomrule", r"\end{tabular}"]
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) + "\n"
+
+
 def plot_curves(results: Results, out_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> list[Path]:
     """One PNG per (metric, curve): mean y vs x per method, 95% bootstrap band, one column per model.
 
@@ -161,10 +178,92 @@ def plot_curves(results: Results, out_dir: str | Path, *, n_boot: int = 1000, se
     return paths
 
 
-def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0) -> Path:
-    """Write leaderboard.csv/.md, overall_rank.csv, failures.csv and the curve figures; return the folder.
+def significance(results: Results, *, alpha: float = 0.05) -> dict[str, pd.DataFrame]:
+    """Per leaderboard column (dataset, model, metric, score), on the samples every method scored:
 
-    Every file is written atomically; the default folder is ``<root>/report``.
+    - ``friedman``: Friedman test across methods, Nemenyi critical difference (Demšar 2006), and the
+      reliability of the metric (Tomsett et al. 2020): inter-rater (Krippendorff's ordinal alpha of
+      per-sample method ranks) and inter-method (mean Spearman of per-sample scores over method pairs);
+    - ``pairwise``: Wilcoxon signed-rank tests for every method pair, Holm-corrected;
+    - ``ranks``: each method's average per-sample rank (1 = best), what the CD diagram draws.
+    """
+    scores = results.scores[~results.scores["score"].str.contains("@", regex=False)]
+    direction = results.meta.set_index(["metric", "score"])["higher_is_better"]
+    friedman, pairwise, ranks = [], [], []
+    for key, part in scores.groupby(_COLUMN_KEYS, sort=True):
+        table = stats.sample_matrix(part)
+        hib = bool(direction[key[2], key[3]])
+        keys = dict(zip(_COLUMN_KEYS, key))
+        k, n = table.shape[1], table.shape[0]
+        friedman.append({**keys, **stats.friedman(table),
+                         "critical_difference": stats.critical_difference(k, n, alpha=alpha) if n and k >= 2 else np.nan,
+                         "inter_rater_alpha": stats.inter_rater_reliability(table, higher_is_better=hib) if n >= 2 else np.nan,
+                         "inter_method_rho": stats.inter_method_reliability(table)})
+        pairwise.append(stats.pairwise_wilcoxon(table, alpha=alpha).assign(**keys))
+        mean_rank = stats.sample_ranks(table, higher_is_better=hib).mean()
+        ranks.append(pd.DataFrame({**keys, "method": mean_rank.index, "average_rank": mean_rank.to_numpy()}))
+    frame = lambda parts: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()   # noqa: E731
+    return {"friedman": pd.DataFrame(friedman), "pairwise": frame(pairwise), "ranks": frame(ranks)}
+
+
+def cost(results: Results) -> pd.DataFrame:
+    """Seconds per sample of every method (attribution) and metric (all methods together), per run."""
+    rows = [{"dataset": m["dataset"], "model": m["model"], "kind": key.split("/")[0], "name": key.split("/", 1)[1],
+             "seconds": seconds, "seconds_per_sample": seconds / m.get("n_samples", np.nan)}
+            for m in results.manifests for key, seconds in m.get("timings", {}).items() if "/" in key]
+    return pd.DataFrame(rows, columns=["dataset", "model", "kind", "name", "seconds", "seconds_per_sample"])
+
+
+def plot_critical_difference(ranks: pd.DataFrame, friedman: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Demšar (2006) diagrams: methods on an axis of average rank, bars join methods whose average ranks
+    differ by less than the critical difference (not significantly different). One PNG per column."""
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, part in ranks.groupby(_COLUMN_KEYS, sort=True):
+        row = friedman.set_index(_COLUMN_KEYS).loc[key]
+        part = part.sort_values("average_rank")
+        r, names, cd, k = part["average_rank"].to_numpy(), part["method"].to_numpy(), row["critical_difference"], len(part)
+        fig, ax = plt.subplots(figsize=(8, 1.0 + 0.2 * k))
+        half = (k + 1) // 2                                     # best half labelled left, the rest right
+        ax.set_xlim(-1.5, k + 2.5)
+        ax.set_ylim(-0.45 - 0.25 * half, 1.2)
+        ax.hlines(0, 1, k, color="black")
+        ax.set_xticks(range(1, k + 1))
+        for i, (x, name) in enumerate(zip(r, names)):
+            left = i < half
+            y, end = -0.3 - 0.25 * (i if left else k - 1 - i), (0.8 if left else k + 0.2)
+            ax.plot([x, x, end], [0, y, y], color="black", lw=0.8)
+            ax.text(end + (-0.05 if left else 0.05), y, f"{name} ({x:.2f})", va="center",
+                    ha="right" if left else "left", fontsize=8)
+        cliques = [(i, j) for i in range(k) for j in range(k - 1, i, -1) if r[j] - r[i] < cd][:k]
+        maximal = [c for c in cliques if not any(o != c and o[0] <= c[0] and c[1] <= o[1] for o in cliques)]
+        for level, (i, j) in enumerate(sorted(set(maximal))):
+            ax.hlines(0.25 + 0.15 * level, r[i] - 0.03, r[j] + 0.03, color="tab:red", lw=3)
+        if np.isfinite(cd):
+            ax.hlines(0.95, 1, 1 + cd, color="black", lw=1.5)
+            ax.text(1 + cd / 2, 1.02, f"CD = {cd:.2f} (average rank, 1 = best)", ha="left", fontsize=8)
+        ax.set_yticks([])
+        ax.spines["bottom"].set_visible(False)
+        ax.tick_params(axis="x", top=True, bottom=False, labeltop=True, labelbottom=False)
+        ax.set_xlabel("")
+        ax.set_title(f"{key[0]} / {key[1]}: {key[2]}/{key[3]}  (Friedman p = {row['p']:.2g}, n = {int(row['n'])})", fontsize=9)
+        for side in ("left", "right", "top"):
+            ax.spines[side].set_visible(False)
+        paths.append(Path(out_dir) / f"cd_{key[0]}_{key[1]}_{key[2]}_{key[3]}.png")
+        try:
+            write_atomic(paths[-1], partial(fig.savefig, dpi=120, bbox_inches="tight"))
+        finally:
+            plt.close(fig)
+    return paths
+
+
+def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0) -> Path:
+    """Write the report into ``<root>/report`` (or `out_dir`) and return the folder; every file atomically.
+
+    Tables: leaderboard.{csv,md,tex,parquet}, overall_rank.csv, significance.csv (Friedman, critical
+    difference, reliability), pairwise.csv (Wilcoxon + Holm), agreement.csv (Kendall tau between
+    metrics), cost.csv, failures.csv. Figures: curves_*.png, cd_*.png.
     """
     results = load(root)
     out = Path(root) / "report" if out_dir is None else Path(out_dir)
@@ -179,7 +278,16 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot:
     write_atomic(out / "leaderboard.csv", partial(board.to_csv, index=False))
     write_atomic(out / "overall_rank.csv", partial(_wide_ranks(board).to_csv, index=False))
     write_atomic(out / "leaderboard.md", partial(Path.write_text, data=markdown, encoding="utf-8"))
+    write_atomic(out / "leaderboard.tex", partial(Path.write_text, data=format_latex(board), encoding="utf-8"))
+    write_atomic(out / "leaderboard.parquet", partial(board.to_parquet, index=False))
+    tests = significance(results)
+    tables = {"significance": tests["friedman"], "pairwise": tests["pairwise"],
+              "agreement": stats.metric_agreement(board), "cost": cost(results)}
+    for name, table in tables.items():
+        write_atomic(out / f"{name}.csv", partial(table.to_csv, index=False))
     plot_curves(results, out, n_boot=n_boot, seed=seed)
+    if len(tests["ranks"]):
+        plot_critical_difference(tests["ranks"], tests["friedman"], out)
     print(markdown)
     print(f"report written to {out}")
     return out
@@ -276,6 +384,15 @@ def _sample_note(table: pd.DataFrame) -> str:
         where = ", ".join(f"{r.method} {r.metric}/{r.score}: {r.n_nan}" for r in nan.itertuples())
         note += f"; {nan['n_nan'].sum()} NaN values (undefined, excluded from mean and CI): {where}"
     return note + "."
+
+
+def _tex_escape(text: pd.Series) -> pd.Series:
+    """Escape LaTeX's special characters in names that come from configs."""
+    return text.str.replace(r"[\\_&%#$\{\}~^]", lambda m: _TEX[m.group()], regex=True)
+
+
+_TEX = {"\\": r"\textbackslash{}", "_": r"\_", "&": r"\&", "%": r"\%", "#": r"\#", "$": r"\$",
+        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
 
 def _wide_ranks(board: pd.DataFrame) -> pd.DataFrame:

@@ -163,7 +163,11 @@ def test_write_report_writes_files(tree: Path, capsys: pytest.CaptureFixture[str
     out = write_report(tree, n_boot=50)
     assert out == tree / "report"
     names = {"leaderboard.csv", "overall_rank.csv", "leaderboard.md", "failures.csv",
-             "curves_flip_curve.png", "curves_mprt_spearman.png"}
+             "curves_flip_curve.png", "curves_mprt_spearman.png", "leaderboard.tex", "leaderboard.parquet",
+             "significance.csv", "pairwise.csv", "agreement.csv", "cost.csv"}
+    names |= {f"cd_shapes_{model}_{c}.png" for model, cols in
+              [("cnn", ["flip_aopc", "flip_auc", "point_hit", "mprt_spearman"]), ("mlp", ["flip_aopc", "flip_auc"])]
+              for c in cols}
     assert {p.name for p in out.iterdir()} == names   # no temporary files left behind
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
