@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from bench import stats
+from bench.page import render_page
 from bench.store import CURVE_COLUMNS, SCORE_COLUMNS, write_atomic
 
 META_COLUMNS = ["metric", "score", "higher_is_better"]
@@ -142,42 +143,6 @@ def format_latex(board: pd.DataFrame) -> str:
     return "\n\n".join(sections) + "\n"
 
 
-def plot_curves(results: Results, out_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> list[Path]:
-    """One PNG per (metric, curve): mean y vs x per method, 95% bootstrap band, one column per model.
-
-    Non-empty x_label values (e.g. the layer randomized at an MPRT stage) become the x tick labels.
-    """
-    import matplotlib.pyplot as plt    # heavy imports, needed only for figures
-    import seaborn as sns
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    keys = ["dataset", "model", "method", "metric", "curve", "x", "x_label"]
-    band = _summarise(results.curves, keys, value="y", n_boot=n_boot, seed=seed)
-    methods = sorted(band["method"].unique())
-    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
-    paths = []
-    for (metric, curve), data in band.groupby(["metric", "curve"], sort=True):
-        g = sns.relplot(data=data, x="x", y="mean", hue="method", hue_order=methods, palette=palette, kind="line",
-                        row="dataset", col="model", marker="o", errorbar=None, height=3.5,
-                        facet_kws={"sharex": False})
-        try:
-            for (dataset, model), ax in g.axes_dict.items():
-                facet = data[data["dataset"].eq(dataset) & data["model"].eq(model)]
-                for method, m in facet.groupby("method"):
-                    ax.fill_between(m["x"], m["ci_low"], m["ci_high"], color=palette[method], alpha=0.2, lw=0)
-                ticks = facet.drop_duplicates("x")
-                if ticks["x_label"].ne("").any():
-                    ax.set_xticks(ticks["x"], ticks["x_label"], rotation=45, ha="right")
-            g.set_titles("{row_name} / {col_name}").set_axis_labels("x", curve)
-            g.figure.suptitle(f"{metric}: {curve} (mean, 95% bootstrap CI over samples)", y=1.03)
-            paths.append(out_dir / f"curves_{metric}_{curve}.png")
-            write_atomic(paths[-1], partial(g.figure.savefig, dpi=120, bbox_inches="tight"))
-        finally:
-            plt.close(g.figure)
-    return paths
-
-
 def significance(results: Results, *, alpha: float = 0.05) -> dict[str, pd.DataFrame]:
     """Per leaderboard column (dataset, model, metric, score), on the samples every method scored:
 
@@ -214,56 +179,13 @@ def cost(results: Results) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["dataset", "model", "kind", "name", "seconds", "seconds_per_sample"])
 
 
-def plot_critical_difference(ranks: pd.DataFrame, friedman: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Demšar (2006) diagrams: methods on an axis of average rank, bars join methods whose average ranks
-    differ by less than the critical difference (not significantly different). One PNG per column."""
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for key, part in ranks.groupby(_COLUMN_KEYS, sort=True):
-        row = friedman.set_index(_COLUMN_KEYS).loc[key]
-        part = part.sort_values("average_rank")
-        r, names, cd, k = part["average_rank"].to_numpy(), part["method"].to_numpy(), row["critical_difference"], len(part)
-        fig, ax = plt.subplots(figsize=(8, 1.0 + 0.2 * k))
-        half = (k + 1) // 2                                     # best half labelled left, the rest right
-        ax.set_xlim(-1.5, k + 2.5)
-        ax.set_ylim(-0.45 - 0.25 * half, 1.2)
-        ax.hlines(0, 1, k, color="black")
-        ax.set_xticks(range(1, k + 1))
-        for i, (x, name) in enumerate(zip(r, names)):
-            left = i < half
-            y, end = -0.3 - 0.25 * (i if left else k - 1 - i), (0.8 if left else k + 0.2)
-            ax.plot([x, x, end], [0, y, y], color="black", lw=0.8)
-            ax.text(end + (-0.05 if left else 0.05), y, f"{name} ({x:.2f})", va="center",
-                    ha="right" if left else "left", fontsize=8)
-        cliques = [(i, j) for i in range(k) for j in range(k - 1, i, -1) if r[j] - r[i] < cd][:k]
-        maximal = [c for c in cliques if not any(o != c and o[0] <= c[0] and c[1] <= o[1] for o in cliques)]
-        for level, (i, j) in enumerate(sorted(set(maximal))):
-            ax.hlines(0.25 + 0.15 * level, r[i] - 0.03, r[j] + 0.03, color="tab:red", lw=3)
-        if np.isfinite(cd):
-            ax.hlines(0.95, 1, 1 + cd, color="black", lw=1.5)
-            ax.text(1 + cd / 2, 1.02, f"CD = {cd:.2f} (average rank, 1 = best)", ha="left", fontsize=8)
-        ax.set_yticks([])
-        ax.spines["bottom"].set_visible(False)
-        ax.tick_params(axis="x", top=True, bottom=False, labeltop=True, labelbottom=False)
-        ax.set_xlabel("")
-        ax.set_title(f"{key[0]} / {key[1]}: {key[2]}/{key[3]}  (Friedman p = {row['p']:.2g}, n = {int(row['n'])})", fontsize=9)
-        for side in ("left", "right", "top"):
-            ax.spines[side].set_visible(False)
-        paths.append(Path(out_dir) / f"cd_{key[0]}_{key[1]}_{key[2]}_{key[3]}.png")
-        try:
-            write_atomic(paths[-1], partial(fig.savefig, dpi=120, bbox_inches="tight"))
-        finally:
-            plt.close(fig)
-    return paths
-
-
 def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0) -> Path:
     """Write the report into ``<root>/report`` (or `out_dir`) and return the folder; every file atomically.
 
     Tables: leaderboard.{csv,md,tex,parquet}, overall_rank.csv, significance.csv (Friedman, critical
     difference, reliability), pairwise.csv (Wilcoxon + Holm), agreement.csv (Kendall tau between
-    metrics), cost.csv, failures.csv. Figures: curves_*.png, cd_*.png.
+    metrics), cost.csv, failures.csv. Figures (PNG and PDF): scores_*, ranks_*, agreement_*, curves_*,
+    cd_*. Page: leaderboard.html, self-contained, with every figure and manifest.
     """
     results = load(root)
     out = Path(root) / "report" if out_dir is None else Path(out_dir)
@@ -285,9 +207,12 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot:
               "agreement": stats.metric_agreement(board), "cost": cost(results)}
     for name, table in tables.items():
         write_atomic(out / f"{name}.csv", partial(table.to_csv, index=False))
-    plot_curves(results, out, n_boot=n_boot, seed=seed)
+    from bench import figures as fig                    # matplotlib and seaborn only when figures are due
+    figures = fig.plot_summary(board, tables["agreement"], out) + fig.plot_curves(results, out, n_boot=n_boot, seed=seed)
     if len(tests["ranks"]):
-        plot_critical_difference(tests["ranks"], tests["friedman"], out)
+        figures += fig.plot_critical_difference(tests["ranks"], tests["friedman"], out)
+    page = render_page(board, overall_rank(board), figures, results.manifests)
+    write_atomic(out / "leaderboard.html", partial(Path.write_text, data=page, encoding="utf-8"))
     print(markdown)
     print(f"report written to {out}")
     return out

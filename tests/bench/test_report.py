@@ -168,6 +168,8 @@ def test_write_report_writes_files(tree: Path, capsys: pytest.CaptureFixture[str
     names |= {f"cd_shapes_{model}_{c}.png" for model, cols in
               [("cnn", ["flip_aopc", "flip_auc", "point_hit", "mprt_spearman"]), ("mlp", ["flip_aopc", "flip_auc"])]
               for c in cols}
+    names |= {f"{kind}_shapes_{model}.png" for kind in ("scores", "ranks", "agreement") for model in ("cnn", "mlp")}
+    names |= {n.replace(".png", ".pdf") for n in names if n.endswith(".png")} | {"leaderboard.html"}
     assert {p.name for p in out.iterdir()} == names   # no temporary files left behind
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
