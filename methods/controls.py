@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from methods._common import attribution_method
 
+
+@attribution_method
 def random_map(model: nn.Module, x: Tensor, target: Tensor, *, seed: int = 0) -> Tensor:
     """Uniform noise map U(0, 1), the same for every channel.
 
@@ -23,6 +26,7 @@ def random_map(model: nn.Module, x: Tensor, target: Tensor, *, seed: int = 0) ->
     return noise.to(x.device).expand(B, C, H, W).contiguous()
 
 
+@attribution_method
 def edge(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     """Sobel edge magnitude of the channel-mean image, the model-free control of Adebayo et al. 2018."""
     B, C, H, W = x.shape
@@ -31,3 +35,22 @@ def edge(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     kernels = torch.stack([sobel, sobel.T])[:, None]                              # (2, 1, 3, 3): d/dx, d/dy
     g = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)             # (B, 2, H, W)
     return g.norm(dim=1, keepdim=True).expand(B, C, H, W).contiguous()
+
+
+@attribution_method
+def centre(model: nn.Module, x: Tensor, target: Tensor, *, sigma: float = 0.25) -> Tensor:
+    """Centre prior (Judd et al. 2009): exp(-d^2 / (2 sigma^2)), d the distance of a pixel from the
+    image centre in units of the image size (height and width each scaled to [-0.5, 0.5]). Model-free."""
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive (a fraction of the image size), got {sigma}")
+    B, C, H, W = x.shape
+    ys = (torch.arange(H, dtype=x.dtype, device=x.device) + 0.5) / H - 0.5
+    xs = (torch.arange(W, dtype=x.dtype, device=x.device) + 0.5) / W - 0.5
+    d2 = ys[:, None].square() + xs[None, :].square()                              # (H, W)
+    return torch.exp(-d2 / (2 * sigma ** 2)).expand(B, C, H, W)
+
+
+@attribution_method
+def constant(model: nn.Module, x: Tensor, target: Tensor, *, value: float = 1.0) -> Tensor:
+    """Constant map: every pixel equal, so every ranking is one big tie (tests each metric's tie rule)."""
+    return torch.full_like(x, value)
