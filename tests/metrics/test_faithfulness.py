@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -102,7 +103,7 @@ def test_softmax_output(tiny_cnn, batch):
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"steps": 0}, "steps must be between 1"),
-    ({"order": "random"}, "order must be 'morf' or 'lerf'"),
+    ({"order": "random"}, "order must be 'morf', 'lerf' or 'both'"),
     ({"output": "prob"}, "output must be 'logit' or 'softmax'"),
     ({"chunk_size": 0}, "chunk_size must be a positive integer"),
 ])
@@ -118,3 +119,282 @@ def test_bad_shapes(tiny_cnn, batch):
         pixel_flipping(tiny_cnn, x, target, torch.zeros(5, 3, 8, 8))
     with pytest.raises(ValueError, match="NaN or Inf"):
         pixel_flipping(tiny_cnn, x, target, torch.full((5, 8, 8), torch.nan))
+
+
+# ---- region perturbation, both orders, baselines, ties ---------------------------------------------------
+
+from scipy import ndimage  # noqa: E402
+
+from metrics import deletion, faithfulness_correlation, infidelity, insertion, road  # noqa: E402
+from metrics._perturb import BLUR_SIGMA, _baseline_fill, _noisy_linear_imputation  # noqa: E402
+
+
+def region_reference(model, x, target, attribution, *, steps, patch, order="morf", seed=0):
+    """Per-sample loop: patch sums over a grid (partial patches at the far edges), units ranked with the
+    shared tie permutation, ceil(k n / steps) units removed (set to 0) at step k."""
+    B, C, H, W = x.shape
+    Hp, Wp = -(-H // patch), -(-W // patch)
+    n = Hp * Wp
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    tie = torch.empty(n, dtype=torch.long)
+    tie[perm] = torch.arange(n)
+    curves = []
+    for b in range(B):
+        sums = [attribution[b, i * patch:(i + 1) * patch, j * patch:(j + 1) * patch].sum().item()
+                for i in range(Hp) for j in range(Wp)]
+        keyed = sorted(range(n), key=lambda u: ((-sums[u] if order == "morf" else sums[u]), tie[u].item()))
+        ys = []
+        for k in range(steps + 1):
+            xk = x[b].clone()
+            for u in keyed[: -(-k * n // steps)]:
+                i, j = divmod(u, Wp)
+                xk[:, i * patch:(i + 1) * patch, j * patch:(j + 1) * patch] = 0.0
+            ys.append(model(xk[None])[0, target[b]].item())
+        curves.append(ys)
+    return torch.tensor(curves)
+
+
+def test_region_perturbation_hand_computed(pixel_sum):
+    # 4x4 values 1..16, 2x2 patches: sums 14 (top-left), 22, 46, 54 (bottom-right); MoRF removes 54, 46, 22, 14
+    x = torch.arange(1.0, 17.0).reshape(1, 1, 4, 4)
+    r = pixel_flipping(pixel_sum, x, torch.tensor([0]), x[:, 0], steps=4, patch=2)
+    torch.testing.assert_close(r.curves["curve"].y, torch.tensor([[136.0, 82.0, 36.0, 14.0, 0.0]]))
+    torch.testing.assert_close(r.curves["curve"].x, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+    # 3x3 with a partial grid: patches {1,2,4,5}=12, {3,6}=9, {7,8}=15, {10}=10 -> remove 15, 12, 10, 9
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 10.0]]).reshape(1, 1, 3, 3)
+    r = pixel_flipping(pixel_sum, x, torch.tensor([0]), x[:, 0], steps=4, patch=2)
+    torch.testing.assert_close(r.curves["curve"].y, torch.tensor([[46.0, 31.0, 19.0, 9.0, 0.0]]))
+
+
+@pytest.mark.parametrize("patch,steps,order", [(2, 16, "morf"), (3, 9, "lerf"), (3, 4, "morf"), (5, 2, "lerf")])
+def test_region_perturbation_matches_reference(tiny_cnn, batch, patch, steps, order):
+    x, target = batch
+    attribution = torch.randint(0, 3, (5, 8, 8), generator=torch.Generator().manual_seed(patch)).float()  # ties
+    fast = pixel_flipping(tiny_cnn, x, target, attribution, steps=steps, order=order, patch=patch, chunk_size=5)
+    slow = region_reference(tiny_cnn, x, target, attribution, steps=steps, patch=patch, order=order)
+    torch.testing.assert_close(fast.curves["curve"].y, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_both_orders_and_srg(pixel_sum, tiny_cnn, batch):
+    x = torch.tensor([[[[1.0, 2.0]]]])
+    r = pixel_flipping(pixel_sum, x, torch.tensor([0]), x[:, 0], steps=2, order="both")
+    torch.testing.assert_close(r.curves["morf"].y, torch.tensor([[3.0, 1.0, 0.0]]))
+    torch.testing.assert_close(r.curves["lerf"].y, torch.tensor([[3.0, 2.0, 0.0]]))
+    assert r.scores["srg"].item() == pytest.approx(1.75 - 1.25)
+    assert r.higher_is_better == {"auc_morf": False, "auc_lerf": True, "aopc_morf": True, "aopc_lerf": False,
+                                  "srg": True}
+    x, target = batch
+    a = torch.randn(5, 8, 8, generator=torch.Generator().manual_seed(3))
+    both = pixel_flipping(tiny_cnn, x, target, a, steps=5, order="both", patch=2, chunk_size=4)
+    for o in ("morf", "lerf"):
+        one = pixel_flipping(tiny_cnn, x, target, a, steps=5, order=o, patch=2)
+        torch.testing.assert_close(both.curves[o].y, one.curves["curve"].y)
+        torch.testing.assert_close(both.scores[f"auc_{o}"], one.scores["auc"])
+        torch.testing.assert_close(both.scores[f"aopc_{o}"], one.scores["aopc"])
+    torch.testing.assert_close(both.scores["srg"], both.scores["auc_lerf"] - both.scores["auc_morf"])
+
+
+def test_baselines_hand_computed(pixel_sum):
+    x = torch.tensor([[[[1.0, 2.0]]]])                    # MoRF removes the 2, then the 1
+    curve = lambda baseline: pixel_flipping(pixel_sum, x, torch.tensor([0]), x[:, 0], steps=2,
+                                            baseline=baseline).curves["curve"].y
+    torch.testing.assert_close(curve("black"), torch.tensor([[3.0, 2.0, 2.0]]))       # the image's minimum, 1
+    torch.testing.assert_close(curve("mean"), torch.tensor([[3.0, 2.5, 3.0]]))        # the channel mean, 1.5
+    torch.testing.assert_close(curve(-1.0), torch.tensor([[3.0, 0.0, -2.0]]))
+    torch.testing.assert_close(curve(torch.tensor([10.0, 20.0]).view(1, 1, 1, 2)), torch.tensor([[3.0, 21.0, 30.0]]))
+    # two-channel image: "black" is the minimum over channels and pixels, "mean" is per channel
+    x2 = torch.tensor([[[[1.0, 2.0]], [[5.0, 7.0]]]])
+    torch.testing.assert_close(_baseline_fill(x2, "black", seed=0), torch.tensor(1.0).view(1, 1, 1, 1))
+    torch.testing.assert_close(_baseline_fill(x2, "mean", seed=0), torch.tensor([1.5, 6.0]).view(1, 2, 1, 1))
+
+
+def test_blur_and_uniform_baselines(batch):
+    x, _ = batch
+    blurred = _baseline_fill(x, "blur", seed=0)
+    # independent implementation: scipy's Gaussian filter, per image and channel, edge-replicating ('nearest')
+    expected = ndimage.gaussian_filter(x.double().numpy(), sigma=(0, 0, BLUR_SIGMA, BLUR_SIGMA), mode="nearest",
+                                       truncate=3.0)
+    torch.testing.assert_close(blurred.double(), torch.from_numpy(expected), atol=1e-5, rtol=1e-5)
+    u = _baseline_fill(x, "uniform", seed=4)
+    lo, hi = x.amin(dim=(1, 2, 3)), x.amax(dim=(1, 2, 3))
+    v = (u - lo.view(-1, 1, 1, 1)) / (hi - lo).view(-1, 1, 1, 1)       # the shared field in [0, 1)
+    torch.testing.assert_close(v, v[:1].expand_as(v))
+    assert torch.equal(_baseline_fill(x[2:3], "uniform", seed=4), u[2:3])     # a sample's fill is its own
+    assert not torch.equal(_baseline_fill(x, "uniform", seed=5), u)
+
+
+def test_constant_map_matches_random_maps_in_expectation(tiny_cnn, batch, pixel_sum):
+    # a constant map is ranked by the seeded tie permutation alone: a uniformly random order, as a random map's
+    x, target = batch
+    seeds = range(150)
+    const = torch.stack([pixel_flipping(tiny_cnn, x, target, torch.zeros(5, 8, 8), steps=4, seed=s)
+                         .curves["curve"].y for s in seeds])                       # (S, B, K)
+    rand = torch.stack([pixel_flipping(tiny_cnn, x, target, torch.rand(5, 8, 8, generator=torch.Generator()
+                                       .manual_seed(1000 + s)), steps=4).curves["curve"].y for s in seeds])
+    se = (const.var(dim=0) / len(seeds) + rand.var(dim=0) / len(seeds)).sqrt()
+    z = (const.mean(dim=0) - rand.mean(dim=0)).abs() / se.clamp_min(1e-12)
+    assert z[:, 1:-1].max() < 4.5, z
+    assert (const.std(dim=0)[:, 1:-1] > 0).all()                                 # seeds do change the order
+    # exactly: for f = pixel sum, E f_k = (1 - x_k) f_0; 4000 random orders get within a few standard errors
+    xs = torch.arange(1.0, 17.0).reshape(1, 1, 4, 4)
+    ys = torch.stack([pixel_flipping(pixel_sum, xs, torch.tensor([0]), torch.zeros(1, 4, 4), steps=4, seed=s)
+                      .curves["curve"].y[0] for s in range(400)])
+    torch.testing.assert_close(ys.mean(dim=0), 136.0 * torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]), atol=2.0, rtol=0)
+
+
+# ---- deletion and insertion ------------------------------------------------------------------------------
+
+def test_deletion_insertion_hand_computed(pixel_sum):
+    x = torch.tensor([[[[1.0, 2.0]]]])
+    d = deletion(pixel_sum, x, torch.tensor([0]), x[:, 0], steps=2, output="logit")
+    torch.testing.assert_close(d.curves["curve"].y, torch.tensor([[3.0, 1.0, 0.0]]))
+    assert d.scores["auc"].item() == pytest.approx(1.25) and d.higher_is_better == {"auc": False}
+    # insertion from 0: the 2 comes back first, curve 0 -> 2 -> 3, AUC = 0.5 * 2/2 + 0.5 * 5/2 = 1.75
+    i = insertion(pixel_sum, x, torch.tensor([0]), x[:, 0], steps=2, baseline=0.0, output="logit")
+    torch.testing.assert_close(i.curves["curve"].y, torch.tensor([[0.0, 2.0, 3.0]]))
+    assert i.scores["auc"].item() == pytest.approx(1.75) and i.higher_is_better == {"auc": True}
+
+
+def test_insertion_is_pixel_flipping_of_the_baseline_image(tiny_cnn, batch):
+    # inserting x's top pixels into the blurred image = removing the blurred image's top pixels towards x
+    x, target = batch
+    a = torch.randint(0, 4, (5, 8, 8), generator=torch.Generator().manual_seed(7)).float()
+    ins = insertion(tiny_cnn, x, target, a, steps=6, seed=3, chunk_size=9)
+    pf = pixel_flipping(tiny_cnn, _baseline_fill(x, "blur", seed=0), target, a, steps=6, baseline=x, seed=3,
+                        output="softmax")
+    torch.testing.assert_close(ins.curves["curve"].y, pf.curves["curve"].y)
+    dele = deletion(tiny_cnn, x, target, a, steps=6, seed=3)
+    torch.testing.assert_close(dele.curves["curve"].y,
+                               pixel_flipping(tiny_cnn, x, target, a, steps=6, seed=3, output="softmax").curves["curve"].y)
+
+
+# ---- ROAD ------------------------------------------------------------------------------------------------
+
+def test_noisy_linear_imputation_reproduces_a_ramp():
+    # x = 2 i - j + 1 is exactly the weighted mean of its 8 neighbours: holes in the interior are filled exactly
+    i, j = torch.meshgrid(torch.arange(10.0), torch.arange(12.0), indexing="ij")
+    x = (2 * i - j + 1).expand(2, 3, 10, 12).clone()
+    keep = torch.ones(2, 1, 10, 12, dtype=torch.bool)
+    keep[0, :, 2:8, 3:9] = False
+    keep[1, :, 1:9, 1:3] = False
+    out = _noisy_linear_imputation(x, keep, torch.zeros_like(x), iterations=200)
+    torch.testing.assert_close(out, x, atol=1e-4, rtol=0)
+    noise = torch.randn(2, 3, 10, 12, generator=torch.Generator().manual_seed(0))
+    noisy = _noisy_linear_imputation(x, keep, noise, iterations=200)
+    torch.testing.assert_close(noisy - out, torch.where(keep, 0.0, noise), atol=1e-4, rtol=0)
+
+
+def test_road_curves(tiny_cnn, batch):
+    x, target = batch
+    a = torch.randn(5, 8, 8, generator=torch.Generator().manual_seed(5))
+    r = road(tiny_cnn, x, target, a, steps=4, chunk_size=6)
+    assert set(r.scores) == {"auc_morf", "auc_lerf", "srg"} and r.higher_is_better["srg"]
+    torch.testing.assert_close(r.curves["morf"].y[:, 0], tiny_cnn(x).gather(1, target[:, None])[:, 0])
+    torch.testing.assert_close(r.scores["srg"], r.scores["auc_lerf"] - r.scores["auc_morf"])
+    # every pixel removed: no data left, the image is 0 + noise, the same for every sample
+    full = road(tiny_cnn, x, target, a, steps=1, order="morf", noise=0.0).curves["morf"].y[:, 1]
+    torch.testing.assert_close(full, tiny_cnn(torch.zeros_like(x)).gather(1, target[:, None])[:, 0])
+    morf = road(tiny_cnn, x, target, a, steps=4, order="morf", chunk_size=100)
+    torch.testing.assert_close(morf.scores["auc_morf"], r.scores["auc_morf"], atol=1e-5, rtol=1e-5)
+
+
+# ---- faithfulness correlation and infidelity -----------------------------------------------------------
+
+def test_faithfulness_correlation_hand_computed(pixel_sum):
+    # f = pixel sum: the drop over S is exactly the map's sum over S when the map is x (r = 1), -x gives -1
+    x = torch.randn(3, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    t = torch.zeros(3, dtype=torch.long)
+    kw = {"subsets": 20, "fraction": 5 / 36}
+    torch.testing.assert_close(faithfulness_correlation(pixel_sum, x, t, x[:, 0], **kw).scores["pearson"], torch.ones(3))
+    torch.testing.assert_close(faithfulness_correlation(pixel_sum, x, t, -x[:, 0], **kw).scores["pearson"], -torch.ones(3))
+    assert faithfulness_correlation(pixel_sum, x, t, torch.ones(3, 6, 6), **kw).scores["pearson"].isnan().all()
+
+
+def test_faithfulness_correlation_matches_reference(tiny_cnn, batch):
+    x, target = batch
+    a = torch.randn(5, 8, 8, generator=torch.Generator().manual_seed(9))
+    r = faithfulness_correlation(tiny_cnn, x, target, a, subsets=10, fraction=7 / 64, seed=2, chunk_size=8)
+    # the same subsets, drawn as documented; then a per-sample loop and numpy's corrcoef
+    chosen = torch.rand(10, 64, generator=torch.Generator().manual_seed(2)).argsort(dim=1)[:, :7]
+    for b in range(5):
+        drops, sums = [], []
+        for s in range(10):
+            xs = x[b].clone().reshape(3, 64)
+            xs[:, chosen[s]] = 0.0
+            drops.append((tiny_cnn(x[b:b + 1]) - tiny_cnn(xs.reshape(1, 3, 8, 8)))[0, target[b]].item())
+            sums.append(a[b].reshape(64)[chosen[s]].sum().item())
+        assert r.scores["pearson"][b].item() == pytest.approx(np.corrcoef(sums, drops)[0, 1], abs=1e-5)
+
+
+def test_infidelity_matches_captum(tiny_cnn, batch, pixel_sum):
+    from captum.metrics import infidelity as captum_infidelity
+
+    x, target = batch
+    attribution = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(11))
+    S = 6
+    noise = 0.2 * torch.randn(S, 1, 8, 8, generator=torch.Generator().manual_seed(4))   # as infidelity draws it
+    for normalize in (True, False):
+        ours = infidelity(tiny_cnn, x, target, attribution.sum(dim=1), perturbations=S, normalize=normalize,
+                          seed=4, chunk_size=7).scores["infidelity"]
+
+        def perturb(inputs):                           # captum repeats each input S times, consecutively
+            I = noise.expand(S, 3, 8, 8).repeat(inputs.shape[0] // S, 1, 1, 1)
+            return I, inputs - I
+
+        theirs = captum_infidelity(tiny_cnn, perturb, x, attribution, target=target, n_perturb_samples=S,
+                                   normalize=normalize)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    # f = pixel sum: its gradient map (C * class scale per pixel) explains every perturbation exactly
+    xs = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    r = infidelity(pixel_sum, xs, torch.tensor([0, 1]), torch.tensor([3.0, 6.0]).view(2, 1, 1).expand(2, 4, 4),
+                   normalize=False)
+    torch.testing.assert_close(r.scores["infidelity"], torch.zeros(2), atol=1e-8, rtol=0)
+
+
+# ---- shared contracts of the new metrics ---------------------------------------------------------------
+
+NEW = {
+    "region": lambda m, x, t, a, **kw: pixel_flipping(m, x, t, a, steps=5, order="both", patch=3, **kw),
+    "uniform": lambda m, x, t, a, **kw: pixel_flipping(m, x, t, a, steps=5, baseline="uniform", **kw),
+    "deletion": lambda m, x, t, a, **kw: deletion(m, x, t, a, steps=5, baseline="black", **kw),
+    "insertion": lambda m, x, t, a, **kw: insertion(m, x, t, a, steps=5, **kw),
+    "road": lambda m, x, t, a, **kw: road(m, x, t, a, steps=3, **kw),
+    "faithfulness_correlation": lambda m, x, t, a, **kw: faithfulness_correlation(m, x, t, a, subsets=6, fraction=0.15, **kw),
+    "infidelity": lambda m, x, t, a, **kw: infidelity(m, x, t, a, perturbations=5, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEW))
+def test_new_metrics_are_batch_and_chunk_invariant(tiny_cnn, batch, name):
+    x, target = batch
+    a = torch.randn(5, 8, 8, generator=torch.Generator().manual_seed(12))
+    x0 = x.clone()
+    ref = NEW[name](tiny_cnn, x, target, a)
+    other = NEW[name](tiny_cnn, x, target, a, chunk_size=4)
+    p = torch.tensor([3, 1, 4, 0, 2])
+    permuted = NEW[name](tiny_cnn, x[p], target[p], a[p], chunk_size=11)
+    alone = NEW[name](tiny_cnn, x[2:3], target[2:3], a[2:3])
+    for k, v in ref.scores.items():
+        torch.testing.assert_close(other.scores[k], v, equal_nan=True, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(permuted.scores[k], v[p], equal_nan=True, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone.scores[k], v[2:3], equal_nan=True, atol=1e-5, rtol=1e-5)
+        assert set(ref.higher_is_better) == set(ref.scores)
+    assert torch.equal(x, x0)
+
+
+@pytest.mark.parametrize("fn,kwargs,message", [
+    (pixel_flipping, {"patch": 0}, "patch must be an integer between 1 and"),
+    (pixel_flipping, {"patch": 2, "steps": 17}, r"steps must be between 1 and the number of patches \(16\)"),
+    (pixel_flipping, {"baseline": "white"}, "baseline must be a float, a tensor or one of"),
+    (pixel_flipping, {"baseline": torch.zeros(2, 3, 8, 8)}, "a baseline tensor must broadcast to x's shape"),
+    (insertion, {"output": "prob"}, "output must be 'logit' or 'softmax'"),
+    (road, {"noise": -1.0}, "noise must be a non-negative"),
+    (road, {"order": "random"}, "order must be 'morf', 'lerf' or 'both'"),
+    (faithfulness_correlation, {"fraction": 1.5}, r"fraction must be in \(0, 1\]"),
+    (faithfulness_correlation, {"subsets": 1}, "subsets must be at least 2"),
+    (infidelity, {"noise_std": 0.0}, "noise_std > 0"),
+])
+def test_new_bad_options(tiny_cnn, batch, fn, kwargs, message):
+    x, target = batch
+    with pytest.raises(ValueError, match=message):
+        fn(tiny_cnn, x, target, torch.zeros(5, 8, 8), **kwargs)
