@@ -1,12 +1,18 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import scipy.stats
+import skimage.feature
+import skimage.metrics
 import torch
 
 import methods
-from metrics import mprt, randomization_layers, spearman, to_map
+from metrics import (SIMILARITIES, data_randomization, emprt, hog, hog_similarity, input_invariance, mprt,
+                     random_logit, randomization_layers, similarities, smprt, spearman, ssim, to_map,
+                     top_k_overlap)
+from metrics.randomization import _entropy
 
 
 def test_spearman_with_ties_matches_scipy():
@@ -36,10 +42,11 @@ def test_layers_default_and_declared(tiny_cnn):
 def test_edge_control_stays_identical(tiny_cnn, batch):
     x, target = batch
     r = mprt(tiny_cnn, x, target, methods.edge)
-    assert set(r.scores) == {"spearman@conv1", "spearman@conv2", "spearman@fc", "spearman"}
-    for v in r.scores.values():
-        torch.testing.assert_close(v, torch.ones(5))
-    assert r.curves["spearman"].labels == ("fc", "conv2", "conv1")         # output layer first
+    assert set(r.scores) == {f"{m}{s}" for m in SIMILARITIES for s in ("@conv1", "@conv2", "@fc", "")}
+    for k, v in r.scores.items():                  # 8x8 maps hold no 3x3 block of 8x8 HOG cells: NaN
+        torch.testing.assert_close(v, torch.full((5,), torch.nan if k.startswith("hog") else 1.0), equal_nan=True)
+    for m in SIMILARITIES:
+        assert r.curves[m].labels == ("fc", "conv2", "conv1")             # output layer first
     assert not any(r.higher_is_better.values())
 
 
@@ -86,3 +93,234 @@ def test_bad_layers(tiny_cnn, batch):
         mprt(tiny_cnn, x, target, methods.saliency, layers=["nope"])
     with pytest.raises(ValueError, match="order must be"):
         mprt(tiny_cnn, x, target, methods.saliency, order="top_down")
+    with pytest.raises(ValueError, match=r"measures \['pearson'\] unknown"):
+        mprt(tiny_cnn, x, target, methods.saliency, measures=["pearson"])
+
+
+# ---------------------------------------------------------------- similarity measures by hand
+
+def test_ssim_hand_computed_single_window():
+    # one 3x3 window: a = centre pixel 1, b = 1 - a. means 1/9, 8/9; sample variances
+    # 9/8 (1/9 - 1/81) = 1/9 each; sample covariance 9/8 (0 - 8/81) = -1/9.
+    a = torch.zeros(1, 3, 3, dtype=torch.float64)
+    a[0, 1, 1] = 1.0
+    c1, c2 = 1e-4, 9e-4
+    expected = (2 / 81 * 8 + c1) * (-2 / 9 + c2) / ((65 / 81 + c1) * (2 / 9 + c2))
+    assert ssim(a, 1 - a, win_size=3).item() == pytest.approx(expected, rel=1e-12)
+    assert ssim(a, a, win_size=3).item() == pytest.approx(1.0)
+    assert math.isnan(ssim(a, a, win_size=5).item())                            # map smaller than the window
+
+
+def test_ssim_matches_skimage():
+    g = torch.Generator().manual_seed(0xDEADBEEF)
+    a, b = torch.rand(4, 11, 9, generator=g, dtype=torch.float64), torch.rand(4, 11, 9, generator=g, dtype=torch.float64)
+    b[1] = 0.7 * a[1] + 0.3 * b[1]                                               # one correlated pair
+    for win in (3, 7):
+        ref = [skimage.metrics.structural_similarity(a[i].numpy(), b[i].numpy(), win_size=win, data_range=1.0)
+               for i in range(4)]
+        torch.testing.assert_close(ssim(a, b, win_size=win), torch.tensor(ref, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+
+
+def test_hog_on_known_edges():
+    # 16x16, a vertical step edge between columns 7 and 8: horizontal gradient 1 on columns 7 and 8
+    # (central differences), orientation 0 deg -> bin 0, 8 pixels per 8x8 cell -> mean 1/8; one-cell
+    # blocks normalised by L2-Hys give exactly bin 0 = 1 in each of the 4 cells.
+    img = torch.zeros(1, 16, 16, dtype=torch.float64)
+    img[:, :, 8:] = 1.0
+    f = hog(img, orientations=9, cell=8, block=1).view(2, 2, 9)
+    expected = torch.zeros(2, 2, 9, dtype=torch.float64)
+    expected[..., 0] = 1.0
+    torch.testing.assert_close(f, expected, atol=1e-8, rtol=0)
+    f = hog(img.transpose(1, 2), orientations=9, cell=8, block=1).view(2, 2, 9)   # horizontal edge: 90 deg -> bin 4
+    torch.testing.assert_close(f, expected.roll(4, dims=-1), atol=1e-8, rtol=0)
+
+
+def test_hog_matches_skimage():
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(3, 40, 33, generator=g, dtype=torch.float64)
+    ours = hog(a)
+    for i in range(3):
+        ref = skimage.feature.hog(a[i].numpy(), orientations=9, pixels_per_cell=(8, 8), cells_per_block=(3, 3),
+                                  block_norm="L2-Hys", feature_vector=True)
+        np.testing.assert_allclose(ours[i].numpy(), ref, atol=1e-6)               # skimage bins in float32 internally
+    assert hog(a[:, :16, :16]).shape == (3, 0)                                   # less than one block
+    assert torch.isnan(hog_similarity(a[:, :16, :16], a[:, :16, :16])).all()
+    assert hog_similarity(a, a).tolist() == pytest.approx([1.0] * 3)
+
+
+def test_top_k_overlap_hand_and_ties():
+    a = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    b = torch.tensor([[0.0, 4.0, 3.0, 9.0, 1.0, 0.0]])
+    # k = round(0.5 * 6) = 3: top(a) = {0, 1, 2}, top(b) = {3, 1, 2} -> 2/3
+    assert top_k_overlap(a, b, fraction=0.5).item() == pytest.approx(2 / 3)
+    # all tied: both top sets come from the same seeded permutation, so they coincide
+    flat = torch.zeros(2, 10)
+    assert top_k_overlap(flat, flat, fraction=0.3, seed=7).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="fraction must be in"):
+        top_k_overlap(a, b, fraction=0.0)
+
+
+def test_similarities_constant_maps_are_never_silently_nan():
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(3, 24, 24, generator=g)
+    b = torch.rand(3, 24, 24, generator=g)
+    b[1] = 0.0                                                                   # e.g. grad_cam after randomization
+    a[2], b[2] = 0.0, 0.0                                                        # nothing to compare
+    s = similarities(a, b, top_k=0.2)
+    for m in SIMILARITIES:
+        assert s[m][1].item() == 0.0 and math.isnan(s[m][2].item()) and math.isfinite(s[m][0].item()), m
+    s = similarities(a, b, constant="nan")
+    assert all(torch.isnan(s[m][1:]).all() for m in SIMILARITIES)
+
+
+def test_similarities_invariant_to_positive_rescaling_and_identity():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(4, 24, 24, generator=g), torch.randn(4, 24, 24, generator=g)
+    s, t = similarities(a, b), similarities(3.0 * a, 0.5 * b)
+    for m in SIMILARITIES:
+        torch.testing.assert_close(s[m], t[m], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(similarities(a, a)[m], torch.ones(4))
+    torch.testing.assert_close(s["spearman"], spearman(a.abs(), b.abs()))
+    torch.testing.assert_close(s["spearman_signed"], spearman(a, b))
+    assert similarities(a, -a, absolute=True)["spearman_signed"].tolist() == pytest.approx([-1.0] * 4)
+
+
+# ---------------------------------------------------------------- orders, seeds, initialisation
+
+def _manual(model, names_seeds, init="default", std=0.0):
+    m = copy.deepcopy(model)
+    for name, seed in names_seeds:
+        torch.manual_seed(seed)
+        layer = dict(m.named_modules())[name]
+        if init == "default":
+            layer.reset_parameters()
+        else:
+            with torch.no_grad():
+                for p in layer.parameters():
+                    p.normal_(0.0, std)
+    return m
+
+
+def test_orders_and_alias(tiny_cnn, batch):
+    x, target = batch
+    td = mprt(tiny_cnn, x, target, methods.saliency, seed=4)
+    alias = mprt(tiny_cnn, x, target, methods.saliency, seed=4, order="cascading")
+    bu = mprt(tiny_cnn, x, target, methods.saliency, seed=4, order="cascading_bottom_up")
+    assert td.scores.keys() == alias.scores.keys()
+    for k in td.scores:
+        torch.testing.assert_close(td.scores[k], alias.scores[k], equal_nan=True, atol=0, rtol=0)
+    assert bu.curves["ssim"].labels == ("conv1", "conv2", "fc")
+    for m in SIMILARITIES:                        # both cascades end at the same fully randomized model
+        torch.testing.assert_close(td.scores[m], bu.scores[m], equal_nan=True)
+    # bottom-up after conv1 = conv1 alone = independent's conv1 stage
+    ind = mprt(tiny_cnn, x, target, methods.saliency, seed=4, order="independent")
+    torch.testing.assert_close(bu.scores["ssim@conv1"], ind.scores["ssim@conv1"])
+    # bottom-up after conv2 = conv1 and conv2 randomized, by hand
+    manual = _manual(tiny_cnn, [("conv1", 4), ("conv2", 5)])
+    a, b = to_map(methods.saliency(tiny_cnn, x, target)), to_map(methods.saliency(manual, x, target))
+    torch.testing.assert_close(bu.scores["ssim@conv2"], similarities(a, b)["ssim"])
+
+
+def test_shared_seed_normal_init_and_exclude(tiny_cnn, batch):
+    x, target = batch
+    r = mprt(tiny_cnn, x, target, methods.gradient_x_input, seed=9, layer_seed="shared", init="normal",
+             init_std=0.5, exclude=["conv1"], measures=["spearman_signed"])
+    assert set(r.scores) == {"spearman_signed@fc", "spearman_signed@conv2", "spearman_signed"}
+    manual = _manual(tiny_cnn, [("fc", 9), ("conv2", 9)], init="normal", std=0.5)
+    a, b = to_map(methods.gradient_x_input(tiny_cnn, x, target)), to_map(methods.gradient_x_input(manual, x, target))
+    torch.testing.assert_close(r.scores["spearman_signed"], spearman(a, b))
+
+
+# ---------------------------------------------------------------- emprt, smprt
+
+def test_entropy_matches_numpy_histogram():
+    g = torch.Generator().manual_seed(5)
+    m = torch.randn(4, 12, 12, generator=g, dtype=torch.float64) ** 3
+    ref = [scipy.stats.entropy(np.histogram(m[i].numpy(), bins=17)[0]) for i in range(4)]
+    torch.testing.assert_close(_entropy(m, 17), torch.tensor(ref, dtype=torch.float64))
+    assert _entropy(torch.ones(1, 3, 3), 10).item() == 0.0
+
+
+def test_emprt_equals_relative_entropy_rise(tiny_cnn, batch):
+    x, target = batch
+    r = emprt(tiny_cnn, x, target, methods.saliency, seed=2, bins=20)
+    manual = _manual(tiny_cnn, [("conv1", 2), ("conv2", 3), ("fc", 4)])
+    h0 = _entropy(to_map(methods.saliency(tiny_cnn, x, target)), 20)
+    h1 = _entropy(to_map(methods.saliency(manual, x, target)), 20)
+    torch.testing.assert_close(r.scores["emprt"], ((h1 - h0) / h0).float())
+    assert r.higher_is_better == {"emprt": True}
+    assert emprt(tiny_cnn, x, target, methods.edge).scores["emprt"].abs().max().item() == 0.0
+
+
+def test_smprt_without_noise_is_mprt_and_chunking_is_invisible(tiny_cnn, batch):
+    x, target = batch
+    plain = mprt(tiny_cnn, x, target, methods.saliency, order="cascading_bottom_up", seed=1)
+    quiet = smprt(tiny_cnn, x, target, methods.saliency, samples=3, noise=0.0, seed=1)
+    for k in plain.scores:
+        torch.testing.assert_close(quiet.scores[k], plain.scores[k], atol=1e-5, rtol=0, equal_nan=True)
+    a = smprt(tiny_cnn, x, target, methods.saliency, samples=4, noise=0.2, seed=1, chunk_size=3)
+    b = smprt(tiny_cnn, x, target, methods.saliency, samples=4, noise=0.2, seed=1, chunk_size=256)
+    for k in a.scores:
+        torch.testing.assert_close(a.scores[k], b.scores[k], equal_nan=True)
+    assert not torch.equal(a.scores["spearman"], plain.scores["spearman"])      # the noise does something
+
+
+# ---------------------------------------------------------------- random logit, data, input invariance
+
+def test_random_logit_on_analytic_model(pixel_sum):
+    # f_c = (c + 1) sum(x): every class has the same gradient map up to scale -> all measures 1;
+    # gradient x input changes only by scale as well.
+    x = torch.randn(3, 2, 24, 24, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 1, 0])
+    r = random_logit(pixel_sum, x, target, methods.gradient_x_input, seed=0)
+    for m in SIMILARITIES:
+        torch.testing.assert_close(r.scores[m], torch.ones(3))
+
+
+def test_random_logit_uses_documented_other_class(tiny_cnn, batch):
+    x, target = batch
+    r = random_logit(tiny_cnn, x, target, methods.saliency, seed=11, measures=["spearman"])
+    other = (target + torch.randint(1, 3, (5,), generator=torch.Generator().manual_seed(11))) % 3
+    assert (other != target).all()
+    expected = spearman(to_map(methods.saliency(tiny_cnn, x, target)).abs(), to_map(methods.saliency(tiny_cnn, x, other)).abs())
+    torch.testing.assert_close(r.scores["spearman"], expected)
+    assert (r.scores["spearman"] < 1).all()
+    torch.testing.assert_close(random_logit(tiny_cnn, x, target, methods.edge).scores["ssim"], torch.ones(5))
+
+
+def test_data_randomization_identity_and_difference(tiny_cnn, batch):
+    x, target = batch
+    same = data_randomization(tiny_cnn, x, target, methods.saliency, tiny_cnn)
+    for m in set(SIMILARITIES) - {"hog"}:                                        # 8x8: no HOG block
+        torch.testing.assert_close(same.scores[m], torch.ones(5))
+    other = _manual(tiny_cnn, [("conv1", 0), ("conv2", 1), ("fc", 2)])
+    r = data_randomization(tiny_cnn, x, target, methods.saliency, other, measures=["spearman"])
+    expected = spearman(to_map(methods.saliency(tiny_cnn, x, target)).abs(), to_map(methods.saliency(other, x, target)).abs())
+    torch.testing.assert_close(r.scores["spearman"], expected)
+
+
+@pytest.mark.parametrize("name,invariant", [("saliency", True), ("guided_backprop", True), ("grad_cam", True),
+                                            ("gradient_x_input", False), ("integrated_gradients", False)])
+def test_input_invariance_kindermans(tiny_cnn, batch, name, invariant):
+    x, target = batch
+    state = copy.deepcopy(tiny_cnn.state_dict())
+    hooks = sum(len(m._forward_hooks) for m in tiny_cnn.modules())
+    r = input_invariance(tiny_cnn, x, target, getattr(methods, name), shift=1.0)
+    if invariant:
+        assert r.scores["rel_l1"].max().item() < 1e-4
+        torch.testing.assert_close(r.scores["spearman"], torch.ones(5), atol=1e-3, rtol=0)
+    else:
+        assert r.scores["rel_l1"].min().item() > 0.05
+    assert r.higher_is_better["spearman"] and not r.higher_is_better["rel_l1"]
+    assert all(torch.equal(v, state[k]) for k, v in tiny_cnn.state_dict().items())
+    assert sum(len(m._forward_hooks) for m in tiny_cnn.modules()) == hooks
+
+
+def test_input_invariance_compensation_is_exact(tiny_cnn, batch):
+    """The copy on x + shift computes the model's logits on x: checked through gradient x input's
+    completeness-free part, the plain gradient, and by a bad layer choice being refused."""
+    x, target = batch
+    r = input_invariance(tiny_cnn, x, target, methods.saliency, shift=-2.5, measures=["spearman_signed"])
+    assert r.scores["rel_l1"].max().item() < 1e-4
+    with pytest.raises(ValueError, match="needs `layer` to name the first layer"):
+        input_invariance(tiny_cnn, x, target, methods.saliency, layer="relu1")
