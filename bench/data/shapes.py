@@ -84,6 +84,18 @@ def _star(u: Tensor, v: Tensor) -> Tensor:
 
 
 _INSIDE = (_disk, _square, _triangle, _cross, _ring, _star)              # indexed by label
+_HEXAGON = [(math.cos(math.pi * k / 3), math.sin(math.pi * k / 3)) for k in range(6)]
+
+
+def _hexagon(u: Tensor, v: Tensor) -> Tensor:
+    return _convex(u, v, _HEXAGON)
+
+
+def _ellipse(u: Tensor, v: Tensor) -> Tensor:
+    return u * u + 4.0 * v * v <= 1.0                                    # axes 1 and 0.5
+
+
+_DECOYS = (_hexagon, _ellipse)   # shapes_multi: objects like the class object, but of no class
 
 # Area of each class relative to r**2 (for tests and docs): pixel counts match these closely.
 _AREA = (
@@ -120,7 +132,7 @@ def _colour(lum: float, chroma: list[float]) -> list[int]:
     return [round(255.0 * min(max(lum + 0.3 * (2.0 * c - 1.0), 0.0), 1.0)) for c in chroma]
 
 
-def _draw(seed: int, split_code: int, index: int, size: int, distractors: int) -> dict[str, np.ndarray]:
+def _draw(seed: int, split_code: int, index: int, size: int, distractors: int, decoys: int = 0) -> dict[str, np.ndarray]:
     """Every random choice of one item, as small arrays; all trigonometry happens here, per item."""
     g = _generator(seed, split_code, index)
     k = size / 64.0
@@ -164,6 +176,24 @@ def _draw(seed: int, split_code: int, index: int, size: int, distractors: int) -
         bars.append([dy, dx, c / a, s / a, c / b, s / b])
         bar_colours.append(_colour(_far(bg_lum, q[3]), q[4:7]))
 
+    # Decoys (shapes_multi) draw from their own generator, so decoys=0 leaves every item bit-identical.
+    decoy_rows, decoy_colours = [], []
+    if decoys:
+        gd = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, split_code, index, 1]).generate_state(
+            1, dtype=np.uint64)[0]))
+        placed = [(cy, cx, r)]
+        for _ in range(decoys):    # a non-class object of the class object's size range, clear of the others
+            q = torch.rand(7 + 2 * _CANDIDATES, generator=gd).tolist()
+            rd = k * (_RADIUS[0] + (_RADIUS[1] - _RADIUS[0]) * q[0])
+            dlo, dhi = rd + 1.0, size - 2.0 - rd
+            spots = [(dlo + (dhi - dlo) * sy, dlo + (dhi - dlo) * sx) for sy, sx in zip(q[7::2], q[8::2])]
+            gaps = [min(math.hypot(sy - py, sx - px) - pr - rd for py, px, pr in placed) for sy, sx in spots]
+            dy, dx = spots[gaps.index(max(gaps))]                       # the spot farthest from the others
+            angle = 2.0 * math.pi * q[1]
+            decoy_rows.append([dy, dx, math.cos(angle) / rd, math.sin(angle) / rd, float(q[2] < 0.5)])
+            decoy_colours.append(_colour(_far(bg_lum, q[3]), q[4:7]))
+            placed.append((dy, dx, rd))
+
     f32 = np.float32
     return {
         "label": np.array(index % len(CLASSES), dtype=np.int64),
@@ -176,17 +206,22 @@ def _draw(seed: int, split_code: int, index: int, size: int, distractors: int) -
         "colour": np.array(colour, dtype=np.uint8),                      # (3,)
         "bars": np.array(bars, dtype=f32).reshape(distractors, 6),       # centre y, x; cos/a, sin/a, cos/b, sin/b
         "bar_colours": np.array(bar_colours, dtype=np.uint8).reshape(distractors, 3),
+        # centre y, x; rotation cos / r, sin / r; which decoy shape (0 hexagon, 1 ellipse)
+        "decoys": np.array(decoy_rows, dtype=f32).reshape(decoys, 5),
+        "decoy_colours": np.array(decoy_colours, dtype=np.uint8).reshape(decoys, 3),
     }
 
 
-def _render(seed: int, split: str, indices: range | list[int], size: int, distractors: int) -> dict[str, Tensor]:
+def _render(
+    seed: int, split: str, indices: range | list[int], size: int, distractors: int, decoys: int = 0
+) -> dict[str, Tensor]:
     """Render items in one batch: image (N, 3, H, W) uint8, mask (N, H, W), label (N,), extras.
 
     Random choices and trigonometry are per item (_draw); the pixel work here uses only
     +, -, *, comparisons and rounding, which are exact elementwise, so an item's pixels do
     not depend on its batch-mates: render_shapes_item matches the dataset bit for bit.
     """
-    draws = [_draw(seed, _SPLIT_CODES[split], i, size, distractors) for i in indices]
+    draws = [_draw(seed, _SPLIT_CODES[split], i, size, distractors, decoys) for i in indices]
     d = {key: torch.from_numpy(np.stack([item[key] for item in draws])) for key in draws[0]}
     n = len(draws)
     yy, xx = _grid(size)                                                 # (H, W) each
@@ -215,6 +250,14 @@ def _render(seed: int, split: str, indices: range | list[int], size: int, distra
         image = torch.where(bar[:, None], d["bar_colours"][:, j, :, None, None], image)
         seen |= bar
 
+    decoyed = torch.zeros(n, size, size, dtype=torch.bool)
+    for j in range(decoys):                                              # painted under the class object
+        cy, cx, ca, sa, kind = d["decoys"][:, j].unbind(1)               # (N,) each
+        u, v = local(cy, cx, ca, sa)
+        shape = torch.where(kind[:, None, None] > 0.5, _ellipse(u, v), _hexagon(u, v))
+        image = torch.where(shape[:, None], d["decoy_colours"][:, j, :, None, None], image)
+        decoyed |= shape
+
     o = d["object"]                                                      # (N, 5)
     u, v = local(o[:, 0], o[:, 1], o[:, 2], o[:, 3])
     mask = torch.zeros(n, size, size, dtype=torch.bool)
@@ -233,6 +276,7 @@ def _render(seed: int, split: str, indices: range | list[int], size: int, distra
         "radius": o[:, 4],                                               # (N,) bounding radius, px
         "distractor_mask": seen & ~mask,                                 # (N, H, W) visible distractor pixels
         "distractor_colour": d["bar_colours"],                           # (N, distractors, 3) uint8
+        "decoy_mask": decoyed & ~mask,                                   # (N, H, W) visible decoy pixels
     }
 
 
@@ -252,7 +296,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _check(*, split: str, size: int, seed: int, distractors: int) -> None:
+def _check(*, split: str, size: int, seed: int, distractors: int, decoys: int = 0) -> None:
     if split not in _SPLIT_CODES:
         raise ValueError(f"split must be one of {sorted(_SPLIT_CODES)}, got {split!r}")
     if not _is_int(size) or size < 16:
@@ -261,10 +305,12 @@ def _check(*, split: str, size: int, seed: int, distractors: int) -> None:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not _is_int(distractors) or distractors < 0:
         raise ValueError(f"distractors must be an integer >= 0, got {distractors!r}")
+    if not _is_int(decoys) or decoys < 0:
+        raise ValueError(f"decoys must be an integer >= 0, got {decoys!r}")
 
 
 def render_shapes_item(
-    *, seed: int, split: Split, index: int, size: int = 64, distractors: int = 1
+    *, seed: int, split: Split, index: int, size: int = 64, distractors: int = 1, decoys: int = 0
 ) -> tuple[Tensor, Tensor, int]:
     """One `shapes` item, regenerated alone: (image uint8 (3, H, W), mask bool (H, W), label).
 
@@ -272,10 +318,10 @@ def render_shapes_item(
     object is painted last, in one flat colour, so all of it is visible. The item draws only
     from its own generator, seeded from (seed, split, index); global RNG state is untouched.
     """
-    _check(split=split, size=size, seed=seed, distractors=distractors)
+    _check(split=split, size=size, seed=seed, distractors=distractors, decoys=decoys)
     if not _is_int(index) or index < 0:
         raise ValueError(f"index must be a non-negative integer, got {index!r}")
-    item = _render(int(seed), split, [int(index)], int(size), int(distractors))
+    item = _render(int(seed), split, [int(index)], int(size), int(distractors), int(decoys))
     return item["image"][0], item["mask"][0], int(item["label"][0])
 
 
@@ -289,6 +335,11 @@ class Shapes(Dataset[dict[str, Tensor]]):
     distractors are 0.4 brighter or darker than its mean. Items are rendered on first
     access and kept as uint8 (5000 items at 64 px: ~60 MB). Inputs are normalised with
     mean 0.5 and std 0.25 per channel, so 0.0 in the normalised space is mid-grey.
+
+    `decoys` > 0 (the `shapes_multi` config) adds that many non-class objects (hexagons,
+    half-height ellipses) of the same size range and contrast, placed apart from the class
+    object and painted under it: several objects, of which only one decides the class and
+    only that one is in the mask. decoys=0 leaves every item bit-identical.
     """
 
     num_classes: int = len(CLASSES)
@@ -305,8 +356,9 @@ class Shapes(Dataset[dict[str, Tensor]]):
         size: int = 64,
         seed: int = 0,
         distractors: int = 1,
+        decoys: int = 0,
     ) -> None:
-        _check(split=split, size=size, seed=seed, distractors=distractors)
+        _check(split=split, size=size, seed=seed, distractors=distractors, decoys=decoys)
         if not _is_int(n_samples) or n_samples < 1:
             raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
         self.name = name
@@ -315,6 +367,7 @@ class Shapes(Dataset[dict[str, Tensor]]):
         self.size = int(size)
         self.seed = int(seed)
         self.distractors = int(distractors)
+        self.decoys = int(decoys)
         self.image_shape = (3, self.size, self.size)
         self._store: dict[str, Tensor] | None = None
 
@@ -326,7 +379,8 @@ class Shapes(Dataset[dict[str, Tensor]]):
             with _one_thread():
                 for start in range(0, self.n_samples, _CHUNK):
                     stop = min(start + _CHUNK, self.n_samples)
-                    item = _render(self.seed, self.split, range(start, stop), self.size, self.distractors)
+                    item = _render(self.seed, self.split, range(start, stop), self.size, self.distractors,
+                                   self.decoys)
                     images[start:stop], masks[start:stop] = item["image"], item["mask"]
             ids = torch.arange(self.n_samples, dtype=torch.int64)                        # (N,)
             self._store = {"image": images, "mask": masks, "target": ids % self.num_classes, "sample_id": ids}
@@ -368,5 +422,6 @@ class Shapes(Dataset[dict[str, Tensor]]):
     def __repr__(self) -> str:
         return (
             f"Shapes(split={self.split!r}, n_samples={self.n_samples}, size={self.size}, "
-            f"seed={self.seed}, distractors={self.distractors})"
+            f"seed={self.seed}, distractors={self.distractors}"
+            + (f", decoys={self.decoys})" if self.decoys else ")")
         )

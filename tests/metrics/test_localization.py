@@ -31,7 +31,8 @@ def test_pointing_game_negative_map_and_empty_mask():
     mask = _mask([[1, 0], [0, 0]])
     a = torch.tensor([[[-1.0, -3.0], [-2.0, -4.0]]])          # max is -1 at (0, 0)
     assert pointing_game(a, mask).scores["hit"].item() == 1.0
-    assert math.isnan(pointing_game(a, torch.zeros(1, 2, 2, dtype=torch.bool)).scores["hit"].item())
+    with pytest.warns(UserWarning, match="masks are empty"):
+        assert math.isnan(pointing_game(a, torch.zeros(1, 2, 2, dtype=torch.bool)).scores["hit"].item())
 
 
 def test_relevance_mass_accuracy_hand_computed():
@@ -41,7 +42,8 @@ def test_relevance_mass_accuracy_hand_computed():
     assert relevance_mass_accuracy(a, mask).scores["rma"].item() == pytest.approx(0.75)
     # no positive relevance or an empty mask: undefined
     assert math.isnan(relevance_mass_accuracy(-a.abs(), mask).scores["rma"].item())
-    assert math.isnan(relevance_mass_accuracy(a, torch.zeros_like(mask)).scores["rma"].item())
+    with pytest.warns(UserWarning, match="masks are empty"):
+        assert math.isnan(relevance_mass_accuracy(a, torch.zeros_like(mask)).scores["rma"].item())
 
 
 def test_batched_equals_per_sample():
@@ -59,3 +61,231 @@ def test_bad_input():
         pointing_game(torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask must be a bool tensor"):
         relevance_mass_accuracy(torch.zeros(1, 4, 4), torch.zeros(1, 4, 4))
+
+
+# ---- issue 6: every standard localization metric, hand-computed and against slow oracles ----------
+import itertools
+import warnings
+
+import numpy as np
+from scipy.ndimage import distance_transform_edt
+from sklearn.metrics import roc_auc_score
+
+from metrics.localization import (attribution_localisation, energy_pointing_game, iou_at_threshold,
+                                  localization_auc, relevance_rank_accuracy, top_k_intersection)
+
+EMPTY = torch.zeros(1, 2, 3, dtype=torch.bool)
+MASK23 = _mask([[1, 1, 0], [0, 0, 0]])                 # 2 of 6 pixels
+
+
+def _score(result):
+    (value,) = result.scores.values() if len(result.scores) == 1 else (result.scores["mu"],)
+    return value.item()
+
+
+ALL = {
+    "pointing_game": lambda a, m, **o: pointing_game(a, m, **o),
+    "energy_pointing_game": lambda a, m, **o: energy_pointing_game(a, m, **o),
+    "relevance_mass_accuracy": lambda a, m, **o: relevance_mass_accuracy(a, m, **o),
+    "relevance_rank_accuracy": lambda a, m, **o: relevance_rank_accuracy(a, m, **o),
+    "localization_auc": lambda a, m, **o: localization_auc(a, m, **o),
+    "top_k_intersection": lambda a, m, **o: top_k_intersection(a, m, k=2, **o),
+    "attribution_localisation": lambda a, m, **o: attribution_localisation(a, m, **o),
+    "iou_at_threshold": lambda a, m, **o: iou_at_threshold(a, m, fraction=1 / 3, **o),
+}
+
+
+def test_hand_computed_signed_map():
+    # map        mask        ranks (desc): 5 (in), 3 (out), 1 (in), 0, -1, -4 (out)
+    # [5 1 -4]   [1 1 0]
+    # [3 0 -1]   [0 0 0]
+    a = torch.tensor([[[5.0, 1.0, -4.0], [3.0, 0.0, -1.0]]])
+    got = {name: _score(fn(a, MASK23)) for name, fn in ALL.items()}
+    expected = {
+        "pointing_game": 1.0,
+        "energy_pointing_game": 6 / 9,            # the mask is its own box here; positive mass 5+1 of 9
+        "relevance_mass_accuracy": 6 / 9,
+        "relevance_rank_accuracy": 1 / 2,         # top 2 = {5, 3}: one inside
+        "localization_auc": 7 / 8,                # inside {5, 1} vs outside {3, 0, -1, -4}: 4 + 3 of 8 pairs
+        "top_k_intersection": 1 / 2,
+        "attribution_localisation": 6 / 9,
+        "iou_at_threshold": 1 / 3,                # S = {5, 3}, S∩M = 1, S∪M = 3
+    }
+    assert got == pytest.approx(expected)
+    w = attribution_localisation(a, MASK23).scores["mu_weighted"].item()
+    assert w == pytest.approx(6 / 9 * 6 / 2)      # weighted by HW / |mask|
+
+
+def test_sign_option():
+    a = torch.tensor([[[1.0, 0.5, -4.0], [0.0, 0.0, -1.0]]])
+    # signed: -4 ranks last; absolute: -4 is the maximum and lies outside the mask
+    assert pointing_game(a, MASK23).scores["hit"].item() == 1.0
+    assert pointing_game(a, MASK23, sign="absolute").scores["hit"].item() == 0.0
+    # absolute mass: inside 1.5 of 6.5; signed and positive count positive mass only: 1.5 of 1.5
+    assert relevance_mass_accuracy(a, MASK23, sign="absolute").scores["rma"].item() == pytest.approx(1.5 / 6.5)
+    assert relevance_mass_accuracy(a, MASK23, sign="positive").scores["rma"].item() == 1.0
+    # positive part: the 0, 0, -4, -1 become four zeros tied for 3rd place; AUC counts ties one half
+    # inside {1, 0.5} beat every outside pixel either way
+    assert localization_auc(a, MASK23, sign="positive").scores["auc"].item() == 1.0
+    # a map with the mask's values negative: signed AUC 0, absolute AUC 1
+    b = torch.tensor([[[-3.0, -2.0, 0.0], [0.0, 0.1, 0.0]]])
+    assert localization_auc(b, MASK23).scores["auc"].item() == 0.0
+    assert localization_auc(b, MASK23, sign="absolute").scores["auc"].item() == 1.0
+    # positive part: inside {0, 0} vs outside {0, 0.1, 0, 0}: 6 ties of 8 pairs count half, 2 losses -> 3/8
+    assert localization_auc(b, MASK23, sign="positive").scores["auc"].item() == pytest.approx(3 / 8)
+    with pytest.raises(ValueError, match="sign must be one of"):
+        localization_auc(b, MASK23, sign="abs")
+
+
+def test_all_zero_map_scores_chance_or_nan():
+    z = torch.zeros(1, 2, 3)
+    assert pointing_game(z, MASK23).scores["hit"].item() == pytest.approx(2 / 6)
+    assert relevance_rank_accuracy(z, MASK23).scores["rra"].item() == pytest.approx(2 / 6)
+    assert top_k_intersection(z, MASK23, k=2).scores["tki"].item() == pytest.approx(2 / 6)
+    assert top_k_intersection(z, MASK23, k=2, concept_influence=True).scores["tki"].item() == pytest.approx(1.0)
+    assert localization_auc(z, MASK23).scores["auc"].item() == 0.5
+    # k = 2 tied pixels share 2 places among 6: I = 2 * 2/6, IoU = I / (2 + 2 - I)
+    assert iou_at_threshold(z, MASK23, fraction=1 / 3).scores["iou"].item() == pytest.approx((2 / 3) / (4 - 2 / 3))
+    for fn in (energy_pointing_game, relevance_mass_accuracy, attribution_localisation):
+        assert all(math.isnan(v.item()) for v in fn(z, MASK23).scores.values())   # no positive mass
+
+
+def test_ties_at_the_cut_are_shared():
+    # map [2 1 1] / [1 0 0], mask [1 1 0] / [0 0 0]: K = 2 -> 2 is in; one place left for three tied 1s,
+    # one of which is inside: RRA = (1 + 1/3) / 2
+    a = torch.tensor([[[2.0, 1.0, 1.0], [1.0, 0.0, 0.0]]])
+    assert relevance_rank_accuracy(a, MASK23).scores["rra"].item() == pytest.approx(2 / 3)
+    assert top_k_intersection(a, MASK23, k=3).scores["tki"].item() == pytest.approx((1 + 2 / 3) / 3)
+    # IoU at k = 2: I = 4/3, |S ∪ M| = 2 + 2 - 4/3
+    assert iou_at_threshold(a, MASK23, fraction=1 / 3).scores["iou"].item() == pytest.approx((4 / 3) / (8 / 3))
+    # pointing game: a unique maximum at 2 -> 1; two tied maxima, one inside -> 1/2
+    b = torch.tensor([[[2.0, 0.0, 0.0], [2.0, 0.0, 0.0]]])
+    assert pointing_game(b, MASK23).scores["hit"].item() == 0.5
+
+
+def test_empty_mask_is_nan_with_a_warning():
+    a = torch.tensor([[[5.0, 1.0, -4.0], [3.0, 0.0, -1.0]]])
+    for name, fn in ALL.items():
+        with pytest.warns(UserWarning, match="1 of 1 masks are empty"):
+            result = fn(a, EMPTY)
+        assert all(math.isnan(v.item()) for v in result.scores.values()), name
+
+
+def test_full_mask_auc_is_nan():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(localization_auc(torch.rand(1, 2, 3), ~EMPTY).scores["auc"].item())
+
+
+def test_energy_pointing_game_uses_the_bounding_box():
+    # an L-shaped mask: its box is the top-left 2x2 block
+    mask = _mask([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    a = torch.tensor([[[1.0, 1.0, 0.0], [1.0, 3.0, 0.0], [0.0, 0.0, 2.0]]])
+    assert energy_pointing_game(a, mask).scores["energy"].item() == pytest.approx(6 / 8)
+    assert energy_pointing_game(a, mask, box=False).scores["energy"].item() == pytest.approx(3 / 8)
+
+
+def test_pointing_game_tolerance_hand_computed():
+    mask = torch.zeros(1, 9, 9, dtype=torch.bool); mask[0, 0, 0] = True
+    a = torch.zeros(1, 9, 9); a[0, 3, 4] = 1.0                 # distance 5 from the mask pixel
+    hit = lambda t: pointing_game(a, mask, tolerance=t).scores["hit"].item()
+    assert (hit(0), hit(5), hit(5.01), hit(15)) == (0.0, 0.0, 1.0, 1.0)   # strict: d < tolerance
+    with pytest.raises(ValueError, match="tolerance must be"):
+        pointing_game(a, mask, tolerance=-1)
+
+
+def _oracle_hit(a, m, tolerance):
+    """Fraction of tied maxima at distance < tolerance from the mask (scipy's exact EDT), or inside it."""
+    out = []
+    for ai, mi in zip(a.numpy(), m.numpy()):
+        dist = distance_transform_edt(~mi) if mi.any() else np.full(mi.shape, np.inf)
+        near = (dist < tolerance) | mi
+        top = ai == ai.max()
+        out.append(near[top].mean() if mi.any() else np.nan)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 0xDEADBEEF])
+@pytest.mark.parametrize("tolerance", [0.0, 1.0, 2.5, 4.0])
+def test_pointing_game_tolerance_matches_distance_transform(seed, tolerance):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, 4, (16, 11, 13), generator=g).float()            # many tied maxima
+    mask = torch.rand(16, 11, 13, generator=g) > 0.93
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = pointing_game(a, mask, tolerance=tolerance, chunk_size=7).scores["hit"]
+    torch.testing.assert_close(got, _oracle_hit(a, mask, tolerance), equal_nan=True)
+
+
+def _orders_oracle(a, m, metric):
+    """Average over every tie-breaking order of a tiny map (all permutations): exact expectations."""
+    a, m = a.flatten().tolist(), m.flatten().tolist()
+    n, K = len(a), sum(m)
+    total = 0.0
+    perms = list(itertools.permutations(range(n)))
+    for p in perms:
+        order = sorted(range(n), key=lambda j: (-a[j], p[j]))           # descending, ties by p
+        inside = [m[j] for j in order]
+        total += metric(inside, n, K)
+    return total / len(perms)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rank_metrics_equal_expectation_over_tie_orders(seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-1, 2, (1, 2, 3), generator=g).float()             # values in {-1, 0, 1}: ties
+    m = torch.rand(1, 2, 3, generator=g) > 0.5
+    m[0, 0, 0] = True
+    k = 2
+    oracles = {
+        "rra": _orders_oracle(a, m, lambda s, n, K: sum(s[:K]) / K),
+        "tki": _orders_oracle(a, m, lambda s, n, K: sum(s[:k]) / k),
+        "hit": _orders_oracle(a, m, lambda s, n, K: float(s[0])),
+    }
+    # IoU is a ratio: its tie rule is the IoU of the expected selection, I / (k + K - I)
+    inter = _orders_oracle(a, m, lambda s, n, K: float(sum(s[:k])))
+    got = {
+        "rra": relevance_rank_accuracy(a, m).scores["rra"].item(),
+        "tki": top_k_intersection(a, m, k=k).scores["tki"].item(),
+        "hit": pointing_game(a, m).scores["hit"].item(),
+    }
+    assert got == pytest.approx(oracles)
+    K = int(m.sum())
+    assert iou_at_threshold(a, m, fraction=k / 6).scores["iou"].item() == pytest.approx(inter / (k + K - inter))
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_auc_matches_sklearn_with_ties(seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, 5, (12, 9, 10), generator=g).float()           # heavy ties
+    m = torch.rand(12, 9, 10, generator=g) > 0.7
+    got = localization_auc(a, m, chunk_size=5).scores["auc"]
+    ref = torch.tensor([roc_auc_score(mi.flatten().numpy(), ai.flatten().numpy()) for ai, mi in zip(a, m)])
+    torch.testing.assert_close(got, ref.float())
+
+
+def test_every_metric_batched_chunked_permuted_and_rescaled():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(7, 6, 5, generator=g)
+    m = torch.rand(7, 6, 5, generator=g) > 0.6
+    perm = torch.randperm(7, generator=g)
+    for name, fn in ALL.items():
+        full = fn(a, m).scores
+        for key, v in full.items():
+            single = torch.cat([fn(a[i:i + 1], m[i:i + 1]).scores[key] for i in range(7)])
+            torch.testing.assert_close(v, single, equal_nan=True)
+            torch.testing.assert_close(fn(a[perm], m[perm]).scores[key], v[perm], equal_nan=True)
+            torch.testing.assert_close(fn(3.0 * a, m).scores[key], v, equal_nan=True)   # positive rescaling
+    for fn in (relevance_rank_accuracy, localization_auc):
+        torch.testing.assert_close(fn(a, m, chunk_size=2).scores, fn(a, m).scores)
+
+
+def test_k_and_fraction_are_checked():
+    a = torch.rand(1, 2, 3)
+    assert top_k_intersection(a, MASK23, k=1.0).scores["tki"].item() == pytest.approx(2 / 6)   # all pixels
+    for bad in (0, 7, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="k "):
+            top_k_intersection(a, MASK23, k=bad)
+    for bad in (0.0, 1.5, True):
+        with pytest.raises(ValueError, match="fraction"):
+            iou_at_threshold(a, MASK23, fraction=bad)
