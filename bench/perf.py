@@ -1,0 +1,292 @@
+"""A benchmark of the benchmark: `python -m bench.perf [--device cuda] [--sizes 32 64 224] ...`.
+
+Workloads, each on the same model, inputs, maps and number of forward passes as its Quantus
+counterpart (Quantus 0.6, the `test` extra; skipped with a message where absent):
+  pixel_flipping  MoRF curve, 16 steps (ours also MoRF + LeRF); beside the model's own best
+                  batched inference throughput, the physical limit of a metric made of forward passes
+  mprt            cascading top-down over every module Quantus would re-draw, Spearman, saliency maps
+  random_logit    SSIM between the target's and a random other class's saliency map
+  localization    every localization metric on the same maps and masks
+  grid            the default experiment's 4 metrics x 7 methods through `bench.run` (ours only)
+Models: the zoo's small_cnn at 32 and 64 px and torchvision's resnet18 at 224 px, randomly
+initialised (timing does not need trained weights). Every figure is the best of `--repeat` runs
+after a warm-up. Peak memory is measured in a fresh process per (workload, size, n): the rise of
+the process's peak RSS (CPU) or of torch's peak allocation (CUDA) over what the inputs took.
+Writes `OUT/perf.csv` (tidy: one row per workload, size, n, implementation) and `OUT/scaling.png`.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+import methods
+from metrics import localization, mprt, pixel_flipping, random_logit, to_map
+
+WORKLOADS = ("pixel_flipping", "mprt", "random_logit", "localization", "grid")
+STEPS = 16                                                     # pixel-flipping steps
+QUANTUS_LOCALIZATION = {                                        # ours -> Quantus class name
+    "pointing_game": "PointingGame", "relevance_mass_accuracy": "RelevanceMassAccuracy",
+    "relevance_rank_accuracy": "RelevanceRankAccuracy", "localization_auc": "AUC",
+    "top_k_intersection": "TopKIntersection", "attribution_localisation": "AttributionLocalisation",
+}
+
+
+def _quantus():
+    try:
+        import quantus
+    except ImportError:
+        return None
+    return quantus
+
+
+def make_model(size: int, device: torch.device) -> nn.Module:
+    """small_cnn (6 classes) below 224 px, torchvision's resnet18 (1000 classes) at 224; seeded random weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if size >= 224:
+            import torchvision
+            model = torchvision.models.resnet18(weights=None)
+        else:
+            from bench.zoo import SmallCNN
+            model = SmallCNN(num_classes=6)
+    return model.eval().to(device)
+
+
+def make_inputs(model: nn.Module, size: int, n: int, device: torch.device) -> dict[str, Tensor]:
+    """Seeded inputs, targets, saliency maps (B, H, W) and disk masks (B, H, W) of n samples."""
+    g = torch.Generator().manual_seed(n * 1000 + size)
+    x = torch.randn(n, 3, size, size, generator=g).to(device)
+    with torch.no_grad():
+        classes = model(x[:1]).shape[1]
+    target = torch.randint(0, classes, (n,), generator=g).to(device)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    centre = torch.rand(n, 2, generator=g) * size
+    radius = size * (0.1 + 0.15 * torch.rand(n, generator=g))
+    mask = ((yy - centre[:, :1, None]) ** 2 + (xx - centre[:, 1:, None]) ** 2 < radius[:, None, None] ** 2)
+    maps = torch.cat([to_map(methods.saliency(model, xb, tb), "abs_sum")
+                      for xb, tb in zip(x.split(64), target.split(64))])
+    return {"x": x, "target": target, "map": maps, "mask": mask.to(device)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], Any], device: torch.device, repeat: int) -> float:
+    """Seconds of the fastest of `repeat` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def model_throughput(model: nn.Module, size: int, device: torch.device, repeat: int) -> tuple[float, int]:
+    """The model's best batched inference throughput (images/s) over batch sizes 32..512, and that batch size."""
+    best = (0.0, 0)
+    for batch in (32, 64, 128, 256, 512):
+        x = torch.randn(batch, 3, size, size, device=device)
+
+        def forward() -> None:
+            with torch.inference_mode():
+                model(x)
+        best = max(best, (batch / best_time(forward, device, repeat), batch))
+    return best
+
+
+def _quantus_call(metric, model, d: dict[str, Tensor], **extra) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return np.asarray(metric(model=model, x_batch=d["x"].cpu().numpy(), y_batch=d["target"].cpu().numpy(),
+                                 a_batch=d["map"][:, None].cpu().numpy(), channel_first=True,
+                                 device=str(d["x"].device), **extra))
+
+
+def _explain(model, inputs, targets, **_):
+    """Quantus' explain_func: our saliency, as (B, 1, H, W) numpy maps."""
+    device = next(model.parameters()).device
+    x, t = torch.as_tensor(inputs, device=device), torch.as_tensor(targets, device=device)
+    return to_map(methods.saliency(model, x, t), "abs_sum")[:, None].cpu().numpy()
+
+
+def workload(name: str, model: nn.Module, d: dict[str, Tensor], impl: str) -> tuple[Callable[[], Any], int]:
+    """A callable running the workload once for `impl` (ours | quantus), and its forward passes per
+    sample where the workload is nothing but forward passes (pixel flipping), else 0."""
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; choose among {list(WORKLOADS)}")
+    quantus = _quantus() if impl == "quantus" else None
+    size = d["x"].shape[-1]
+    layers = [n for n, m in model.named_modules() if hasattr(m, "reset_parameters")]
+    if name == "pixel_flipping":
+        if impl == "ours":
+            return (lambda: pixel_flipping(model, d["x"], d["target"], d["map"], steps=STEPS, order="both",
+                                           baseline="black")), 1 + 2 * STEPS
+        metric = quantus.PixelFlipping(features_in_step=size * size // STEPS, perturb_baseline="black",
+                                       normalise=False, disable_warnings=True)
+        return (lambda: _quantus_call(metric, model, d, softmax=False)), STEPS
+    if name == "mprt":
+        if impl == "ours":
+            return (lambda: mprt(model, d["x"], d["target"], methods.saliency, reduce="abs_sum", layers=layers,
+                                 layer_seed="shared", measures=["spearman"])), 0
+        metric = quantus.MPRT(layer_order="top_down", abs=True, normalise=True, disable_warnings=True)
+        return (lambda: _quantus_call(metric, model, d, explain_func=_explain, batch_size=64)), 0
+    if name == "random_logit":
+        if impl == "ours":
+            return (lambda: random_logit(model, d["x"], d["target"], methods.saliency, reduce="abs_sum",
+                                         measures=["ssim"])), 0
+        with torch.no_grad():
+            classes = model(d["x"][:1]).shape[1]
+        metric = quantus.RandomLogit(num_classes=classes, abs=True, normalise=True, disable_warnings=True)
+        return (lambda: _quantus_call(metric, model, d, explain_func=_explain)), 0
+    if name == "localization":
+        if impl == "ours":
+            fns = [getattr(localization, n) for n in localization.__all__]
+            return (lambda: [fn(d["map"], d["mask"]) for fn in fns]), 0
+        metrics = [getattr(quantus, cls)(normalise=False, disable_warnings=True) for cls in QUANTUS_LOCALIZATION.values()]
+        s = d["mask"][:, None].float().cpu().numpy()
+        return (lambda: [_quantus_call(m, None, d, s_batch=s) for m in metrics]), 0
+    if impl != "ours":
+        raise ValueError("the grid workload has no Quantus counterpart; time it with impl='ours'")
+    return _grid(d), 0
+
+
+def _grid(d: dict[str, Tensor]) -> Callable[[], Any]:
+    """The default experiment's methods x metrics on these inputs, through the same calls `bench.run` makes."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("config")
+    model = make_model(d["x"].shape[-1], d["x"].device)
+    methods_ = {k: instantiate(v) for k, v in cfg.method.items()}
+    metrics_ = {k: instantiate(v) for k, v in cfg.metric.items()}
+
+    def run() -> None:
+        from bench.run import _call_metric
+        for method in methods_.values():
+            for xb, tb, mb in zip(d["x"].split(cfg.batch_size), d["target"].split(cfg.batch_size),
+                                  d["mask"].split(cfg.batch_size)):
+                a = to_map(method(model, xb, tb), cfg.reduce)
+                inputs = {"model": model, "x": xb, "target": tb, "attribution": a, "mask": mb,
+                          "method": method, "reduce": cfg.reduce}
+                for metric in metrics_.values():
+                    _call_metric(metric, inputs)
+    return run
+
+
+def measure(name: str, impl: str, size: int, n: int, device: str, repeat: int, threads: int) -> dict[str, Any]:
+    """One row: wall time, samples/s, forward passes/s and peak memory of one workload (run in a fresh process)."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    model = make_model(size, dev)
+    d = make_inputs(model, size, n, dev)
+    fn, passes = workload(name, model, d, impl)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    seconds = best_time(fn, dev, repeat)
+    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - before
+    return {"workload": name, "impl": impl, "size": size, "n": n, "device": device, "seconds": seconds,
+            "samples_per_s": n / seconds, "forward_per_s": n * passes / seconds if passes else np.nan,
+            "peak_mb": max(peak, 0) / 2 ** 20}
+
+
+def _in_process(args: tuple) -> dict[str, Any]:
+    return measure(*args)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    p = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__.split("\n")[0])
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    p.add_argument("--sizes", nargs="+", type=int, default=[32, 64, 224])
+    p.add_argument("--n", type=int, default=64, help="samples at scale 1x")
+    p.add_argument("--scales", nargs="+", type=int, default=[1, 4, 16], help="multiples of n (time and memory growth)")
+    p.add_argument("--localization-n", type=int, default=1000, help="maps for the localization workload at 1x")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-quantus", action="store_true", help="time ours only")
+    p.add_argument("--quantus-max-n", type=int, default=256, help="largest n given to Quantus (it is slow)")
+    p.add_argument("--out", type=Path, default=Path("results/perf"))
+    a = p.parse_args(argv)
+    quantus = None if a.no_quantus else _quantus()
+    if not a.no_quantus and quantus is None:
+        print("quantus is not installed (pip install 'saliency-bench[test]'): timing ours only")
+    jobs = []
+    for name in a.workloads:
+        for size in a.sizes:
+            base = a.localization_n if name == "localization" else a.n
+            for scale in a.scales:
+                jobs.append((name, "ours", size, base * scale))
+            if quantus is not None and name != "grid":
+                jobs.append((name, "quantus", size, min(base, a.quantus_max_n)))
+    rows = []
+    ctx = mp.get_context("spawn")
+    for name, impl, size, n in jobs:
+        with ctx.Pool(1) as pool:                                # a fresh process: its own peak memory
+            row = pool.apply(_in_process, ((name, impl, size, n, a.device, a.repeat, a.threads),))
+        print(f"{name:15s} {impl:8s} {size:4d} px n={n:6d}: {row['seconds']:8.3f} s  "
+              f"{row['samples_per_s']:9.1f} samples/s  peak +{row['peak_mb']:.0f} MB", flush=True)
+        rows.append(row)
+    if "pixel_flipping" in a.workloads:
+        for size in a.sizes:
+            torch.set_num_threads(a.threads)
+            tput, batch = model_throughput(make_model(size, torch.device(a.device)), size, torch.device(a.device), a.repeat)
+            rows.append({"workload": "model_inference", "impl": "model", "size": size, "n": batch,
+                         "device": a.device, "seconds": batch / tput, "samples_per_s": tput, "forward_per_s": tput})
+    df = pd.DataFrame(rows)
+    a.out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(a.out / "perf.csv", index=False)
+    print("\n" + summary(df).to_string())
+    _plot(df, a.out / "scaling.png")
+    return df
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (workload, size): our seconds per sample, Quantus's, their ratio, and pixel flipping's share of the model's limit."""
+    per = df.assign(s_per_sample=df.seconds / df.n)
+    ours = per[per.impl == "ours"].sort_values("n").groupby(["workload", "size"]).last()
+    out = pd.DataFrame({"ours_s_per_sample": ours.s_per_sample, "ours_n": ours.n})
+    theirs = per[per.impl == "quantus"].groupby(["workload", "size"]).s_per_sample.min()
+    out["quantus_s_per_sample"] = theirs
+    out["speedup"] = out.quantus_s_per_sample / out.ours_s_per_sample
+    limit = df[df.workload == "model_inference"].set_index("size").forward_per_s
+    pf = per[(per.workload == "pixel_flipping") & (per.impl == "ours")].groupby("size").forward_per_s.max()
+    out["of_model_limit"] = pd.Series({("pixel_flipping", s): pf[s] / limit[s] for s in pf.index if s in limit.index})
+    return out
+
+
+def _plot(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import seaborn as sns
+
+    ours = df[df.impl == "ours"]
+    if ours.empty:
+        return
+    grid = sns.relplot(data=ours, x="n", y="seconds", hue="workload", style="size", col="device", kind="line",
+                       markers=True, height=3.5, aspect=1.3)
+    grid.set(xscale="log", yscale="log")
+    grid.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
