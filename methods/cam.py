@@ -36,12 +36,16 @@ def last_spatial_layer(model: nn.Module, x: Tensor, *, method: str = "grad_cam")
     return found[-1]
 
 
-def _layer(method: str, model: nn.Module, x: Tensor, layer: str | None) -> nn.Module:
+def _layer_name(method: str, model: nn.Module, x: Tensor, layer: str | None) -> str:
+    """`layer`, checked, or the last spatial layer's name; the error names `method`."""
     name = layer or last_spatial_layer(model, x, method=method)
-    modules = dict(model.named_modules())
-    if name not in modules:
+    if name not in dict(model.named_modules()):
         raise cannot_run(method, model, f"layer {name!r} is not a module of it; name one of its modules or pass null")
-    return modules[name]
+    return name
+
+
+def _layer(method: str, model: nn.Module, x: Tensor, layer: str | None) -> nn.Module:
+    return dict(model.named_modules())[_layer_name(method, model, x, layer)]
 
 
 def _activations(model: nn.Module, module: nn.Module, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,7 +83,8 @@ def grad_cam(model: nn.Module, x: Tensor, target: Tensor, *, layer: str | None =
 @attribution_method
 def guided_grad_cam(model: nn.Module, x: Tensor, target: Tensor, *, layer: str | None = None) -> Tensor:
     """Guided Grad-CAM (Selvaraju et al. 2017): guided backpropagation times the upsampled Grad-CAM, per channel."""
-    return guided_backprop(model, x, target) * grad_cam(model, x, target, layer=layer)
+    name = _layer_name("guided_grad_cam", model, x, layer)
+    return guided_backprop(model, x, target) * grad_cam(model, x, target, layer=name)
 
 
 @attribution_method

@@ -30,10 +30,12 @@ def gradient_x_input(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
 def _noisy_gradient_moments(
     model: nn.Module, x: Tensor, target: Tensor, *, samples: int, noise: float, seed: int, chunk_size: int,
 ) -> tuple[Tensor, Tensor]:
-    """Mean and mean square of d f_target / d x at x + sigma eps_k, k = 1..samples, each (B, C, H, W).
+    """Mean and variance of d f_target / d x at x + sigma eps_k, k = 1..samples, each (B, C, H, W).
 
     sigma = noise * (max - min of the sample); eps_k ~ N(0, I) is drawn once from
     `seed` and shared by every sample, so a sample's map does not depend on its batch.
+    The moments are accumulated around the noise-free gradient g_0 (shifted data), so
+    the variance does not cancel catastrophically and is exactly 0 at noise 0.
     """
     if samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples}")
@@ -43,13 +45,15 @@ def _noisy_gradient_moments(
     eps = torch.randn(samples, *x.shape[1:], generator=generator(seed)).to(x)    # (K, C, H, W)
     sigma = noise * value_range(x)                                                # (B, 1, 1, 1)
 
+    g0 = input_gradient(model, x, target)                                         # (B, C, H, W)
+
     def moments(k: Tensor) -> Tensor:                                            # k: (K',) draw indices
         xs = (x[None] + sigma[None] * eps[k][:, None]).flatten(0, 1)              # (K' B, C, H, W)
-        g = input_gradient(model, xs, target.repeat(len(k))).view(len(k), *x.shape)
-        return torch.stack([g.sum(0), g.square().sum(0)])[None]                   # (1, 2, B, C, H, W)
+        d = input_gradient(model, xs, target.repeat(len(k))).view(len(k), *x.shape) - g0
+        return torch.stack([d.sum(0), d.square().sum(0)])[None]                   # (1, 2, B, C, H, W)
 
     m = chunked(moments, samples, max(1, chunk_size // B), device=x.device).sum(0) / samples
-    return m[0], m[1]
+    return g0 + m[0], (m[1] - m[0].square()).clamp_min(0)
 
 
 @attribution_method
@@ -71,7 +75,9 @@ def smoothgrad_squared(
     samples: int = 50, noise: float = 0.15, seed: int = 0, chunk_size: int = 256,
 ) -> Tensor:
     """SmoothGrad-Squared (Hooker et al. 2019): mean_k (d f_target(x + eps_k) / d x)^2; noise as in smoothgrad."""
-    return _noisy_gradient_moments(model, x, target, samples=samples, noise=noise, seed=seed, chunk_size=chunk_size)[1]
+    mean, var = _noisy_gradient_moments(model, x, target, samples=samples, noise=noise, seed=seed,
+                                        chunk_size=chunk_size)
+    return var + mean.square()
 
 
 @attribution_method
@@ -81,11 +87,10 @@ def vargrad(
 ) -> Tensor:
     """VarGrad (Adebayo et al. 2018): var_k d f_target(x + eps_k) / d x, the population variance.
 
-    Noise as in smoothgrad; computed as mean of squares minus squared mean, clamped at 0.
+    Noise as in smoothgrad; 0 at noise 0.
     """
-    mean, square = _noisy_gradient_moments(model, x, target, samples=samples, noise=noise, seed=seed,
-                                           chunk_size=chunk_size)
-    return (square - mean.square()).clamp_min(0)
+    return _noisy_gradient_moments(model, x, target, samples=samples, noise=noise, seed=seed,
+                                   chunk_size=chunk_size)[1]
 
 
 @attribution_method

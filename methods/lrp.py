@@ -100,11 +100,15 @@ def lrp_epsilon(
 ) -> Tensor:
     """LRP-epsilon (Bach et al. 2015) on every layer: R_j = sum_k a_j w_jk / (z_k + eps sign(z_k)) R_k.
 
-    z_k includes the bias (which absorbs relevance) unless zero_bias; with zero_bias and a small
-    epsilon the relevance sums to f_target(x) (conservation, tested on the zoo models).
+    z_k includes the bias, which absorbs relevance b_k / z_k R_k, unless zero_bias; sums and
+    average pools split with the same eps. On a ReLU network, eps -> 0 gives gradient x input
+    (Ancona et al. 2018), so sum_i R_i = f_target(x) - sum_b b df/db (tested on the zoo models).
+    zero_bias conserves f_target(x) in exact arithmetic, but where z_k without its bias is near 0
+    the relevances explode (seen on untrained nets).
     """
     rule = zennit.rules.Epsilon(epsilon=epsilon, zero_params=_zero(zero_bias))
-    composite = zennit.composites.LayerMapComposite(_layer_map(rule, 1e-6), canonizers=_canonizers("lrp_epsilon", model))
+    composite = zennit.composites.LayerMapComposite(_layer_map(rule, epsilon),
+                                                    canonizers=_canonizers("lrp_epsilon", model))
     return _relevance(model, x, target, composite)
 
 

@@ -4,15 +4,28 @@ Each explains f(x) - f(x') against a reference x' (a baseline, or a distribution
 """
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Callable, Literal
 
 import captum.attr
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods._common import (Baseline, attribution_method, baseline_for, generator, input_gradient,
+from methods._common import (Baseline, attribution_method, baseline_for, cannot_run, generator, input_gradient,
                              value_range)
 from metrics._chunk import chunked
+
+# elementwise nonlinearities: the Rescale rule m = (y - y') / (z - z'); linear layers keep their gradient
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+                nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish,
+                nn.LogSigmoid, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.Threshold)
+_MAXPOOL = {nn.MaxPool1d: F.max_pool1d, nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d,
+            nn.AdaptiveMaxPool1d: F.adaptive_max_pool1d, nn.AdaptiveMaxPool2d: F.adaptive_max_pool2d,
+            nn.AdaptiveMaxPool3d: F.adaptive_max_pool3d}
+# nonlinear modules without a rule: neither linear nor elementwise, so their gradient would be wrong
+_NO_RULE = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+            nn.MultiheadAttention, nn.GLU)
 
 
 @attribution_method
@@ -96,14 +109,17 @@ def expected_gradients(
 def deeplift(
     model: nn.Module, x: Tensor, target: Tensor, *, baseline: Baseline = 0.0, blur_sigma: float = 5.0, seed: int = 0,
 ) -> Tensor:
-    """DeepLIFT (Shrikumar et al. 2017) with the Rescale rule (captum), against one baseline.
+    """DeepLIFT (Shrikumar et al. 2017) with the Rescale rule, against one baseline x'.
 
-    Completeness (summation-to-delta): sum_i DL_i = f(x) - f(x'). Nonlinearities must
-    be modules (nn.ReLU, nn.MaxPool2d, ...); functional calls are treated as linear.
-    Baselines as in integrated_gradients.
+    DL_i = (x_i - x'_i) m_i, m the chain of multipliers: Delta y / Delta z at every elementwise
+    activation module, the cross-max rule at max pools (see _maxpool_rule), the Jacobian of
+    linear layers. Completeness (summation-to-delta): sum_i DL_i = f(x) - f(x'). Functional
+    nonlinearities (F.relu, torch.max) are invisible and count as linear. Our own hooks, not
+    captum's: captum 0.9 drops the max-pool rule behind a ReLU (summation then fails on
+    SmallCNN). Baselines as in integrated_gradients.
     """
     ref = baseline_for(x, baseline, seed=seed, blur_sigma=blur_sigma)
-    return captum.attr.DeepLift(model).attribute(x.requires_grad_(), baselines=ref, target=target)
+    return _rescale(model, x, ref, target, method="deeplift")
 
 
 @attribution_method
@@ -123,12 +139,102 @@ def deeplift_shap(
     _check_draws(samples, baseline)
     pattern = torch.rand(samples, *x.shape[1:], generator=generator(seed)).to(x)  # (K, C, H, W)
     B = x.shape[0]
-    dl = captum.attr.DeepLift(model)
 
     def attributions(k: Tensor) -> Tensor:                                        # k: (K',) draw indices
         ref = _references(x, k, baseline, pattern, blur_sigma).flatten(0, 1)     # (K' B, C, H, W)
-        xs = x[None].expand(len(k), *x.shape).flatten(0, 1).clone().requires_grad_()
-        a = dl.attribute(xs, baselines=ref, target=target.repeat(len(k)))
-        return a.view(len(k), *x.shape).sum(0, keepdim=True).detach()            # (1, B, C, H, W)
+        xs = x[None].expand(len(k), *x.shape).flatten(0, 1)
+        a = _rescale(model, xs, ref, target.repeat(len(k)), method="deeplift_shap")
+        return a.view(len(k), *x.shape).sum(0, keepdim=True)                     # (1, B, C, H, W)
 
     return chunked(attributions, samples, max(1, chunk_size // B), device=x.device).sum(0) / samples
+
+
+class _Rule(torch.autograd.Function):
+    """Identity on the module's output forward; backward(g) = rule(g), the multiplier chain rule."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, y: Tensor, rule: Callable[[Tensor], Tensor]) -> Tensor:
+        ctx.rule = rule
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:
+        return ctx.rule(g), None, None
+
+
+def _maxpool_rule(module: nn.Module, z: Tensor, y: Tensor, z_ref: Tensor, y_ref: Tensor,
+                  eps: float) -> Callable[[Tensor], Tensor]:
+    """DeepLIFT through a max pool, summation-exact: with M = max(y, y'), the part M - y' of
+    Delta y goes to x's argmax, y - M to the reference's argmax (overlapping windows add up);
+    an input with |Delta z| <= eps gets the plain gradient (its contribution is ~0 either way)."""
+    pool = _MAXPOOL[type(module)]
+    if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+        def argmax(t: Tensor) -> Tensor:
+            return pool(t, module.output_size, return_indices=True)[1]
+    else:
+        def argmax(t: Tensor) -> Tensor:
+            return pool(t, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode,
+                        return_indices=True)[1]
+    with torch.no_grad():
+        idx, idx_ref = argmax(z).flatten(2), argmax(z_ref).flatten(2)             # (B, C, out): flat input positions
+        top = torch.maximum(y, y_ref)
+        dz = z - z_ref
+
+    def rule(g: Tensor) -> Tensor:
+        B, C = z.shape[:2]
+        src = torch.cat([(g * (top - y_ref)).flatten(2), (g * (y - top)).flatten(2)], dim=2)
+        routed = z.new_zeros(B, C, math.prod(z.shape[2:])).scatter_add_(2, torch.cat([idx, idx_ref], dim=2), src)
+        plain = z.new_zeros(B, C, math.prod(z.shape[2:])).scatter_add_(2, idx, g.flatten(2))
+        safe = dz.abs() > eps
+        return torch.where(safe, routed.view_as(z) / torch.where(safe, dz, 1.0), plain.view_as(z))
+
+    return rule
+
+
+def _rescale(model: nn.Module, x: Tensor, ref: Tensor, target: Tensor, *, method: str,
+             eps: float = 1e-10) -> Tensor:
+    """(x - x') * multipliers of f_target, per sample: the reference runs first and its activations
+    are recorded; the input's run then replaces every rule module's backward by its rule."""
+    rules = {m: name for name, m in model.named_modules() if isinstance(m, (*_ELEMENTWISE, *_MAXPOOL))}
+    for name, m in model.named_modules():
+        if isinstance(m, _NO_RULE):
+            raise cannot_run(method, model, f"layer {name!r} ({type(m).__name__}) has no DeepLIFT rule here")
+        if m in rules and getattr(m, "inplace", False):
+            raise cannot_run(method, model, f"layer {name!r} ({type(m).__name__}) is in-place, so its input is "
+                                            "lost; build the model with inplace=False")
+    recorded: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in rules}
+
+    def record(m: nn.Module, inputs: tuple, y: Tensor) -> None:
+        recorded[m].append((inputs[0].detach(), y.detach()))
+
+    def replace(m: nn.Module, inputs: tuple, y: Tensor) -> Tensor:
+        z = inputs[0]
+        if len(recorded[m]) != 1:
+            raise cannot_run(method, model, f"module {rules[m]!r} runs {len(recorded[m]) or 'more'} times per "
+                                             "forward; give every activation and pool its own module instance")
+        z_ref, y_ref = recorded[m].pop()
+        if isinstance(m, tuple(_MAXPOOL)):
+            return _Rule.apply(z, y, _maxpool_rule(m, z.detach(), y.detach(), z_ref, y_ref, eps))
+        dz, dy = z.detach() - z_ref, y.detach() - y_ref
+        safe = dz.abs() > eps
+        local = (torch.autograd.grad(y, z, torch.ones_like(y), retain_graph=True)[0] if not safe.all()
+                 else torch.zeros_like(dz))                                           # elementwise: the diagonal
+        multiplier = torch.where(safe, dy / torch.where(safe, dz, 1.0), local)
+        return _Rule.apply(z, y, lambda g: g * multiplier)
+
+    handles = [m.register_forward_hook(record) for m in rules]
+    try:
+        with torch.no_grad():
+            model(ref)
+    finally:
+        for h in handles:
+            h.remove()
+    handles = [m.register_forward_hook(replace) for m in rules]
+    try:
+        xg = x.detach().requires_grad_()
+        out = model(xg).gather(1, target[:, None]).sum()
+        grad = torch.autograd.grad(out, xg)[0]
+    finally:
+        for h in handles:
+            h.remove()
+    return (x - ref) * grad                                                           # (B, C, H, W)

@@ -1,0 +1,144 @@
+"""`python -m bench.catalog [methods|metrics|models|datasets]`: what the config groups hold.
+
+The config groups are the registry (DESIGN.md), so the catalogue is read from them: one
+entry per conf/<group>/<name>.yaml, its description the first sentence of the YAML's
+header comment (the target's docstring when the YAML has none) and its paper the
+year-bearing parentheses of that sentence, e.g. "(Sundararajan et al. 2017)" (the
+docstring's first sentence when the header names none). No list is kept by hand.
+Targets outside the allowed prefixes (bench.run.ALLOWED_TARGETS) are not imported.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = {"methods": "method", "metrics": "metric", "models": "model", "datasets": "dataset"}
+_ALLOWED = ("methods.", "metrics.", "bench.", "torchvision.models.")    # as bench.run.ALLOWED_TARGETS
+_YEAR = re.compile(r"\b(?:19|20)\d{2}[a-z]?\b")
+_PAREN = re.compile(r"\s*\(([^()]*)\)")
+# a sentence ends at . ! ? followed by a space or the end, but not after "al", "e.g", "i.e", "vs", "cf"
+_SENTENCE_END = re.compile(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)(?<!\bvs)(?<!\bcf)[.!?](?=\s|$)")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One config of a group: its name (the file stem), `_target_`, one-line description and paper."""
+
+    name: str
+    target: str
+    description: str
+    paper: str
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of `text`, whitespace collapsed (the whole text if it has no sentence end)."""
+    text = " ".join(text.split())
+    end = _SENTENCE_END.search(text)
+    return text[: end.end()] if end else text
+
+
+def _papers(sentence: str) -> str:
+    """Year-bearing parts (split at ; and ,) of every parenthesis:
+    "Foo (Bach et al. 2015; zennit) (Samek et al. 2017)" -> "Bach et al. 2015; Samek et al. 2017"."""
+    parts = [p.strip() for inner in _PAREN.findall(sentence) for p in re.split(r"[;,]", inner)]
+    return "; ".join(p for p in parts if _YEAR.search(p))
+
+
+def _without_papers(sentence: str) -> str:
+    """The sentence with its year-bearing parentheses removed."""
+    return _PAREN.sub(lambda m: "" if _YEAR.search(m.group(1)) else m.group(0), sentence).strip()
+
+
+def _header(path: Path) -> str:
+    """The comment lines at the top of a YAML file, joined."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(lines)
+
+
+def _node(group: str, name: str, cfg: Any, path: Path) -> DictConfig:
+    """The config node that holds `_target_`, after checking that the file's name key equals its stem."""
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"{path}: expected a mapping, got {type(cfg).__name__}")
+    if group in ("method", "metric"):
+        if list(cfg) != [name]:
+            raise ValueError(f"{path}: the top key must be the file stem {name!r}, got {list(cfg)}")
+        node = cfg[name]
+    else:
+        if cfg.get("name") != name:
+            raise ValueError(f"{path}: `name` must be the file stem {name!r}, got {cfg.get('name')!r}")
+        node = cfg.net if group == "model" else cfg
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ValueError(f"{path}: no `_target_` found (conf/{group}/ entries need one)")
+    return node
+
+
+def _docstring(target: str) -> str:
+    """The target's docstring, or a note why it could not be read; only allowed prefixes are imported."""
+    if not target.startswith(_ALLOWED):
+        return ""
+    module, _, attr = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        return f"(target {target} cannot be imported: {type(e).__name__}: {e})"
+    return inspect.getdoc(obj) or ""
+
+
+def catalog(group: str, *, conf: Path | str = CONF) -> list[Entry]:
+    """Every entry of config group `group` (methods, metrics, models, datasets), sorted by name."""
+    if group not in GROUPS:
+        raise ValueError(f"group must be one of {sorted(GROUPS)}, got {group!r}")
+    folder = Path(conf) / GROUPS[group]
+    if not folder.is_dir():
+        raise ValueError(f"no config group folder {folder}: pass the conf/ directory that holds {GROUPS[group]}/")
+    entries = []
+    for path in sorted(folder.glob("*.yaml")):
+        target = str(_node(GROUPS[group], path.stem, OmegaConf.load(path), path)["_target_"])
+        header = _first_sentence(_header(path))
+        doc = _first_sentence(_docstring(target).split("\n\n")[0])
+        description = _without_papers(header or doc)
+        entries.append(Entry(path.stem, target, description, _papers(header) or _papers(doc)))
+    return entries
+
+
+def format_table(entries: Sequence[Entry]) -> str:
+    """Aligned lines: name, paper (- when none), description."""
+    if not entries:
+        return "(none)"
+    w_name = max(len(e.name) for e in entries)
+    w_paper = max(len(e.paper or "-") for e in entries)
+    return "\n".join(f"{e.name:<{w_name}}  {e.paper or '-':<{w_paper}}  {e.description}" for e in entries)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.catalog", description=__doc__.splitlines()[0])
+    parser.add_argument("groups", nargs="*", metavar="{" + ",".join(GROUPS) + "}",
+                        help="config groups to list (default: all four)")
+    parser.add_argument("--conf", type=Path, default=CONF, help="the conf/ directory (default: the suite's own)")
+    args = parser.parse_args(argv)
+    unknown = [g for g in args.groups if g not in GROUPS]
+    if unknown:
+        parser.error(f"unknown group {unknown[0]!r}: choose from {', '.join(GROUPS)}")
+    groups = args.groups or list(GROUPS)
+    for i, group in enumerate(groups):
+        entries = catalog(group, conf=args.conf)
+        print(("\n" if i else "") + f"{group} ({len(entries)}, conf/{GROUPS[group]}/<name>.yaml)")
+        print(format_table(entries))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
