@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from bench.run import _call_metric, check_targets
 from metrics import randomization_layers, to_map
@@ -56,7 +57,7 @@ def test_metric_contract(name, tiny_cnn, batch):
     mask[:, 2:6, 2:6] = True
     attribution = to_map(method(tiny_cnn, x, target), "abs_sum")
     inputs = {"model": tiny_cnn, "x": x, "target": target, "attribution": attribution, "mask": mask,
-              "method": method, "reduce": "abs_sum"}
+              "method": method, "reduce": "abs_sum", "label_randomized_model": copy.deepcopy(tiny_cnn)}
     state = copy.deepcopy(tiny_cnn.state_dict())
     result = _call_metric(metric, inputs)
     assert result.scores and set(result.higher_is_better) == set(result.scores)
@@ -68,9 +69,15 @@ def test_metric_contract(name, tiny_cnn, batch):
 
 
 @pytest.mark.parametrize("name", _names("model"))
-def test_model_contract(name):
+def test_model_contract(name, tmp_path):
+    if name == "timm":
+        pytest.importorskip("timm", reason="the timm entry needs timm, an optional extra (pip install timm)")
     cfg = _compose(f"model={name}")
     assert cfg.model.name == name
+    if OmegaConf.is_missing(cfg.model.net, "checkpoint"):              # an entry that needs the user's file
+        path = tmp_path / "state.pt"
+        torch.save(instantiate(cfg.model.net.module).state_dict(), path)
+        cfg.model.net.checkpoint = str(path)
     net = instantiate(cfg.model.net, num_classes=6).eval()
     assert net(torch.zeros(2, 3, 64, 64)).shape == (2, 6)
     modules = dict(net.named_modules())
@@ -81,13 +88,28 @@ def test_model_contract(name):
 
 
 @pytest.mark.parametrize("name", _names("dataset"))
-def test_dataset_contract(name):
+def test_dataset_contract(name, tmp_path):
+    from bench.data import write_example
+
     cfg = _compose(f"dataset={name}")
     assert cfg.dataset.name == name
-    data = instantiate(cfg.dataset, n_samples=4).tensors()
+    extra = {}
+    if "root" in OmegaConf.to_container(cfg.dataset) and OmegaConf.is_missing(cfg.dataset, "root"):
+        kinds = {"folder": "masks", "voc": "voc", "imagenet_val": "imagenet_val"}   # a tiny root in its format
+        assert name in kinds, f"dataset {name} needs a root: add a generated tiny root for it here"
+        extra = {"root": str(write_example(tmp_path, kinds[name])), "size": 32}
+    dataset = instantiate(cfg.dataset, n_samples=4, **extra)
+    data = dataset.tensors()
     B, C, H, W = data["x"].shape
     assert B == 4 and data["target"].shape == (4,) and data["sample_id"].shape == (4,)
     assert data["mask"].shape == (4, H, W) and data["mask"].dtype == torch.bool
+    assert data["x"].dtype == torch.float32 and ((0 <= data["target"]) & (data["target"] < dataset.num_classes)).all()
+    assert len(dataset) == 4 and torch.equal(dataset[3]["x"], data["x"][3])        # item access = batch
+    assert len(set(data["sample_id"].tolist())) == 4                               # ids identify samples
+    again = instantiate(cfg.dataset, n_samples=4, **extra).tensors()               # deterministic
+    assert all(torch.equal(again[k], v) for k, v in data.items())
+    # bench.zoo.load_model instantiates with these overrides
+    assert instantiate(cfg.dataset, n_samples=1, **extra).num_classes == dataset.num_classes
 
 
 def test_unknown_target_is_refused():

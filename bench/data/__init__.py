@@ -1,6 +1,8 @@
 """Datasets of the benchmark; `shapes` is the embedded one, generated, never downloaded."""
 from __future__ import annotations
 
+from bench.data.digits import Digits
+from bench.data.folder import VOC, Folder, ImageNetVal, write_example
 from bench.data.shapes import CLASSES, Shapes, render_shapes_item
 
-__all__ = ["CLASSES", "Shapes", "render_shapes_item"]
+__all__ = ["CLASSES", "Shapes", "render_shapes_item", "Digits"]

@@ -97,6 +97,19 @@ def _ellipse(u: Tensor, v: Tensor) -> Tensor:
 
 _DECOYS = (_hexagon, _ellipse)   # shapes_multi: objects like the class object, but of no class
 
+# shapes_spurious: a 3x3-cell black-and-white watermark per class, row by row (1 = white); any two
+# differ in >= 3 cells, so one flipped cell never turns one class's mark into another's.
+_WATERMARKS = (
+    (1, 0, 1, 0, 1, 0, 1, 0, 1),   # X
+    (0, 1, 0, 1, 1, 1, 0, 1, 0),   # +
+    (1, 1, 1, 1, 0, 0, 1, 0, 0),   # corner
+    (1, 1, 1, 0, 0, 0, 1, 1, 1),   # =
+    (1, 0, 1, 1, 0, 1, 1, 0, 1),   # ||
+    (1, 1, 0, 1, 1, 0, 0, 0, 0),   # block
+)
+_MARK_CELL = 2.0                 # watermark cell side at 64 px: the mark is 6x6 px
+_MARK_MARGIN = 2.0               # gap between the mark and the image border
+
 # Area of each class relative to r**2 (for tests and docs): pixel counts match these closely.
 _AREA = (
     math.pi * 0.8**2,                                   # disk     2.01
@@ -132,7 +145,14 @@ def _colour(lum: float, chroma: list[float]) -> list[int]:
     return [round(255.0 * min(max(lum + 0.3 * (2.0 * c - 1.0), 0.0), 1.0)) for c in chroma]
 
 
-def _draw(seed: int, split_code: int, index: int, size: int, distractors: int, decoys: int = 0) -> dict[str, np.ndarray]:
+def _own_generator(seed: int, split_code: int, index: int, stream: int) -> torch.Generator:
+    """A second generator of an item for an optional feature, so switching it off changes nothing else."""
+    state = np.random.SeedSequence([seed, split_code, index, stream]).generate_state(1, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))
+
+
+def _draw(seed: int, split_code: int, index: int, size: int, distractors: int, decoys: int = 0,
+          watermark: bool = False, object_class: str = "label") -> dict[str, np.ndarray]:
     """Every random choice of one item, as small arrays; all trigonometry happens here, per item."""
     g = _generator(seed, split_code, index)
     k = size / 64.0
@@ -194,9 +214,22 @@ def _draw(seed: int, split_code: int, index: int, size: int, distractors: int, d
             decoy_colours.append(_colour(_far(bg_lum, q[3]), q[4:7]))
             placed.append((dy, dx, rd))
 
+    # shapes_spurious: the watermark's corner and the object's class draw from their own generators.
+    label = index % len(CLASSES)
+    shape = label if object_class == "label" else int(torch.randint(
+        len(CLASSES), (1,), generator=_own_generator(seed, split_code, index, 3)))
+    mark = [-1.0, -1.0, 0.0]                                             # top, left, cell side (0: no mark)
+    if watermark:
+        cell = max(1.0, round(_MARK_CELL * k))
+        near, far = max(1.0, round(_MARK_MARGIN * k)), size - max(1.0, round(_MARK_MARGIN * k)) - 3 * cell
+        corner = int(torch.randint(4, (1,), generator=_own_generator(seed, split_code, index, 2)))
+        mark = [far if corner >= 2 else near, far if corner % 2 else near, cell]
+
     f32 = np.float32
     return {
-        "label": np.array(index % len(CLASSES), dtype=np.int64),
+        "label": np.array(label, dtype=np.int64),
+        "shape": np.array(shape, dtype=np.int64),                        # the object's class
+        "mark": np.array(mark, dtype=f32),
         "base": np.array(base, dtype=f32),                               # (3,) 0..255
         "tone": np.array(tone, dtype=f32),                               # (3,) 0..255
         "noise": (255.0 * sigma * noise).astype(f32),                    # (H, W) 0..255
@@ -213,7 +246,8 @@ def _draw(seed: int, split_code: int, index: int, size: int, distractors: int, d
 
 
 def _render(
-    seed: int, split: str, indices: range | list[int], size: int, distractors: int, decoys: int = 0
+    seed: int, split: str, indices: range | list[int], size: int, distractors: int, decoys: int = 0,
+    watermark: bool = False, object_class: str = "label",
 ) -> dict[str, Tensor]:
     """Render items in one batch: image (N, 3, H, W) uint8, mask (N, H, W), label (N,), extras.
 
@@ -221,7 +255,7 @@ def _render(
     +, -, *, comparisons and rounding, which are exact elementwise, so an item's pixels do
     not depend on its batch-mates: render_shapes_item matches the dataset bit for bit.
     """
-    draws = [_draw(seed, _SPLIT_CODES[split], i, size, distractors, decoys) for i in indices]
+    draws = [_draw(seed, _SPLIT_CODES[split], i, size, distractors, decoys, watermark, object_class) for i in indices]
     d = {key: torch.from_numpy(np.stack([item[key] for item in draws])) for key in draws[0]}
     n = len(draws)
     yy, xx = _grid(size)                                                 # (H, W) each
@@ -262,10 +296,18 @@ def _render(
     u, v = local(o[:, 0], o[:, 1], o[:, 2], o[:, 3])
     mask = torch.zeros(n, size, size, dtype=torch.bool)
     for label, inside in enumerate(_INSIDE):
-        rows = (d["label"] == label).nonzero().squeeze(1)
+        rows = (d["shape"] == label).nonzero().squeeze(1)
         if rows.numel():
             mask[rows] = inside(u[rows], v[rows])
     image = torch.where(mask[:, None], d["colour"][:, :, None, None], image)
+
+    # Watermark (shapes_spurious), painted last: 3x3 cells of black (0) or white (255) in a corner.
+    top, left, cell = (c[:, None, None] for c in d["mark"].unbind(1))    # (N, 1, 1) each
+    row, col = ((yy - top) / cell.clamp_min(1.0)).floor(), ((xx - left) / cell.clamp_min(1.0)).floor()
+    marked = (cell > 0) & (row >= 0) & (row < 3) & (col >= 0) & (col < 3)                     # (N, H, W)
+    code = torch.tensor(_WATERMARKS, dtype=torch.uint8)[d["label"]]                           # (N, 9)
+    bit = code.gather(1, (3 * row + col).clamp(0, 8).long().flatten(1)).view(n, size, size)   # (N, H, W)
+    image = torch.where(marked[:, None], (255 * bit)[:, None], image)
     return {
         "image": image,                                                  # (N, 3, H, W) uint8
         "mask": mask,                                                    # (N, H, W) bool
@@ -277,6 +319,9 @@ def _render(
         "distractor_mask": seen & ~mask,                                 # (N, H, W) visible distractor pixels
         "distractor_colour": d["bar_colours"],                           # (N, distractors, 3) uint8
         "decoy_mask": decoyed & ~mask,                                   # (N, H, W) visible decoy pixels
+        "watermark_mask": marked,                                        # (N, H, W) the watermark's pixels
+        "object_mask": mask & ~marked,                                   # (N, H, W) visible object pixels
+        "shape": d["shape"],                                             # (N,) the object's class
     }
 
 
@@ -296,7 +341,8 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _check(*, split: str, size: int, seed: int, distractors: int, decoys: int = 0) -> None:
+def _check(*, split: str, size: int, seed: int, distractors: int, decoys: int = 0, watermark: bool = False,
+           object_class: str = "label") -> None:
     if split not in _SPLIT_CODES:
         raise ValueError(f"split must be one of {sorted(_SPLIT_CODES)}, got {split!r}")
     if not _is_int(size) or size < 16:
@@ -307,22 +353,31 @@ def _check(*, split: str, size: int, seed: int, distractors: int, decoys: int = 
         raise ValueError(f"distractors must be an integer >= 0, got {distractors!r}")
     if not _is_int(decoys) or decoys < 0:
         raise ValueError(f"decoys must be an integer >= 0, got {decoys!r}")
+    if not isinstance(watermark, bool):
+        raise ValueError(f"watermark must be true or false, got {watermark!r}")
+    if object_class not in ("label", "random"):
+        raise ValueError(f"object_class must be 'label' (the object shows the class) or 'random' (independent of "
+                         f"it), got {object_class!r}")
 
 
 def render_shapes_item(
-    *, seed: int, split: Split, index: int, size: int = 64, distractors: int = 1, decoys: int = 0
+    *, seed: int, split: Split, index: int, size: int = 64, distractors: int = 1, decoys: int = 0,
+    watermark: bool = False, object_class: Literal["label", "random"] = "label",
 ) -> tuple[Tensor, Tensor, int]:
     """One `shapes` item, regenerated alone: (image uint8 (3, H, W), mask bool (H, W), label).
 
     label = index % 6, naming CLASSES[label]. The mask is exactly the object's pixels: the
     object is painted last, in one flat colour, so all of it is visible. The item draws only
     from its own generator, seeded from (seed, split, index); global RNG state is untouched.
+    With a watermark the mask is the watermark's pixels (see Shapes).
     """
-    _check(split=split, size=size, seed=seed, distractors=distractors, decoys=decoys)
+    _check(split=split, size=size, seed=seed, distractors=distractors, decoys=decoys, watermark=watermark,
+           object_class=object_class)
     if not _is_int(index) or index < 0:
         raise ValueError(f"index must be a non-negative integer, got {index!r}")
-    item = _render(int(seed), split, [int(index)], int(size), int(distractors), int(decoys))
-    return item["image"][0], item["mask"][0], int(item["label"][0])
+    item = _render(int(seed), split, [int(index)], int(size), int(distractors), int(decoys), watermark, object_class)
+    mask = item["watermark_mask"] if watermark else item["mask"]
+    return item["image"][0], mask[0], int(item["label"][0])
 
 
 class Shapes(Dataset[dict[str, Tensor]]):
@@ -340,6 +395,16 @@ class Shapes(Dataset[dict[str, Tensor]]):
     half-height ellipses) of the same size range and contrast, placed apart from the class
     object and painted under it: several objects, of which only one decides the class and
     only that one is in the mask. decoys=0 leaves every item bit-identical.
+
+    `watermark` (the `shapes_spurious` config, a "Clever Hans" benchmark after Lapuschkin et
+    al. 2019) stamps a 6x6 px (at 64 px) black-and-white 3x3-cell mark, one pattern per class,
+    into a random corner; the mask is then the mark's pixels. With `object_class="random"` the
+    object's shape is drawn independently of the label, so the mark is the only evidence of the
+    class: a model that learns the task must use the mark, and its reasoning is known by
+    construction (its accuracy without the mark is chance, which the tests check). The
+    watermark and the random shape draw from their own generators: everything else is
+    bit-identical to plain `shapes`. `mean` and `std` set the normalisation, e.g. to the one
+    pretrained weights expect (load_model names it when they differ).
     """
 
     num_classes: int = len(CLASSES)
@@ -357,8 +422,18 @@ class Shapes(Dataset[dict[str, Tensor]]):
         seed: int = 0,
         distractors: int = 1,
         decoys: int = 0,
+        watermark: bool = False,
+        object_class: Literal["label", "random"] = "label",
+        mean: tuple[float, float, float] | list[float] = (0.5, 0.5, 0.5),
+        std: tuple[float, float, float] | list[float] = (0.25, 0.25, 0.25),
     ) -> None:
-        _check(split=split, size=size, seed=seed, distractors=distractors, decoys=decoys)
+        _check(split=split, size=size, seed=seed, distractors=distractors, decoys=decoys, watermark=watermark,
+               object_class=object_class)
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        if len(mean) != 3 or len(std) != 3 or not all(v > 0 for v in std):
+            raise ValueError(f"mean and std must be 3 numbers each (R, G, B), std > 0; got mean={mean}, std={std}")
+        self.mean, self.std = mean, std
+        self.watermark, self.object_class = watermark, object_class
         if not _is_int(n_samples) or n_samples < 1:
             raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
         self.name = name
@@ -380,8 +455,9 @@ class Shapes(Dataset[dict[str, Tensor]]):
                 for start in range(0, self.n_samples, _CHUNK):
                     stop = min(start + _CHUNK, self.n_samples)
                     item = _render(self.seed, self.split, range(start, stop), self.size, self.distractors,
-                                   self.decoys)
-                    images[start:stop], masks[start:stop] = item["image"], item["mask"]
+                                   self.decoys, self.watermark, self.object_class)
+                    images[start:stop] = item["image"]
+                    masks[start:stop] = item["watermark_mask"] if self.watermark else item["mask"]
             ids = torch.arange(self.n_samples, dtype=torch.int64)                        # (N,)
             self._store = {"image": images, "mask": masks, "target": ids % self.num_classes, "sample_id": ids}
         return self._store
@@ -423,5 +499,8 @@ class Shapes(Dataset[dict[str, Tensor]]):
         return (
             f"Shapes(split={self.split!r}, n_samples={self.n_samples}, size={self.size}, "
             f"seed={self.seed}, distractors={self.distractors}"
-            + (f", decoys={self.decoys})" if self.decoys else ")")
+            + (f", decoys={self.decoys}" if self.decoys else "")
+            + (f", watermark=True, object_class={self.object_class!r}" if self.watermark else "")
+            + (f", object_class={self.object_class!r}" if not self.watermark and self.object_class != "label" else "")
+            + ")"
         )

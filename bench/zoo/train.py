@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from bench.zoo.sources import checkpoint_digest, expected_normalization, sha256
 
 CACHE_FORMAT = 1          # bump when the checkpoint layout or the training code changes its result
 
@@ -24,8 +27,13 @@ def cache_key(model_cfg: DictConfig, dataset_cfg: DictConfig) -> str:
     for k in ("name", "split", "n_samples"):                        # the evaluated slice does not change training
         data.pop(k, None)
     payload = {"net": OmegaConf.to_container(model_cfg.net, resolve=True),
-               "train": OmegaConf.to_container(model_cfg.train, resolve=True),
+               "train": OmegaConf.to_container(model_cfg.train, resolve=True) if "train" in model_cfg else None,
                "dataset": data, "format": CACHE_FORMAT}
+    if (payload["train"] or {}).get("permute_labels") is False:      # the default: same key as without it
+        del payload["train"]["permute_labels"]
+    digest = checkpoint_digest(model_cfg.net)
+    if digest is not None:                                          # the file's content, not just its path
+        payload["checkpoint_sha256"] = digest
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -60,24 +68,76 @@ def fit(model: nn.Module, x: Tensor, target: Tensor, *, epochs: int, lr: float, 
     model.eval()
 
 
+def permuted_labels(target: Tensor, *, seed: int) -> Tensor:
+    """`target` under a seeded random permutation of the samples: same class counts, no link to the images."""
+    perm = torch.randperm(len(target), generator=torch.Generator().manual_seed(seed))
+    return target[perm.to(target.device)]
+
+
 def _split(dataset_cfg: DictConfig, split: str, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
     data = instantiate(dataset_cfg, split=split, n_samples=n).tensors()
     return data["x"].to(device), data["target"].to(device)
 
 
+def _normalization(model_cfg: DictConfig, dataset: Any) -> dict[str, Any]:
+    """The dataset's input normalisation, checked against what the model's pretrained weights expect."""
+    have = {"mean": [float(v) for v in dataset.mean], "std": [float(v) for v in dataset.std]} if (
+        getattr(dataset, "mean", None) is not None and getattr(dataset, "std", None) is not None) else None
+    want = expected_normalization(model_cfg.net)                    # from the weights' metadata, no download
+    if want is not None and (have is None or not all(
+            torch.allclose(torch.tensor(have[k]), torch.tensor(want[k]), atol=1e-6) for k in ("mean", "std"))):
+        raise ValueError(
+            f"model {model_cfg.name}'s pretrained weights expect inputs normalised with mean={want['mean']}, "
+            f"std={want['std']}, but dataset {getattr(dataset, 'name', '?')} normalises with "
+            f"{'mean=' + str(have['mean']) + ', std=' + str(have['std']) if have else 'nothing it declares'}: "
+            f"run with dataset.mean=[{','.join(map(str, want['mean']))}] dataset.std=[{','.join(map(str, want['std']))}] "
+            "(as +dataset.mean=... where the dataset's YAML has no mean)")
+    return {**(have or {}), "from": "dataset" if want is None else "weights (checked equal to the dataset's)"}
+
+
+def _check_outputs(model: nn.Module, dataset: Any, name: str) -> None:
+    """One forward pass on one item: the model must give one output per dataset class."""
+    model.eval()                                                    # batch norm: leave running statistics alone
+    with torch.inference_mode():
+        out = model(dataset[0]["x"][None].to(next(model.parameters()).device))
+    if out.ndim != 2 or out.shape[1] != dataset.num_classes:
+        raise ValueError(f"model {name} outputs shape {tuple(out.shape)} for one input, but the dataset has "
+                         f"{dataset.num_classes} classes: adapt the head (adapt_head: true) or build the model "
+                         f"with num_classes={dataset.num_classes}")
+
+
 def load_model(model_cfg: DictConfig, dataset_cfg: DictConfig, *, cache_dir: str | Path,
                device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The zoo model of `model_cfg` trained on `dataset_cfg`: loaded from the cache, or trained and cached.
+    """The zoo model of `model_cfg` for `dataset_cfg`: with a `train` section trained on the dataset
+    (loaded from the cache, or trained and cached); without one used as built (torchvision or timm
+    weights, a user's checkpoint, or random initialisation seeded by `seed`).
 
-    Returns the model in eval mode on `device` and its info (accuracy, training time, key, checkpoint path).
-    Checkpoints are read with `weights_only=True`: a cache file cannot run code.
+    Returns the model in eval mode on `device` and its info for the manifest: source (train,
+    cache, torchvision, timm, checkpoint or init), checkpoint path and sha256, n_parameters, the
+    input normalisation, accuracy and training time where trained. Checkpoints are read with
+    `weights_only=True`: a file cannot run code.
     """
     device = torch.device(device)
-    num_classes = instantiate(dataset_cfg, n_samples=1).num_classes
+    dataset = instantiate(dataset_cfg, n_samples=1)
+    normalization = _normalization(model_cfg, dataset)             # before anything is downloaded
+    t = model_cfg.get("train")
     with torch.random.fork_rng(devices=[]):                         # seeded init, global RNG left alone
-        torch.manual_seed(model_cfg.train.seed)
-        model = instantiate(model_cfg.net, num_classes=num_classes).to(device)
+        torch.manual_seed(t.seed if t is not None else model_cfg.get("seed", 0))
+        try:
+            model = instantiate(model_cfg.net, num_classes=dataset.num_classes).to(device)
+        except InstantiationException as e:                         # Hydra wraps the factory's own error
+            if isinstance(e.__cause__, ValueError):
+                raise ValueError(f"model {model_cfg.name}: {e.__cause__}") from e.__cause__
+            raise
+    _check_outputs(model, dataset, model_cfg.name)
+    origin = getattr(model, "zoo_source", None)
     key = cache_key(model_cfg, dataset_cfg)
+    common = {"model": model_cfg.name, "key": key, "n_parameters": sum(p.numel() for p in model.parameters()),
+              "normalization": normalization, **({"init": origin} if origin else {})}
+    if t is None:
+        return model.eval(), {**common, "source": origin["source"] if origin else "init", "cached": False,
+                              "checkpoint": origin.get("checkpoint") if origin else None,
+                              "sha256": origin.get("sha256") if origin else None}
     path = Path(cache_dir).expanduser() / f"{model_cfg.name}-{key}.pt"
     if path.exists():
         try:
@@ -85,18 +145,22 @@ def load_model(model_cfg: DictConfig, dataset_cfg: DictConfig, *, cache_dir: str
             model.load_state_dict(checkpoint["state_dict"])
         except Exception as e:                                     # noqa: BLE001 - any unreadable file
             raise ValueError(f"cached checkpoint {path} cannot be loaded ({e}); delete it to retrain") from e
-        return model.eval(), {**checkpoint["info"], "checkpoint": str(path), "cached": True}
+        return model.eval(), {**common, **checkpoint["info"], "source": "cache", "checkpoint": str(path),
+                              "sha256": sha256(path), "cached": True}
 
-    t = model_cfg.train
     x, target = _split(dataset_cfg, "train", t.n_train, device)
+    permute = bool(t.get("permute_labels", False))
+    if permute:                                                     # Adebayo et al. 2018's data randomization
+        target = permuted_labels(target, seed=t.seed)
     start = time.perf_counter()
     fit(model, x, target, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
         weight_decay=t.weight_decay, seed=t.seed)
     info = {
-        "model": model_cfg.name, "key": key, "train_seconds": round(time.perf_counter() - start, 2),
+        **common, "train_seconds": round(time.perf_counter() - start, 2),
         "train_accuracy": accuracy(model, x, target),
         "test_accuracy": accuracy(model, *_split(dataset_cfg, "test", t.n_test, device)),
         "n_test": int(t.n_test), "n_parameters": sum(p.numel() for p in model.parameters()),
+        **({"permute_labels": True, "n_train": int(t.n_train)} if permute else {}),   # train accuracy: on permuted labels
     }
     print(f"trained {model_cfg.name}: {info['train_seconds']:.0f} s, "
           f"train accuracy {info['train_accuracy']:.4f}, test accuracy {info['test_accuracy']:.4f} (n={t.n_test})")
@@ -104,4 +168,4 @@ def load_model(model_cfg: DictConfig, dataset_cfg: DictConfig, *, cache_dir: str
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
         torch.save({"state_dict": model.state_dict(), "info": info}, f)
     os.replace(f.name, path)                                        # atomic: never a half-written cache
-    return model.eval(), {**info, "checkpoint": str(path), "cached": False}
+    return model.eval(), {**info, "source": "train", "checkpoint": str(path), "sha256": sha256(path), "cached": False}

@@ -10,7 +10,7 @@ import torch
 from matplotlib.path import Path as Polygon
 
 from bench.data import CLASSES, Shapes, render_shapes_item
-from bench.data.shapes import _AREA, _render
+from bench.data.shapes import _AREA, _WATERMARKS, _render
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -154,6 +154,10 @@ def test_tensors_match_items_and_classes_are_balanced():
         ({"size": 8}, "size must be an integer >= 16"),
         ({"distractors": -1}, "distractors must be an integer >= 0, got -1"),
         ({"seed": -2}, "seed must be a non-negative integer, got -2"),
+        ({"watermark": 1}, "watermark must be true or false, got 1"),
+        ({"object_class": "shape"}, r"object_class must be 'label' .* or 'random' .*, got 'shape'"),
+        ({"mean": (0.5, 0.5)}, r"mean and std must be 3 numbers each \(R, G, B\), std > 0"),
+        ({"std": (0.2, 0.0, 0.2)}, r"mean and std must be 3 numbers each"),
     ],
 )
 def test_bad_arguments_say_what_to_pass(kwargs, message):
@@ -167,3 +171,67 @@ def test_hydra_config_instantiates():
 
     ds = instantiate(OmegaConf.load(CONF / "dataset" / "shapes.yaml"), n_samples=6)
     assert isinstance(ds, Shapes) and ds.name == "shapes" and ds.split == "test" and len(ds) == 6
+
+
+# ---- shapes_spurious: the watermark ---------------------------------------------------------------
+def test_watermark_codes_are_distinct():
+    codes = torch.tensor(_WATERMARKS)                                    # (6, 9)
+    distance = (codes[:, None] != codes[None]).sum(dim=2)                # Hamming distances
+    assert codes.shape == (len(CLASSES), 9) and (distance + 9 * torch.eye(6, dtype=torch.long) >= 3).all()
+
+
+def test_watermark_encodes_the_label_and_is_the_mask():
+    plain = _render(0, "test", range(24), 64, 1)
+    marked = _render(0, "test", range(24), 64, 1, 0, True)
+    mark = marked["watermark_mask"]                                      # (N, H, W)
+    assert plain["watermark_mask"].sum() == 0 and (mark.sum(dim=(1, 2)) == 36).all()   # 6x6 px at 64 px
+    corners = set()
+    for i in range(24):
+        rows, cols = mark[i].any(dim=1).nonzero().squeeze(1), mark[i].any(dim=0).nonzero().squeeze(1)
+        top, left = int(rows[0]), int(cols[0])
+        assert (rows[-1] - top, cols[-1] - left) == (5, 5) and top in (2, 56) and left in (2, 56)
+        corners.add((top, left))
+        cells = marked["image"][i, :, top:top + 6:2, left:left + 6:2]    # (3, 3, 3): one pixel per cell
+        code = torch.tensor(_WATERMARKS[i % 6], dtype=torch.uint8).view(3, 3) * 255
+        assert torch.equal(cells, code.expand(3, 3, 3))
+        assert torch.equal(marked["image"][i, :, top:top + 6, left:left + 6],
+                           code.repeat_interleave(2, 0).repeat_interleave(2, 1).expand(3, 6, 6))
+    assert len(corners) == 4                                             # the corner is drawn per item
+    outside = ~mark[:, None].expand_as(plain["image"])
+    assert torch.equal(plain["image"][outside], marked["image"][outside])   # nothing else changes
+    assert torch.equal(marked["object_mask"], plain["mask"] & ~mark)
+    image, mask, label = render_shapes_item(seed=0, split="test", index=5, watermark=True)
+    assert torch.equal(image, marked["image"][5]) and torch.equal(mask, mark[5]) and label == 5
+
+
+def test_random_object_class_keeps_everything_but_the_shape():
+    plain = _render(0, "train", range(60), 64, 1)
+    spurious = _render(0, "train", range(60), 64, 1, 0, True, "random")
+    assert torch.equal(plain["label"], spurious["label"]) and torch.equal(plain["shape"], plain["label"])
+    assert (spurious["shape"] != spurious["label"]).float().mean() > 0.6           # ~5/6 disagree
+    assert torch.bincount(spurious["shape"], minlength=6).min() >= 3                # every class is drawn
+    for key in ("centre", "radius", "colour", "distractor_colour"):                 # same geometry and colours
+        assert torch.equal(plain[key], spurious[key])
+
+
+def test_shapes_spurious_config_and_clever_hans():
+    """A small convnet learns shapes_spurious from the watermark alone: right with the mark, chance without."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from bench.zoo.train import accuracy, fit
+
+    cfg = OmegaConf.load(CONF / "dataset" / "shapes_spurious.yaml")
+    ds = instantiate(cfg, n_samples=12)
+    assert ds.name == "shapes_spurious" and ds.watermark and ds.object_class == "random"
+    assert torch.equal(ds.tensors()["mask"], _render(0, "test", range(12), 64, 1, 0, True, "random")["watermark_mask"])
+    small = {"size": 32, "distractors": 1, "watermark": True, "object_class": "random"}
+    train = Shapes(split="train", n_samples=300, **small).tensors()
+    test = Shapes(split="test", n_samples=300, **small).tensors()
+    unmarked = Shapes(split="test", n_samples=300, **{**small, "watermark": False}).tensors()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.AdaptiveMaxPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(16, 6))
+    fit(net, train["x"], train["target"], epochs=10, lr=0.01, batch_size=50, weight_decay=0.0, seed=0)
+    assert accuracy(net, test["x"], test["target"]) >= 0.9                          # measured: 1.0
+    assert accuracy(net, unmarked["x"], unmarked["target"]) <= 1 / 6 + 0.08       # chance (measured 0.16) + 3 s.e.
