@@ -1,5 +1,14 @@
-"""`python -m bench`: the Hydra app that runs an experiment (conf/config.yaml) and reports it."""
+"""`python -m bench`: the Hydra app that runs an experiment (conf/config.yaml) and reports it.
+
+A bad input ends the job with its one-line message (exit status 2), not a traceback; Ctrl-C
+ends it after the completed cells are stored (exit status 130), and the same command resumes.
+"""
 from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -7,11 +16,43 @@ from omegaconf import DictConfig
 
 from bench.run import run
 
+log = logging.getLogger("bench")
+CONF = Path(__file__).resolve().parents[1] / "conf"
+_CHOICE = re.compile(r"^(?:\+|\+\+)?(dataset|model|method|metric|experiment)=([A-Za-z0-9_.,\[\] -]*)$")
+
+
+def unknown_choice(argv: list[str]) -> str | None:
+    """A message naming the available options when a command-line override picks a config that does not exist.
+
+    Hydra lists them for `model=nope` but not inside a list (`method=[saliency,nope]`) or a sweep.
+    Plain names, lists and comma sweeps are checked; anything fancier is left to Hydra.
+    """
+    for arg in argv:
+        m = _CHOICE.match(arg)
+        if not m or not (CONF / m[1]).is_dir():
+            continue
+        available = sorted(p.stem for p in (CONF / m[1]).glob("*.yaml"))
+        for name in (n.strip() for n in m[2].strip("[]").split(",")):
+            if name and name != "null" and name not in available:
+                return f"{m[1]}={name}: no conf/{m[1]}/{name}.yaml; available: {', '.join(available)}"
+    return None
+
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg, out_dir=HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, out_dir=HydraConfig.get().runtime.output_dir)
+    except ValueError as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted: completed cells are stored; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
+    if message := unknown_choice(sys.argv[1:]):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
     main()

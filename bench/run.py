@@ -1,30 +1,63 @@
-"""The evaluation loop: dataset -> model -> methods -> metrics -> store (DESIGN.md, "The flow of one run")."""
+"""The evaluation loop: dataset -> model -> methods -> metrics -> store (DESIGN.md, "The flow of one run").
+
+A run has two phases. Validation refuses, before any expensive work and with the key to fix,
+everything a user can get wrong: options, `_target_`s and names, the results folder (writable,
+space), the dataset (every item streamed once: shape, NaN/Inf, targets, duplicate ids, named by
+sample id), the model (input shape, number of classes), metrics that need inputs the dataset
+lacks, and every method and metric parameter: each method and metric that has a cell to compute
+is called once on a two-sample probe, so the checks the functions themselves make (steps against
+the image size, baselines, layers of this very model) run on the real model and data, with no
+hand-kept copy of them here. Then, per method, the dataset streams batch by batch: one batch of
+images and maps is in memory at a time, each metric appends the batch's rows to its cell's part
+file, and a cell is committed by rename when its last batch is done.
+
+Faults are per sample: a method or metric that raises, or a method that returns NaN/Inf or the
+wrong shape, is re-run on halves of the batch until the failing samples are isolated; those
+samples are recorded (with the reason) in the cell's failures table and every other sample is
+scored. Ctrl-C stops after the current batch's writes: completed cells stay, the manifest says
+`interrupted`, and the next run resumes.
+"""
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import inspect
 import json
 import logging
+import operator
+import os
 import platform
+import re
 import subprocess
 import time
-import traceback
+import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import pandas as pd
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
 
 from bench import store
-from bench.zoo import accuracy, cache_key, load_model
+from bench.zoo import cache_key, load_model
 from metrics import REDUCTIONS, MetricResult, to_map
+from metrics._chunk import ChunkRetryWarning
 
 log = logging.getLogger(__name__)
 
 ALLOWED_TARGETS = ("methods.", "metrics.", "bench.", "torchvision.models.")
 PACKAGES = ("saliency-bench", "torch", "torchvision", "captum", "hydra-core", "omegaconf", "numpy", "pandas", "pyarrow", "scipy")
+FORMAT = 2                    # part of every cell key: bump when the runner changes what a stored cell holds
+PROBE = 2                     # samples each method and metric is tried on before the run
+# Exceptions that mean "this configuration cannot work" when a probe raises them (STYLE: bad input is a
+# ValueError/TypeError; an unknown layer or key a LookupError). Anything else (RuntimeError, OOM) is a
+# fault of the samples it hits and is recorded per sample during the run.
+CONFIG_ERRORS = (ValueError, TypeError, LookupError, AttributeError, NotImplementedError)
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 
 def check_targets(cfg: DictConfig) -> None:
@@ -72,115 +105,544 @@ def _git_commit() -> str | None:
 
 def _call_metric(metric: Callable[..., MetricResult], available: dict[str, Any]) -> MetricResult:
     """Call `metric` with the inputs its signature names (model, x, target, attribution, mask, method, reduce)."""
-    params = inspect.signature(metric).parameters
-    kwargs = {k: v for k, v in available.items() if k in params}
-    missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in kwargs
-               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    missing = _missing(metric, available)
     if missing:
         raise ValueError(f"needs {missing}, which this dataset does not provide")
-    return metric(**kwargs)
+    params = inspect.signature(metric).parameters
+    return metric(**{k: v for k, v in available.items() if k in params})
+
+
+def _missing(metric: Callable[..., Any], available: Any) -> list[str]:
+    """Required parameters of `metric` that are not among the names in `available`."""
+    params = inspect.signature(metric).parameters
+    return [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in available
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+# ---- validation ----------------------------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_options(cfg: DictConfig) -> torch.device:
+    """The run's own options; returns the device."""
+    if cfg.reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {list(REDUCTIONS)}, got {cfg.reduce!r}")
+    if not _is_int(cfg.batch_size) or cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer (samples per batch), got {cfg.batch_size!r}: "
+                         "pass e.g. batch_size=64")
+    if not _is_int(cfg.seed) or cfg.seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {cfg.seed!r}")
+    for key in ("cache_maps", "deterministic"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ValueError(f"{key} must be true or false, got {cfg.get(key)!r}")
+    if cfg.get("unavailable_metrics", "error") not in ("error", "skip"):
+        raise ValueError(f"unavailable_metrics must be 'error' or 'skip', got {cfg.get('unavailable_metrics')!r}")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r} but CUDA is not available here: use device=auto or device=cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    return device
+
+
+def _instantiate(where: str, node: DictConfig) -> Any:
+    """instantiate() with the config key in the message, then unknown keywords of a partial refused."""
+    try:
+        obj = instantiate(node)
+    except Exception as e:                                          # noqa: BLE001 - re-raised with the key
+        cause = e.__cause__ or e
+        raise ValueError(f"{where} (target {node.get('_target_')!r}) cannot be created: {_error(cause)}; "
+                         f"fix its YAML or the {where}.* overrides") from e
+    if isinstance(obj, functools.partial):
+        try:
+            params = inspect.signature(obj.func).parameters
+        except (TypeError, ValueError):                              # builtins without a signature
+            return obj
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            unknown = sorted(set(obj.keywords) - set(params))
+            if unknown:
+                known = [k for k, p in params.items() if p.kind == p.KEYWORD_ONLY]
+                raise ValueError(f"{where}: unknown parameter(s) {unknown} for {obj.func.__name__}; "
+                                 f"it takes {known}")
+    return obj
+
+
+def _check_name(group: str, name: str) -> None:
+    """Names become file names: no path separators, no leading dot."""
+    if not _NAME.fullmatch(str(name)):
+        raise ValueError(f"{group} name {name!r} cannot be used in a file name: use letters, digits and _ . + -")
+
+
+def _collate(items: list[Any], ids_hint: range, expect: dict[str, tuple] | None) -> dict[str, Tensor]:
+    """Stack dataset items into a batch, refusing, by sample id, items of the wrong kind or shape."""
+    out: dict[str, list[Tensor]] = {}
+    for i, item in zip(ids_hint, items):
+        if not isinstance(item, dict) or not {"x", "target", "sample_id"} <= set(item):
+            raise ValueError(f"dataset item {i} must be a dict with x, target, sample_id (and mask), got "
+                             f"{sorted(item) if isinstance(item, dict) else type(item).__name__}")
+        try:
+            sid = operator.index(item["sample_id"])                 # int, or a numpy / torch integer scalar
+        except TypeError:
+            raise ValueError(f"dataset item {i}: sample_id must be an integer, got {item['sample_id']!r}") from None
+        x = item["x"]
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 3:
+            raise ValueError(f"sample_id {sid}: image x must be a float tensor (C, H, W), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+                             f"{' ' + str(x.dtype) if isinstance(x, Tensor) else ''}")
+        first = expect or {"x": tuple(x.shape), "mask": "mask" in item}
+        if tuple(x.shape) != first["x"]:
+            raise ValueError(f"sample_id {sid}: image has shape {tuple(x.shape)}, expected {first['x']} like the "
+                             "dataset's other images; resize or drop it")
+        if ("mask" in item) != first["mask"]:
+            raise ValueError(f"sample_id {sid}: {'has' if 'mask' in item else 'lacks'} a mask, unlike the dataset's "
+                             "other items")
+        if first["mask"] and (not isinstance(item["mask"], Tensor) or tuple(item["mask"].shape) != first["x"][1:]):
+            raise ValueError(f"sample_id {sid}: mask must have shape {first['x'][1:]}, got "
+                             f"{tuple(getattr(item['mask'], 'shape', ()))}")
+        target = torch.as_tensor(item["target"])
+        if target.numel() != 1 or target.is_floating_point() or target.dtype == torch.bool:
+            raise ValueError(f"sample_id {sid}: target must be one integer class index, got {item['target']!r}")
+        expect = first
+        for k, v in (("x", x), ("target", target.reshape(())), ("sample_id", torch.tensor(sid)),
+                     *((("mask", item["mask"].bool()),) if first["mask"] else ())):
+            out.setdefault(k, []).append(v)
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def _stream(dataset: Any, batch_size: int, device: torch.device, *, stop: int | None = None) -> Iterator[tuple[int, dict]]:
+    """(start, batch) for consecutive batches; items are fetched on demand, one batch held at a time."""
+    n = len(dataset) if stop is None else min(stop, len(dataset))
+    expect = None
+    for start in range(0, n, batch_size):
+        span = range(start, min(n, start + batch_size))
+        batch = _collate([dataset[i] for i in span], span, expect)
+        expect = expect or {"x": tuple(batch["x"].shape[1:]), "mask": "mask" in batch}
+        yield start, {k: v.to(device) for k, v in batch.items()}
+
+
+def _scan(dataset: Any, batch_size: int) -> dict[str, Any]:
+    """Stream every item once and refuse bad data by sample id; returns what the keys and checks need."""
+    n = len(dataset)
+    if n < 1:
+        raise ValueError("the dataset has no samples: check dataset.n_samples and the split")
+    seen: set[int] = set()
+    ids = hashlib.sha256()
+    info: dict[str, Any] = {"n": n, "max_target": (-1, None)}
+    for _, batch in _stream(dataset, batch_size, torch.device("cpu")):
+        sid = batch["sample_id"]                                               # (B,)
+        bad = ~torch.isfinite(batch["x"]).flatten(1).all(dim=1)                # (B,)
+        if bad.any():
+            raise ValueError(f"sample_id(s) {sid[bad].tolist()}: image contains NaN or Inf; fix or drop "
+                             "these samples")
+        if (batch["target"] < 0).any():
+            raise ValueError(f"sample_id(s) {sid[batch['target'] < 0].tolist()}: negative target class")
+        dup = [s for s in sid.tolist() if s in seen] or [s for s, c in zip(*sid.unique(return_counts=True)) if c > 1]
+        if dup:
+            raise ValueError(f"sample_id {int(dup[0])} occurs more than once; sample ids must be unique")
+        seen.update(sid.tolist())
+        ids.update(sid.numpy().tobytes())
+        top = int(batch["target"].argmax())
+        if batch["target"][top] > info["max_target"][0]:
+            info["max_target"] = (int(batch["target"][top]), int(sid[top]))
+        info.update(shape=tuple(batch["x"].shape[1:]), has_mask="mask" in batch)
+    info["sample_ids"] = ids.hexdigest()[:16]
+    return info
+
+
+def _check_model(model: nn.Module, dataset: Any, batch_size: int, device: torch.device, info: dict,
+                 names: dict[str, str]) -> float:
+    """The model takes the dataset's images and has a class for every target; returns its accuracy."""
+    correct = 0
+    with torch.inference_mode():
+        for _, batch in _stream(dataset, batch_size, device):
+            try:
+                out = model(batch["x"])
+            except Exception as e:                                  # noqa: BLE001 - re-raised with names
+                raise ValueError(f"model {names['model']} cannot take the images of dataset {names['dataset']} "
+                                 f"(shape {info['shape']}): {_error(e)}") from e
+            if out.ndim != 2 or out.shape[0] != len(batch["x"]):
+                raise ValueError(f"model {names['model']} returned shape {tuple(out.shape)} for a batch of "
+                                 f"{len(batch['x'])}; it must return (B, classes)")
+            target, classes = info["max_target"]
+            if target >= out.shape[1]:
+                raise ValueError(f"sample_id {classes}: target {target} is not a class of model {names['model']} "
+                                 f"({out.shape[1]} outputs); the dataset and model disagree on the classes")
+            correct += int((out.argmax(dim=1) == batch["target"]).sum())
+    return correct / info["n"]
+
+
+def _checkpoint_hash(model: nn.Module, info: dict[str, Any]) -> str:
+    """sha256 of the checkpoint file the weights came from, else of the weights themselves."""
+    h = hashlib.sha256()
+    path = Path(str(info.get("checkpoint", "")))
+    if path.is_file():
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    else:
+        for k, v in model.state_dict().items():
+            h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---- faults ----------------------------------------------------------------------------------------
+def _isolate(call: Callable[[Tensor], Any], idx: Tensor) -> tuple[list[tuple[Tensor, Any]], list[tuple[int, str]]]:
+    """Run `call` on the positions `idx`; on an exception, bisect until the failing positions are alone.
+
+    Returns the (positions, result) pieces that ran, in order, and (position, reason) of every failure.
+    k failing samples in a batch of B cost at most 2 k log2(B) extra calls; a batch without faults, one.
+    """
+    try:
+        return [(idx, call(idx))], []
+    except Exception as e:                                          # noqa: BLE001 - recorded by the caller
+        if len(idx) == 1:
+            return [], [(int(idx[0]), _error(e))]
+    h = len(idx) // 2
+    a, b = _isolate(call, idx[:h]), _isolate(call, idx[h:])
+    return a[0] + b[0], a[1] + b[1]
+
+
+def _take(t: Tensor, idx: Tensor) -> Tensor:
+    return t if len(idx) == len(t) else t[idx]
+
+
+def _attribute(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Tensor,
+               reduce: str) -> tuple[Tensor, Tensor, list[str]]:
+    """Maps (B, H, W), ok (B,) and each sample's failure reason ('' when ok): a sample fails when the
+    method raises on it, returns the wrong shape, or gives NaN/Inf."""
+    B, _, H, W = x.shape
+
+    def call(idx: Tensor) -> Tensor:
+        a = method(model, _take(x, idx), _take(target, idx))
+        if not isinstance(a, Tensor) or a.shape != (len(idx), *x.shape[1:]):
+            raise ValueError(f"returned shape {tuple(getattr(a, 'shape', ()))}, expected {(len(idx), *x.shape[1:])}")
+        return to_map(a, reduce)
+
+    pieces, failed = _isolate(call, torch.arange(B, device=x.device))
+    maps = torch.full((B, H, W), torch.nan, device=x.device, dtype=x.dtype)
+    ok = torch.zeros(B, dtype=torch.bool, device=x.device)
+    for idx, m in pieces:
+        maps[idx], ok[idx] = m.to(x.dtype), True
+    errors = [""] * B
+    for pos, err in failed:
+        errors[pos] = err
+    nonfinite = ok & ~torch.isfinite(maps).flatten(1).all(dim=1)
+    for pos in nonfinite.nonzero().flatten().tolist():
+        errors[pos] = "ValueError: returned NaN or Inf"
+    return maps, ok & ~nonfinite, errors
+
+
+def _inputs(model: nn.Module, batch: dict[str, Tensor], attribution: Tensor, method: Callable[..., Tensor],
+            reduce: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Everything a metric may name in its signature; `extra` holds run-wide inputs (e.g. other models)."""
+    return {"model": model, "x": batch["x"], "target": batch["target"], "attribution": attribution,
+            "method": method, "reduce": reduce, **({"mask": batch["mask"]} if "mask" in batch else {}), **extra}
+
+
+@contextlib.contextmanager
+def _recording(retries: list[dict[str, Any]], **where: Any) -> Iterator[None]:
+    """Record chunk retries after out-of-memory (metrics._chunk) into `retries`; other warnings pass on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ChunkRetryWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, ChunkRetryWarning):
+            retries.append({**where, "message": str(w.message)})
+            log.warning("%s: %s", where, w.message)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+@contextlib.contextmanager
+def _determinism(on: bool) -> Iterator[None]:
+    """torch's deterministic algorithms (where it has them: warn_only) and cuDNN settings, restored on exit."""
+    if not on:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")       # cuBLAS needs it for reproducible GEMMs
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+def _need_bytes(n: int, shape: tuple, per_sample_rows: int, methods: int, cache_maps: bool) -> int:
+    """A generous estimate of what the run writes: 32 bytes per stored value, maps as float32, plus 16 MiB."""
+    maps = n * shape[1] * shape[2] * 4 * methods if cache_maps else 0
+    return 2 * (n * per_sample_rows * 32 + maps) + (16 << 20)
+
+
+def _suite_version() -> str:
+    try:
+        return metadata.version("saliency-bench")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _label_randomized_inputs(cfg: DictConfig, metrics: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """`label_randomized_model` for the metrics whose signature asks for it (data randomization, Adebayo et
+    al. 2018): the run's zoo model retrained on permuted labels (train option `permute_labels`) with the
+    metric's `retrain` overrides of `model.train`, loaded once per run (trained and cached like any zoo model)."""
+    wanted = [n for n, m in metrics.items() if "label_randomized_model" in inspect.signature(m).parameters]
+    if not wanted:
+        return {}
+    if "train" not in cfg.model:
+        if cfg.get("unavailable_metrics", "error") == "skip":
+            return {}                                               # the missing-input check skips the metrics
+        raise ValueError(f"metric.{wanted[0]} needs the model retrained on permuted labels, but model "
+                         f"{cfg.model.name} has no `train` section (not trained by the suite): drop the metric "
+                         "or set unavailable_metrics=skip")
+    overrides = {n: OmegaConf.to_container(cfg.metric[n].get("retrain") or {}, resolve=True) for n in wanted}
+    retrain = overrides[wanted[0]]
+    if any(o != retrain for o in overrides.values()):
+        raise ValueError(f"metrics {wanted} ask for differently retrained label-randomized models ({overrides}); "
+                         "give them the same `retrain`")
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if unknown := sorted(set(retrain) - set(model_cfg["train"])):
+        raise ValueError(f"metric.{wanted[0]}.retrain has {unknown}, which model.train of {cfg.model.name} does not "
+                         f"have; it takes {sorted(model_cfg['train'])}")
+    model_cfg["train"] |= {**retrain, "permute_labels": True}
+    model, info = load_model(OmegaConf.create(model_cfg), cfg.dataset, cache_dir=cfg.cache_dir, device=device)
+    log.info("label-randomized %s for %s: train accuracy on permuted labels %.4f (n=%s), test accuracy %.4f, %s",
+             cfg.model.name, wanted, info["train_accuracy"], info.get("n_train"), info["test_accuracy"],
+             info["checkpoint"])
+    return {"label_randomized_model": model}
+
+
+# ---- the run ---------------------------------------------------------------------------------------
 def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
     """Run one (dataset, model) job of the experiment `cfg` and write its cells and manifest into `out_dir`.
 
-    Cells already stored under the same key (a hash of everything that determines
-    them) are skipped, so an interrupted run resumes where it stopped. A method or
-    metric that raises is recorded in the manifest's failures and the run goes on.
+    Cells already stored under the same key (a hash of dataset config and sample ids, model
+    config and checkpoint hash, method and metric config, reduction, seed, batch size and suite
+    version) are skipped, so an interrupted run resumes where it stopped and a changed parameter
+    recomputes only its cells. Failed samples are recorded per cell and in the manifest.
     Returns the manifest.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    device = _check_options(cfg)
+    for group in ("method", "metric"):
+        if not cfg.get(group):
+            raise ValueError(f"no {group} selected: pass {group}=[name,...] with names from conf/{group}/")
+        for name in cfg[group]:
+            _check_name(group, name)
     check_targets(cfg)
-    if cfg.reduce not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {list(REDUCTIONS)}, got {cfg.reduce!r}")
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {cfg.batch_size}")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    store.check_writable(out_dir)
+    store.remove_parts(out_dir)                                    # a killed run's unfinished cells
     torch.manual_seed(cfg.seed)
-    dataset = instantiate(cfg.dataset)
-    data = {k: v.to(device) for k, v in dataset.tensors().items()}
+    dataset = _instantiate("dataset", cfg.dataset)
+    methods = {name: _instantiate(f"method.{name}", node) for name, node in cfg.method.items()}
+    metrics = {name: _instantiate(f"metric.{name}", node) for name, node in cfg.metric.items()}
+    names = {"dataset": str(cfg.dataset.name), "model": str(cfg.model.name)}
+    data = _scan(dataset, cfg.batch_size)
+
+    provided = {"model", "x", "target", "attribution", "method", "reduce", *(("mask",) if data["has_mask"] else ())}
+    extra: dict[str, Any] = _label_randomized_inputs(cfg, metrics, device)   # run-wide metric inputs beyond the batch
+    provided |= set(extra)
+    for name in list(metrics):
+        if missing := _missing(metrics[name], provided):
+            why = (f"metric.{name} needs {missing}, which dataset {names['dataset']} does not provide"
+                   + (" (it has no ground-truth masks)" if "mask" in missing else ""))
+            if cfg.get("unavailable_metrics", "error") == "skip":
+                log.warning("%s: skipped (unavailable_metrics=skip)", why)
+                del metrics[name]
+            else:
+                raise ValueError(f"{why}: drop it from metric=[...] or set unavailable_metrics=skip to skip such "
+                                 "metrics with a warning")
+
     t0 = time.perf_counter()
     model, model_info = load_model(cfg.model, cfg.dataset, cache_dir=cfg.cache_dir, device=device)
     model_info["load_seconds"] = round(time.perf_counter() - t0, 2)
-    model_info["evaluated_accuracy"] = accuracy(model, data["x"], data["target"])
-    methods = {name: instantiate(node) for name, node in cfg.method.items()}
-    metrics = {name: instantiate(node) for name, node in cfg.metric.items()}
+    model_info["evaluated_accuracy"] = _check_model(model, dataset, cfg.batch_size, device, data, names)
 
-    names = {"dataset": cfg.dataset.name, "model": cfg.model.name}
     job = OmegaConf.to_container(cfg, resolve=True)
     run_id = f"{names['dataset']}-{names['model']}-{_digest(job)}"
-    base = {"dataset": job["dataset"], "model": cache_key(cfg.model, cfg.dataset), "reduce": cfg.reduce,
-            "seed": cfg.seed, "batch_size": cfg.batch_size, "format": 1}
-    log.info("%s: %d samples on %s, model accuracy %.4f", run_id, len(dataset), device, model_info["evaluated_accuracy"])
+    base = {"dataset": job["dataset"], "sample_ids": data["sample_ids"], "model": cache_key(cfg.model, cfg.dataset),
+            "checkpoint": _checkpoint_hash(model, model_info), "reduce": cfg.reduce, "seed": cfg.seed,
+            "batch_size": cfg.batch_size, "suite": _suite_version(), "format": FORMAT}
+    method_keys = {m: _digest({**base, "method": job["method"][m]}) for m in methods}
+    keys = {(m, k): _digest({**base, "method": job["method"][m], "metric": job["metric"][k]})
+            for m in methods for k in metrics}
+    paths = {mk: store.cell_paths(out_dir, *mk, key) for mk, key in keys.items()}
+    todo = {m: [k for k in metrics if not paths[m, k][0].exists()] for m in methods}
+    n_todo = sum(map(len, todo.values()))
+    log.info("%s: %d samples on %s, model accuracy %.4f; %d of %d cells already stored (skipped), %d to compute",
+             run_id, data["n"], device, model_info["evaluated_accuracy"], len(keys) - n_todo, len(keys), n_todo)
 
-    cells, failures, meta = [], [], {}
     timings: dict[str, float] = {}
-    batches = [{k: v[i:i + cfg.batch_size] for k, v in data.items()} for i in range(0, len(dataset), cfg.batch_size)]
-    for method_name, method in methods.items():
-        keys = {m: _digest({**base, "method": job["method"][method_name], "metric": job["metric"][m]}) for m in metrics}
-        paths = {m: store.cell_paths(out_dir, method_name, m, keys[m]) for m in metrics}
-        todo = [m for m in metrics if not paths[m][0].exists()]
-        results: dict[str, list] = {m: [] for m in todo}
-        errors: dict[str, str] = {}
-        for batch in batches:
-            if not todo:
-                break
-            t0 = time.perf_counter()
-            try:
-                attribution = method(model, batch["x"], batch["target"])
-                if attribution.shape != batch["x"].shape:
-                    raise ValueError(f"returned shape {tuple(attribution.shape)}, expected {tuple(batch['x'].shape)}")
-                attr_map = to_map(attribution, cfg.reduce)
-                if not torch.isfinite(attr_map).all():
-                    raise ValueError("returned NaN or Inf")
-            except Exception as e:                                          # noqa: BLE001 - recorded, run goes on
-                failures.append({"method": method_name, "metric": None, "error": _error(e)})
-                log.warning("%s failed: %s\n%s", method_name, _error(e), traceback.format_exc(limit=3))
-                todo = []
-                break
-            timings[f"method/{method_name}"] = timings.get(f"method/{method_name}", 0.0) + time.perf_counter() - t0
-            available = {"model": model, "x": batch["x"], "target": batch["target"], "attribution": attr_map,
-                         "method": method, "reduce": cfg.reduce, **({"mask": batch["mask"]} if "mask" in batch else {})}
-            for metric_name in [m for m in todo if m not in errors]:
-                t0 = time.perf_counter()
-                try:
-                    results[metric_name].append((_call_metric(metrics[metric_name], available), batch["sample_id"]))
-                except Exception as e:                                      # noqa: BLE001
-                    errors[metric_name] = _error(e)
-                    log.warning("%s x %s failed: %s", method_name, metric_name, _error(e))
-                timings[f"metric/{metric_name}"] = timings.get(f"metric/{metric_name}", 0.0) + time.perf_counter() - t0
-        failures += [{"method": method_name, "metric": m, "error": err} for m, err in errors.items()]
-        for metric_name in [m for m in todo if m not in errors]:
-            result = MetricResult.concat([r for r, _ in results[metric_name]])
-            sample_id = torch.cat([i for _, i in results[metric_name]])
-            store.write_cell(*paths[metric_name], result, sample_id,
-                             run_id=run_id, **names, method=method_name, metric=metric_name)
-        for metric_name in metrics:
-            scores_path, curves_path = paths[metric_name]
-            if scores_path.exists():
-                directions = store.read_metadata(scores_path)["higher_is_better"]
-                meta.update({(metric_name, s): hib for s, hib in directions.items()})
-                cells.append({"method": method_name, "metric": metric_name, "key": keys[metric_name],
-                              "scores": str(scores_path.relative_to(out_dir)),
-                              "curves": str(curves_path.relative_to(out_dir)) if curves_path.exists() else None})
-        log.info("%s: %d/%d metrics stored (%d computed now)", method_name,
-                 sum(c["method"] == method_name for c in cells), len(metrics), len(todo) - len(errors))
+    retries: list[dict[str, Any]] = []
+    lost: list[dict[str, Any]] = []                                # failures of cells with no scored sample
+    interrupted = False
+    with _determinism(bool(cfg.get("deterministic", False))):
+        rows_per_sample = _probe(model, dataset, methods, metrics, todo, cfg.reduce, extra, device)
+        store.check_space(out_dir, need_bytes=_need_bytes(data["n"], data["shape"], rows_per_sample, len(methods),
+                                                          bool(cfg.get("cache_maps", False))))
+        try:
+            for method_name, method in methods.items():
+                if todo[method_name]:
+                    lost += _run_method(method_name, method, model, dataset, {k: metrics[k] for k in todo[method_name]},
+                                        {k: paths[method_name, k] for k in todo[method_name]}, cfg, device, extra,
+                                        out_dir / "maps" if cfg.get("cache_maps", False) else None,
+                                        method_keys[method_name], timings, retries, {"run_id": run_id, **names})
+        except KeyboardInterrupt:
+            interrupted = True
 
+    cells, meta, failures = [], {}, [pd.DataFrame(lost, columns=store.FAILURE_COLUMNS)]
+    for (method_name, metric_name), (scores_path, curves_path) in paths.items():
+        if scores_path.exists():
+            meta.update({(metric_name, s): hib for s, hib in store.read_metadata(scores_path)["higher_is_better"].items()})
+            failures.append(store.read_failures(scores_path))
+            cells.append({"method": method_name, "metric": metric_name, "key": keys[method_name, metric_name],
+                          "scores": str(scores_path.relative_to(out_dir)),
+                          "curves": str(curves_path.relative_to(out_dir)) if curves_path.exists() else None})
+    failed = pd.concat([f for f in failures if len(f)], ignore_index=True) if any(map(len, failures)) else \
+        pd.DataFrame(columns=store.FAILURE_COLUMNS)
+    if len(failed):
+        store.write_table(failed.assign(run_id=run_id, **names), out_dir / "failures.parquet")
+    else:
+        (out_dir / "failures.parquet").unlink(missing_ok=True)
     manifest = {
-        "run_id": run_id, **names, "n_samples": len(dataset), "device": str(device), "seed": cfg.seed,
-        "reduce": cfg.reduce, "config": job, "versions": _versions(), "git_commit": _git_commit(),
-        "model_info": model_info, "cells": cells, "failures": failures,
+        "run_id": run_id, **names, "status": "interrupted" if interrupted else "complete",
+        "n_samples": data["n"], "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or None,
+        "seed": cfg.seed, "reduce": cfg.reduce, "deterministic": bool(cfg.get("deterministic", False)),
+        "keys": {"sample_ids": data["sample_ids"], "checkpoint": base["checkpoint"], "suite": base["suite"],
+                 "format": FORMAT},
+        "config": job, "versions": _versions(), "git_commit": _git_commit(),
+        "model_info": model_info, "cells": cells, "skipped": len(keys) - n_todo, "failures": _summarise(failed),
+        "retries": retries,
         "score_meta": [{"metric": m, "score": s, "higher_is_better": hib} for (m, s), hib in sorted(meta.items())],
         "timings": {**{k: round(v, 3) for k, v in timings.items()}, "total": round(time.perf_counter() - started, 2)},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     store.write_json(manifest, out_dir / "manifest.json")
-    log.info("%s done in %.1f s: %d cells, %d failures -> %s", run_id, manifest["timings"]["total"],
-             len(cells), len(failures), out_dir)
+    if interrupted:
+        log.warning("%s interrupted: %d of %d cells stored; run the same command again to resume", run_id,
+                    len(cells), len(keys))
+        raise KeyboardInterrupt
+    log.info("%s done in %.1f s: %d cells (%d skipped as already stored), %d failed samples -> %s", run_id,
+             manifest["timings"]["total"], len(cells), len(keys) - n_todo, len(failed), out_dir)
     return manifest
+
+
+def _probe(model: nn.Module, dataset: Any, methods: dict, metrics: dict, todo: dict[str, list[str]], reduce: str,
+           extra: dict[str, Any], device: torch.device) -> int:
+    """Call each method and metric with a cell to compute on the first PROBE samples; a CONFIG_ERRORS
+    exception refuses the run with the config key. Returns the stored values per sample (for the space check)."""
+    _, batch = next(_stream(dataset, PROBE, device, stop=PROBE))
+    values = 0
+    for method_name, todo_metrics in todo.items():
+        if not todo_metrics:
+            continue
+        method = methods[method_name]
+        try:
+            a = method(model, batch["x"], batch["target"])
+        except CONFIG_ERRORS as e:
+            raise ValueError(f"method.{method_name}: {_error(e)}; fix it in conf/method/{method_name}.yaml or with "
+                             f"method.{method_name}.<key>=... on the command line") from e
+        except Exception:                                          # noqa: BLE001 - a fault, handled per sample
+            a = None
+        usable = isinstance(a, Tensor) and a.shape == batch["x"].shape and bool(torch.isfinite(a).all())
+        # a faulty method (recorded per sample during the run) leaves the metrics to be probed on a stand-in map
+        maps = to_map(a if usable else batch["x"], reduce)
+        for metric_name in todo_metrics:
+            try:
+                result = _call_metric(metrics[metric_name], _inputs(model, batch, maps, method, reduce, extra))
+            except CONFIG_ERRORS as e:
+                raise ValueError(f"metric.{metric_name} (with method {method_name}): {_error(e)}; fix it in "
+                                 f"conf/metric/{metric_name}.yaml or with metric.{metric_name}.<key>=...") from e
+            except Exception:                                      # noqa: BLE001 - a fault, handled per sample
+                continue
+            values += len(result.scores) + sum(c.y.shape[1] for c in result.curves.values())
+    return values
+
+
+def _run_method(method_name: str, method: Callable[..., Tensor], model: nn.Module, dataset: Any, metrics: dict,
+                paths: dict[str, tuple[Path, Path]], cfg: DictConfig, device: torch.device, extra: dict[str, Any],
+                maps_dir: Path | None, method_key: str, timings: dict[str, float], retries: list[dict[str, Any]],
+                keys: dict[str, str]) -> list[dict[str, Any]]:
+    """Stream the dataset through one method and its todo metrics; commit each cell at the end.
+
+    Returns the failures of cells that scored no sample (those cells are not stored, so a rerun retries them).
+    """
+    writers = {m: store.CellWriter(*paths[m], **keys, method=method_name, metric=m) for m in metrics}
+    try:
+        for start, batch in _stream(dataset, cfg.batch_size, device):
+            t0 = time.perf_counter()
+            cached = store.read_maps(store.map_path(maps_dir, method_name, method_key, start)) if maps_dir else None
+            if cached is not None and cached[0].shape[0] == len(batch["x"]):
+                maps, ok, errors = cached[0].to(device), cached[1].to(device), cached[2]
+            else:
+                with _recording(retries, method=method_name, metric=None, batch_start=start):
+                    maps, ok, errors = _attribute(method, model, batch["x"], batch["target"], cfg.reduce)
+                timings[f"method/{method_name}"] = timings.get(f"method/{method_name}", 0.0) + time.perf_counter() - t0
+                if maps_dir:
+                    store.write_maps(store.map_path(maps_dir, method_name, method_key, start), maps, ok, errors)
+            sample_id = batch["sample_id"]
+            for pos in (~ok).nonzero().flatten().tolist():
+                log.warning("%s failed on sample_id %d: %s", method_name, int(sample_id[pos]), errors[pos])
+                for w in writers.values():
+                    w.fail(int(sample_id[pos]), "method", errors[pos])
+            if not ok.any():
+                continue
+            keep = ok.nonzero().flatten()
+            sub = {k: _take(v, keep) for k, v in batch.items()}
+            attribution = _take(maps, keep)
+            for metric_name, metric in metrics.items():
+                t0 = time.perf_counter()
+
+                def call(idx: Tensor, metric: Callable[..., MetricResult] = metric) -> MetricResult:
+                    part = {k: _take(v, idx) for k, v in sub.items()}
+                    return _call_metric(metric, _inputs(model, part, _take(attribution, idx), method, cfg.reduce, extra))
+
+                with _recording(retries, method=method_name, metric=metric_name, batch_start=start):
+                    pieces, failed = _isolate(call, torch.arange(len(keep), device=device))
+                for idx, result in pieces:
+                    writers[metric_name].append(result, _take(sub["sample_id"], idx))
+                for pos, err in failed:
+                    log.warning("%s x %s failed on sample_id %d: %s", method_name, metric_name,
+                                int(sub["sample_id"][pos]), err)
+                    writers[metric_name].fail(int(sub["sample_id"][pos]), "metric", err)
+                timings[f"metric/{metric_name}"] = timings.get(f"metric/{metric_name}", 0.0) + time.perf_counter() - t0
+        lost, committed = [], 0
+        for metric_name, writer in writers.items():
+            if writer.commit():
+                committed += 1
+            else:
+                lost += writer.failures
+        log.info("%s: %d/%d metrics stored (%d computed now)", method_name, committed + len(paths) - len(metrics),
+                 len(paths), committed)
+        return lost
+    finally:
+        for writer in writers.values():
+            writer.abort()                                         # no-op for committed cells
+
+
+def _summarise(failed: pd.DataFrame) -> list[dict[str, Any]]:
+    """One manifest entry per (method, metric, error): method-stage failures once, with metric None."""
+    if not len(failed):
+        return []
+    f = failed.copy()
+    f["metric"] = f["metric"].where(f["stage"] == "metric", None)
+    out = []
+    for (method, metric, stage, error), g in f.groupby(["method", "metric", "stage", "error"], dropna=False, sort=True):
+        ids = sorted(set(g["sample_id"].astype(int).tolist()))
+        out.append({"method": method, "metric": None if pd.isna(metric) else metric, "stage": stage, "error": error,
+                    "n_samples": len(ids), "sample_ids": ids})
+    return out

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from bench.report import load
@@ -18,12 +19,21 @@ TINY = [
     "model.train.n_test=32", "dataset.n_samples=10", "batch_size=4",
     "metric.pixel_flipping.steps=4",
 ]
-FAILING = ["method=[saliency,random,grad_cam]", "method.grad_cam.layer=nope"]
+METHODS = ["method=[saliency,random]"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Single-threaded torch: on shared cores intra-op threads stall (3x slower measured under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _cfg(tmp_path, *extra):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=TINY + FAILING + [f"cache_dir={tmp_path / 'cache'}", *extra])
+        return compose("config", overrides=TINY + METHODS + [f"cache_dir={tmp_path / 'cache'}", *extra])
 
 
 def test_run_writes_tidy_cells_and_manifest(tmp_path):
@@ -31,9 +41,8 @@ def test_run_writes_tidy_cells_and_manifest(tmp_path):
     assert manifest["n_samples"] == 10 and manifest["reduce"] == "abs_sum"
     assert {c["method"] for c in manifest["cells"]} == {"saliency", "random"}
     assert len(manifest["cells"]) == 2 * 4
-    # a method that raises is recorded, with the reason, and the run goes on
-    [failure] = manifest["failures"]
-    assert failure["method"] == "grad_cam" and "'nope' is not a module" in failure["error"]
+    assert manifest["failures"] == [] and manifest["status"] == "complete" and manifest["skipped"] == 0
+    assert manifest["keys"]["checkpoint"] and manifest["keys"]["sample_ids"]
     assert manifest["versions"]["torch"] and manifest["config"]["method"]["saliency"]["_target_"] == "methods.saliency"
     assert 0.0 <= manifest["model_info"]["test_accuracy"] <= 1.0 and manifest["model_info"]["cached"] is False
 
@@ -79,7 +88,7 @@ def test_hydra_app_runs_and_reports(tmp_path):
     cmd = [sys.executable, "-m", "bench", *TINY, "method=[saliency,random]", "metric=[pixel_flipping,pointing_game]",
            f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "results/shapes/small_cnn/manifest.json").exists()
     report = tmp_path / "results/report"
