@@ -48,14 +48,16 @@ th, td { padding: 0.3em 0.6em; border-bottom: 1px solid #ddd; text-align: right;
 th { cursor: pointer; background: #f4f4f4; position: sticky; top: 0; }
 th[data-order=asc]::after { content: ' \\25B2'; } th[data-order=desc]::after { content: ' \\25BC'; }
 td.key, th.key { text-align: left; } td.best { font-weight: bold; }
+td.pass { color: #1a7f37; } td.fail { color: #cf222e; font-weight: bold; }
 figure { display: inline-block; margin: 1em; } img { max-width: 640px; }
 pre { background: #f8f8f8; padding: 1em; overflow-x: auto; font-size: 0.8em; }
 """
 
 
 def render_page(board: pd.DataFrame, overall: pd.DataFrame, figures: list[Path], manifests: list[dict],
-                *, title: str = "saliency-bench leaderboard") -> str:
-    """The page's HTML. `board` and `overall` come from bench.report.leaderboard / overall_rank."""
+                *, title: str = "saliency-bench leaderboard", sanity: pd.DataFrame | None = None) -> str:
+    """The page's HTML. `board` and `overall` come from bench.report.leaderboard / overall_rank,
+    `sanity` (optional) from bench.report.sanity."""
     e = html.escape
     board = board.assign(column=board["metric"] + "/" + board["score"] + np.where(board["higher_is_better"], " ↑", " ↓"))
     columns = sorted(board["column"].unique())
@@ -92,7 +94,27 @@ column for that dataset and model. Click a header to sort.</p>
 <label>dataset <select id="dataset"><option value="">all</option>{options["dataset"]}</select></label>
 <label>model <select id="model"><option value="">all</option>{options["model"]}</select></label>
 <table id="board"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>
+{_sanity_section(sanity)}
 <h2>Figures</h2>{imgs}
 <h2>Runs</h2>{runs}
 <script>{_SCRIPT}</script></body></html>
 """
+
+
+def _sanity_section(sanity: pd.DataFrame | None) -> str:
+    """The sanity table as a plain HTML table, one row per (dataset, model, method, test); empty if none."""
+    if sanity is None or sanity.empty:
+        return ""
+    e = html.escape
+    rows = []
+    for r in sanity.itertuples():
+        verdict = "undefined" if pd.isna(r.passed) else "pass" if r.passed else "fail"
+        text = "–" if np.isnan(r.mean) else f"{r.mean:.3g} [{r.ci_low:.3g}, {r.ci_high:.3g}]"
+        cells = [f'<td class="key">{e(str(v))}</td>' for v in (r.dataset, r.model, r.method, r.metric)]
+        rows.append(f'<tr>{"".join(cells)}<td>{e(text)}</td><td class="{verdict}">{verdict}</td></tr>')
+    head = "".join(f'<th class="key">{c}</th>' for c in ("dataset", "model", "method", "test")) + \
+        "<th>Spearman |map|</th><th>verdict</th>"
+    return (f"<h2>Sanity checks</h2><p>Spearman rank correlation of the absolute maps before and after each "
+            f"randomization (Adebayo et al. 2018), mean [95% CI] over samples; pass: mean &lt; "
+            f"{float(sanity['threshold'].iloc[0]):g}, the map changed with the model.</p>"
+            f'<table id="sanity"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')

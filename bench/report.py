@@ -178,14 +178,63 @@ def cost(results: Results) -> pd.DataFrame:
             for m in results.manifests for key, seconds in m.get("timings", {}).items() if "/" in key]
     return pd.DataFrame(rows, columns=["dataset", "model", "kind", "name", "seconds", "seconds_per_sample"])
 
+# Randomization tests of the sanity table: metric function -> its score there (Spearman of |maps|)
+SANITY_TESTS = {"metrics.mprt": "spearman", "metrics.smprt": "spearman", "metrics.random_logit": "spearman",
+                "metrics.data_randomization": "spearman"}
+SANITY_COLUMNS = ["dataset", "model", "method", "metric", "score", "mean", "ci_low", "ci_high", "n", "n_nan",
+                  "threshold", "passed"]
 
-def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0) -> Path:
+
+def sanity(board: pd.DataFrame, manifests: list[dict], *, threshold: float = 0.3) -> pd.DataFrame:
+    """The sanity table (Adebayo et al. 2018): per (dataset, model, method) and randomization test,
+    the Spearman correlation of the absolute maps before and after the change, mean and 95% CI
+    over samples (from `board`). Tests: mprt / smprt in a cascading order (the score after the last
+    stage: every layer randomized; `independent` is left out, its last stage is one layer),
+    random_logit (map for another class) and data_randomization (model trained on permuted labels),
+    found by each run's `_target_`, whatever the metric's name. passed = mean < threshold: the map
+    changed with the model (a control such as edge fails); NaN where every sample is undefined.
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"sanity threshold must be in (0, 1] (a Spearman correlation), got {threshold}")
+    keep = set()
+    for m in manifests:
+        for name, node in ((m.get("config") or {}).get("metric") or {}).items():
+            score = SANITY_TESTS.get(str((node or {}).get("_target_")))
+            if score and (node or {}).get("order", "cascading") != "independent":
+                keep.add((m["dataset"], m["model"], name, score))
+    rows = board[[k in keep for k in zip(board["dataset"], board["model"], board["metric"], board["score"])]]
+    out = rows.assign(threshold=threshold, passed=(rows["mean"] < threshold).astype(object).where(rows["mean"].notna()))
+    return out[SANITY_COLUMNS].sort_values(["dataset", "model", "metric", "method"], ignore_index=True)
+
+
+def format_sanity(table: pd.DataFrame) -> str:
+    """Markdown: one table per (dataset, model), methods x tests, 'mean [CI] pass|fail'."""
+    if table.empty:
+        return "No randomization tests (mprt, smprt, random_logit, data_randomization) in these runs.\n"
+    threshold = float(table["threshold"].iloc[0])
+    verdict = table["passed"].map({True: "pass", False: "fail"}).fillna("undefined")
+    cells = table.assign(cell=[f"{m:.3g} [{lo:.3g}, {hi:.3g}] {v}" if np.isfinite(m) else f"– {v}"
+                               for m, lo, hi, v in zip(table["mean"], table["ci_low"], table["ci_high"], verdict)])
+    sections = [f"Spearman rank correlation of the absolute maps before and after each randomization (mprt: "
+                f"every layer randomized; random_logit: another class; data_randomization: model trained on "
+                f"permuted labels), mean [95% CI] over samples. pass: mean < {threshold:g}, the map changed "
+                f"with the model; controls (edge, random) are expected to fail.\n"]
+    for (dataset, model), part in cells.groupby(["dataset", "model"], sort=True):
+        wide = part.pivot(index="method", columns="metric", values="cell").fillna("–")
+        sections.append(f"## {dataset} / {model}\n\n{_markdown(wide)}\n")
+    return "\n".join(sections)
+
+
+def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0,
+                 gallery: bool = False, sanity_threshold: float = 0.3) -> Path:
     """Write the report into ``<root>/report`` (or `out_dir`) and return the folder; every file atomically.
 
     Tables: leaderboard.{csv,md,tex,parquet}, overall_rank.csv, significance.csv (Friedman, critical
     difference, reliability), pairwise.csv (Wilcoxon + Holm), agreement.csv (Kendall tau between
-    metrics), cost.csv, failures.csv. Figures (PNG and PDF): scores_*, ranks_*, agreement_*, curves_*,
-    cd_*. Page: leaderboard.html, self-contained, with every figure and manifest.
+    metrics), cost.csv, failures.csv, sanity.{csv,md} (randomization tests, pass/fail at
+    `sanity_threshold`). Figures (PNG and PDF): scores_*, ranks_*, agreement_*, curves_*,
+    cd_*; with `gallery`, gallery_* and mprt_grid_* (bench.gallery, maps recomputed from the cached models).
+    Page: leaderboard.html, self-contained, with every figure and manifest.
     """
     results = load(root)
     out = Path(root) / "report" if out_dir is None else Path(out_dir)
@@ -207,11 +256,17 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot:
               "agreement": stats.metric_agreement(board), "cost": cost(results)}
     for name, table in tables.items():
         write_atomic(out / f"{name}.csv", partial(table.to_csv, index=False))
+    sanity_table = sanity(board, results.manifests, threshold=sanity_threshold)
+    write_atomic(out / "sanity.csv", partial(sanity_table.to_csv, index=False))
+    write_atomic(out / "sanity.md", partial(Path.write_text, data=format_sanity(sanity_table), encoding="utf-8"))
     from bench import figures as fig                    # matplotlib and seaborn only when figures are due
     figures = fig.plot_summary(board, tables["agreement"], out) + fig.plot_curves(results, out, n_boot=n_boot, seed=seed)
     if len(tests["ranks"]):
         figures += fig.plot_critical_difference(tests["ranks"], tests["friedman"], out)
-    page = render_page(board, overall_rank(board), figures, results.manifests)
+    if gallery:                                         # gallery_*, mprt_grid_*: maps recomputed by bench.gallery
+        from bench.gallery import write_gallery
+        figures += write_gallery(root, out, errors="warn")
+    page = render_page(board, overall_rank(board), figures, results.manifests, sanity=sanity_table)
     write_atomic(out / "leaderboard.html", partial(Path.write_text, data=page, encoding="utf-8"))
     print(markdown)
     print(f"report written to {out}")
@@ -225,11 +280,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: RESULTS_DIR/report)")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per CI")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--gallery", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the gallery of maps and MPRT grids (bench.gallery; needs the cached models)")
+    parser.add_argument("--sanity-threshold", type=float, default=0.3,
+                        help="sanity table: a randomization test passes when the mean Spearman is below this")
     args = parser.parse_args(argv)
     import matplotlib
     matplotlib.use("Agg")                 # the CLI writes files only, never opens a window
     try:
-        write_report(args.results_dir, args.out, n_boot=args.n_boot, seed=args.seed)
+        write_report(args.results_dir, args.out, n_boot=args.n_boot, seed=args.seed, gallery=args.gallery,
+                     sanity_threshold=args.sanity_threshold)
     except (ValueError, OSError) as err:
         parser.exit(2, f"error: {err}\n")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from metrics._chunk import chunked
 from metrics._map import Reduce, to_map
 from metrics._result import Curve, MetricResult
 
-__all__ = ["mprt", "emprt", "smprt", "random_logit", "data_randomization", "input_invariance",
+__all__ = ["mprt", "mprt_stages", "emprt", "smprt", "random_logit", "data_randomization", "input_invariance",
            "randomization_layers", "similarities", "spearman", "ssim", "hog", "hog_similarity",
            "top_k_overlap", "SIMILARITIES"]
 
@@ -319,6 +319,41 @@ def mprt(
     return _result(per_stage, [name for _, name in stages], x)
 
 
+def mprt_stages(
+    model: nn.Module,
+    *,
+    order: Order = "cascading_top_down",
+    layers: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    seed: int = 0,
+    layer_seed: Literal["offset", "shared"] = "offset",
+    init: Literal["default", "normal"] = "default",
+    init_std: float = 0.01,
+) -> Iterator[tuple[str, nn.Module]]:
+    """The randomized models of `mprt`'s stages, in its order and with its seeds: yields (layer, model).
+
+    Same arguments and conventions as `mprt`: one deep copy of `model` is changed stage by
+    stage (`independent`: the layer is restored when the next stage is asked for), so code
+    that recomputes maps at each yield sees exactly the models `mprt` compares (the report's
+    MPRT grid of maps does). `model` is never modified, nor the global RNG.
+    """
+    stages = _stages(model, layers, exclude, order)                  # arguments checked now, not at first next()
+    if layer_seed not in ("offset", "shared") or init not in ("default", "normal"):
+        raise ValueError(f"layer_seed must be 'offset' or 'shared' and init 'default' or 'normal', "
+                         f"got {layer_seed!r} and {init!r}")
+
+    def stage_models() -> Iterator[tuple[str, nn.Module]]:
+        randomized = copy.deepcopy(model)
+        modules = dict(randomized.named_modules())
+        for i, name in stages:
+            saved = {k: v.clone() for k, v in modules[name].state_dict().items()} if order == "independent" else None
+            _randomize(modules[name], seed + i if layer_seed == "offset" else seed, init, init_std)
+            yield name, randomized
+            if saved is not None:
+                modules[name].load_state_dict(saved)
+    return stage_models()
+
+
 def _fully_randomized(model: nn.Module, layers: Sequence[str] | None, exclude: Sequence[str], seed: int) -> nn.Module:
     """A copy of `model` with every MPRT layer re-drawn as at mprt's last cascading stage."""
     randomized = copy.deepcopy(model)
@@ -474,15 +509,20 @@ def data_randomization(
     top_k: float = 0.1,
     constant: Constant = "zero",
     seed: int = 0,
+    retrain: Mapping[str, Any] | None = None,
 ) -> MetricResult:
     """Data randomization test (Adebayo et al. 2018): the model trained on permuted labels.
 
     `label_randomized_model` has the same architecture, trained on the same images with their
-    labels permuted (it can only memorise); the runner loads it from the zoo (train option
-    `permute_labels`). Its map for the same target class is compared with the original map by
-    `similarities`. Scores: one per measure, lower is better (maps that depend on what the
-    model learnt from the labels must change).
+    labels permuted (it can only memorise); the runner loads it from the zoo with train option
+    `permute_labels: true` and the overrides of the model's `train` config in `retrain` (e.g.
+    fewer images, more epochs, so that it memorises them). `retrain` is read by the runner only;
+    being part of the metric's config, it is part of the cell key. Its map for the same target
+    class is compared with the original map by `similarities`. Scores: one per measure, lower
+    is better (maps that depend on what the model learnt from the labels must change).
     """
+    if retrain is not None and not isinstance(retrain, Mapping):
+        raise ValueError(f"retrain must be a mapping of train-config overrides (e.g. {{'epochs': 40}}), got {retrain!r}")
     original = _original_map(model, x, target, method, attribution, reduce)
     other = to_map(method(label_randomized_model, x, target), reduce)
     scores = similarities(original, other, measures=measures, absolute=absolute, top_k=top_k,

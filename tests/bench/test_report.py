@@ -164,7 +164,7 @@ def test_write_report_writes_files(tree: Path, capsys: pytest.CaptureFixture[str
     assert out == tree / "report"
     names = {"leaderboard.csv", "overall_rank.csv", "leaderboard.md", "failures.csv",
              "curves_flip_curve.png", "curves_mprt_spearman.png", "leaderboard.tex", "leaderboard.parquet",
-             "significance.csv", "pairwise.csv", "agreement.csv", "cost.csv"}
+             "significance.csv", "pairwise.csv", "agreement.csv", "cost.csv", "sanity.csv", "sanity.md"}
     names |= {f"cd_shapes_{model}_{c}.png" for model, cols in
               [("cnn", ["flip_aopc", "flip_auc", "point_hit", "mprt_spearman"]), ("mlp", ["flip_aopc", "flip_auc"])]
               for c in cols}

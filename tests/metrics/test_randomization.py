@@ -1,5 +1,6 @@
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,6 +298,63 @@ def test_data_randomization_identity_and_difference(tiny_cnn, batch):
     r = data_randomization(tiny_cnn, x, target, methods.saliency, other, measures=["spearman"])
     expected = spearman(to_map(methods.saliency(tiny_cnn, x, target)).abs(), to_map(methods.saliency(other, x, target)).abs())
     torch.testing.assert_close(r.scores["spearman"], expected)
+
+    with pytest.raises(ValueError, match="retrain must be a mapping"):
+        data_randomization(tiny_cnn, x, target, methods.saliency, other, retrain=40)
+
+
+def _zoo_cfg(*overrides: str):
+    from hydra import compose, initialize_config_dir
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        return compose("config", overrides=["model=small_cnn", "dataset.size=32", *overrides])
+
+
+def _with_train(model_cfg, **train):
+    """A copy of a model config with its `train` section updated (composed configs are struct)."""
+    from omegaconf import OmegaConf
+    c = OmegaConf.to_container(model_cfg, resolve=True)
+    return OmegaConf.create({**c, "train": {**c["train"], **train}})
+
+
+def test_permute_labels_train_option(tmp_path):
+    """Labels permuted by the documented seeded permutation; the option is part of the cache key."""
+    from bench.zoo import cache_key, load_model
+    from bench.zoo.train import permuted_labels
+    target = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 5])
+    out = permuted_labels(target, seed=3)
+    assert torch.equal(out, target[torch.randperm(10, generator=torch.Generator().manual_seed(3))])
+    assert torch.equal(out.bincount(), target.bincount()) and not torch.equal(out, target)
+    cfg = _zoo_cfg("model.train.n_train=16", "model.train.epochs=1", f"cache_dir={tmp_path}")
+    permuted, explicit_false = _with_train(cfg.model, permute_labels=True), _with_train(cfg.model, permute_labels=False)
+    assert cache_key(explicit_false, cfg.dataset) == cache_key(cfg.model, cfg.dataset) != cache_key(permuted, cfg.dataset)
+    real, real_info = load_model(cfg.model, cfg.dataset, cache_dir=tmp_path)
+    memo, info = load_model(permuted, cfg.dataset, cache_dir=tmp_path)
+    assert info["permute_labels"] and info["n_train"] == 16 and "permute_labels" not in real_info
+    assert info["checkpoint"] != real_info["checkpoint"]                       # both cached, side by side
+    assert not torch.equal(memo.classifier.fc2.weight, real.classifier.fc2.weight)   # other labels, other weights
+
+
+def test_runner_loads_the_label_randomized_model_once(tmp_path):
+    """bench.run's wiring: the zoo model with the metric's `retrain` overrides and permute_labels, cached."""
+    from hydra.utils import instantiate
+
+    from bench.run import _label_randomized_inputs
+    from bench.zoo import load_model
+    over = ["metric=[data_randomization,mprt]", "metric.data_randomization.retrain.n_train=16",
+            "metric.data_randomization.retrain.epochs=1", f"cache_dir={tmp_path}"]
+    cfg = _zoo_cfg(*over)
+    metrics = {n: instantiate(v) for n, v in cfg.metric.items()}
+    extra = _label_randomized_inputs(cfg, metrics, torch.device("cpu"))
+    model, info = load_model(_with_train(cfg.model, n_train=16, epochs=1, permute_labels=True), cfg.dataset,
+                             cache_dir=tmp_path)
+    assert info["cached"] and list(extra) == ["label_randomized_model"]        # the runner trained and cached it
+    assert all(torch.equal(a, b) for a, b in zip(extra["label_randomized_model"].state_dict().values(),
+                                                  model.state_dict().values()))
+    assert _label_randomized_inputs(cfg, {"mprt": metrics["mprt"]}, torch.device("cpu")) == {}
+    bad = _zoo_cfg(*over, "+metric.data_randomization.retrain.epocs=3")
+    with pytest.raises(ValueError, match=r"retrain has \['epocs'\], which model.train of small_cnn does not have"):
+        _label_randomized_inputs(bad, metrics, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("name,invariant", [("saliency", True), ("guided_backprop", True), ("grad_cam", True),

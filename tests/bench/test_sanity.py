@@ -1,0 +1,103 @@
+"""The report's sanity table (randomization tests, pass/fail) on a hand-written results tree."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.report import bootstrap_ci, format_sanity, leaderboard, load, sanity, write_report
+
+NAN = np.nan
+# metric name -> its config in the run (the table finds tests by _target_, not by name)
+CONFIG = {"mprt": {"_target_": "metrics.mprt", "order": "cascading_top_down"},
+          "mprt_independent": {"_target_": "metrics.mprt", "order": "independent"},
+          "rl": {"_target_": "metrics.random_logit"},
+          "flip": {"_target_": "metrics.pixel_flipping"}}
+# (metric, score) -> method -> values of samples 0..3
+SCORES = {
+    ("mprt", "spearman"): {"saliency": [0.1, 0.2, 0.3, NAN], "edge": [1.0] * 4, "grad_cam": [NAN] * 4},
+    ("mprt", "spearman@fc"): {"saliency": [0.9] * 4, "edge": [1.0] * 4, "grad_cam": [NAN] * 4},
+    ("mprt", "ssim"): {"saliency": [0.0] * 4, "edge": [1.0] * 4, "grad_cam": [0.0] * 4},
+    ("mprt_independent", "spearman"): {"saliency": [0.5] * 4, "edge": [1.0] * 4, "grad_cam": [0.2] * 4},
+    ("rl", "spearman"): {"saliency": [0.25, 0.35, 0.3, 0.3], "edge": [1.0] * 4, "grad_cam": [0.1] * 4},
+    ("flip", "auc"): {"saliency": [0.1] * 4, "edge": [0.2] * 4, "grad_cam": [0.3] * 4},
+}
+
+
+def _write_run(root: Path) -> None:
+    """One run folder: a manifest with the metrics' configs and one scores cell per (method, metric)."""
+    run = root / "shapes" / "cnn"
+    (run / "cells").mkdir(parents=True)
+    keys = {"run_id": "shapes-cnn-1", "dataset": "shapes", "model": "cnn"}
+    cells, meta = [], []
+    for metric in CONFIG:
+        for method in ("saliency", "edge", "grad_cam"):
+            parts = [pd.DataFrame({"sample_id": np.arange(4), "value": np.array(v[method], dtype=np.float64)}).assign(
+                **keys, method=method, metric=metric, score=s) for (m, s), v in SCORES.items() if m == metric]
+            stem = f"cells/{method}__{metric}"
+            pd.concat(parts).to_parquet(run / f"{stem}.scores.parquet")
+            cells.append({"method": method, "metric": metric, "scores": f"{stem}.scores.parquet", "curves": None})
+    meta = [{"metric": m, "score": s, "higher_is_better": False} for m, s in SCORES]
+    manifest = {**keys, "cells": cells, "score_meta": meta, "failures": [], "timings": {},
+                "config": {"metric": CONFIG}, "model_info": {}}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    _write_run(tmp_path)
+    return tmp_path
+
+
+def test_sanity_rows_values_and_verdicts(tree: Path) -> None:
+    results = load(tree)
+    table = sanity(leaderboard(results, n_boot=200, seed=1), results.manifests, threshold=0.3)
+    # cascading mprt and random logit (named "rl") only: not independent mprt, pixel flipping, ssim or @stages
+    assert sorted(set(zip(table["metric"], table["score"]))) == [("mprt", "spearman"), ("rl", "spearman")]
+    rows = table.set_index(["metric", "method"])
+    assert rows.loc[("mprt", "saliency"), "mean"] == pytest.approx(0.2, abs=1e-15)       # (0.1 + 0.2 + 0.3) / 3
+    assert tuple(rows.loc[("mprt", "saliency"), ["n", "n_nan"]]) == (3, 1)
+    assert tuple(rows.loc[("mprt", "saliency"), ["ci_low", "ci_high"]]) == bootstrap_ci(
+        np.array(SCORES["mprt", "spearman"]["saliency"]), n_boot=200, seed=1)
+    assert rows.loc[("rl", "saliency"), "mean"] == pytest.approx(0.3, abs=1e-15)          # not below 0.3
+    verdict = rows["passed"].to_dict()
+    assert verdict[("mprt", "saliency")] is True and verdict[("rl", "grad_cam")] is True
+    assert verdict[("mprt", "edge")] is False and verdict[("rl", "edge")] is False
+    assert verdict[("rl", "saliency")] is False                                           # mean == threshold fails
+    assert pd.isna(verdict[("mprt", "grad_cam")])                                         # every sample undefined
+    assert (table["threshold"] == 0.3).all()
+    stricter = sanity(leaderboard(results, n_boot=200, seed=1), results.manifests, threshold=0.15)
+    assert stricter.set_index(["metric", "method"]).loc[("mprt", "saliency"), "passed"] is False
+    with pytest.raises(ValueError, match="threshold must be in"):
+        sanity(leaderboard(results, n_boot=20), results.manifests, threshold=1.5)
+
+
+def test_format_sanity_markdown(tree: Path) -> None:
+    results = load(tree)
+    table = sanity(leaderboard(results, n_boot=200, seed=1), results.manifests, threshold=0.3)
+    text = format_sanity(table)
+    lo, hi = bootstrap_ci(np.array(SCORES["mprt", "spearman"]["saliency"]), n_boot=200, seed=1)
+    assert "pass: mean < 0.3" in text and "## shapes / cnn" in text
+    assert "| method | mprt | rl |" in text
+    assert f"| saliency | 0.2 [{lo:.3g}, {hi:.3g}] pass | 0.3 [" in text
+    assert "| edge | 1 [1, 1] fail | 1 [1, 1] fail |" in text
+    assert "| grad_cam | – undefined | 0.1 [0.1, 0.1] pass |" in text
+    assert format_sanity(table.iloc[:0]).startswith("No randomization tests")
+
+
+def test_write_report_writes_sanity_files_and_page_section(tree: Path) -> None:
+    out = write_report(tree, n_boot=50, sanity_threshold=0.25)
+    csv = pd.read_csv(out / "sanity.csv")
+    assert len(csv) == 6 and (csv["threshold"] == 0.25).all()
+    assert csv.set_index(["metric", "method"]).loc[("rl", "grad_cam"), "passed"]
+    assert (out / "sanity.md").read_text(encoding="utf-8").startswith("Spearman rank correlation")
+    page = (out / "leaderboard.html").read_text(encoding="utf-8")
+    assert '<table id="sanity">' in page and "mean &lt; 0.25" in page
+    assert page.count('class="fail">fail</td>') == 3 and page.count('class="undefined">undefined</td>') == 1
