@@ -11,14 +11,19 @@ log = logging.getLogger(__name__)
 
 
 class ReportCallback(Callback):
-    """Write the leaderboard and figures of everything below `results_dir` once the job(s) end."""
+    """Write the leaderboard and figures of everything below `results_dir` once the job(s) end.
+
+    With `gallery` (default true) the report also holds, for every run, the gallery of maps and
+    the MPRT grid (bench.gallery), which recompute maps on a few samples from the cached models;
+    a run that cannot be reloaded is logged and left out of them, never fails the report.
+    """
 
     def _report(self, config: DictConfig) -> None:
         if not config.get("report", True):
             return
         from bench.report import write_report                      # matplotlib only when a report is due
         try:
-            write_report(config.results_dir)
+            write_report(config.results_dir, gallery=bool(config.get("gallery", True)))
         except ValueError as e:                                     # e.g. every job failed: nothing to report
             log.error("no report: %s", e)
 

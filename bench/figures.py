@@ -16,7 +16,10 @@ from bench.store import write_atomic
 def plot_curves(results: Results, out_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> list[Path]:
     """One PNG per (metric, curve): mean y vs x per method, 95% bootstrap band, one column per model.
 
-    Non-empty x_label values (e.g. the layer randomized at an MPRT stage) become the x tick labels.
+    A metric that stores both a "morf" and a "lerf" curve (pixel flipping or ROAD with
+    order="both") gets one figure `curves_<metric>_morf_lerf` with both orders: MoRF solid,
+    LeRF dashed, one colour per method. Non-empty x_label values (e.g. the layer randomized
+    at an MPRT stage) become the x tick labels.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -25,25 +28,39 @@ def plot_curves(results: Results, out_dir: str | Path, *, n_boot: int = 1000, se
     methods = sorted(band["method"].unique())
     palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
     paths = []
-    for (metric, curve), data in band.groupby(["metric", "curve"], sort=True):
-        g = sns.relplot(data=data, x="x", y="mean", hue="method", hue_order=methods, palette=palette, kind="line",
-                        row="dataset", col="model", marker="o", errorbar=None, height=3.5,
-                        facet_kws={"sharex": False})
-        try:
-            for (dataset, model), ax in g.axes_dict.items():
-                facet = data[data["dataset"].eq(dataset) & data["model"].eq(model)]
-                for method, m in facet.groupby("method"):
-                    ax.fill_between(m["x"], m["ci_low"], m["ci_high"], color=palette[method], alpha=0.2, lw=0)
-                ticks = facet.drop_duplicates("x")
-                if ticks["x_label"].ne("").any():
-                    ax.set_xticks(ticks["x"], ticks["x_label"], rotation=45, ha="right")
-            g.set_titles("{row_name} / {col_name}").set_axis_labels("x", curve)
-            g.figure.suptitle(f"{metric}: {curve} (mean, 95% bootstrap CI over samples)", y=1.03)
-            paths.append(_save_figure(g.figure, out_dir / f"curves_{metric}_{curve}"))
-        finally:
-            plt.close(g.figure)
+    for metric, by_metric in band.groupby("metric", sort=True):
+        names = sorted(by_metric["curve"].unique())
+        paired = {"morf", "lerf"} <= set(names)
+        figures = [(c, by_metric[by_metric["curve"].eq(c)]) for c in names if not (paired and c in _ORDERS)]
+        if paired:
+            both = by_metric[by_metric["curve"].isin(_ORDERS)]
+            figures.insert(0, ("morf_lerf", both.assign(order=both["curve"].map(_ORDERS))))
+        for curve, data in figures:
+            style = {"style": "order", "style_order": list(_ORDERS.values()),
+                     "dashes": dict(zip(_ORDERS.values(), ["", (4, 2)]))} if curve == "morf_lerf" else {}
+            g = sns.relplot(data=data, x="x", y="mean", hue="method", hue_order=methods, palette=palette,
+                            kind="line", row="dataset", col="model", marker="o", errorbar=None, height=3.5,
+                            facet_kws={"sharex": False}, **style)
+            try:
+                for (dataset, model), ax in g.axes_dict.items():
+                    facet = data[data["dataset"].eq(dataset) & data["model"].eq(model)]
+                    for (method, _), m in facet.groupby(["method", "curve"]):
+                        ax.fill_between(m["x"], m["ci_low"], m["ci_high"], color=palette[method], alpha=0.2, lw=0)
+                    ticks = facet.drop_duplicates("x")
+                    if ticks["x_label"].ne("").any():
+                        ax.set_xticks(ticks["x"], ticks["x_label"], rotation=45, ha="right")
+                two = curve == "morf_lerf"
+                what = "MoRF (solid) and LeRF (dashed)" if two else curve
+                g.set_titles("{row_name} / {col_name}").set_axis_labels(
+                    *(("fraction removed", "target output") if two else ("x", curve)))
+                g.figure.suptitle(f"{metric}: {what} (mean, 95% bootstrap CI over samples)", y=1.03)
+                paths.append(_save_figure(g.figure, out_dir / f"curves_{metric}_{curve}"))
+            finally:
+                plt.close(g.figure)
     return paths
 
+
+_ORDERS = {"morf": "MoRF", "lerf": "LeRF"}     # curve name -> legend label of the paired figure
 
 
 def plot_critical_difference(ranks: pd.DataFrame, friedman: pd.DataFrame, out_dir: str | Path) -> list[Path]:
@@ -96,15 +113,21 @@ def plot_summary(board: pd.DataFrame, agreement: pd.DataFrame, out_dir: str | Pa
         order = overall[overall["dataset"].eq(dataset) & overall["model"].eq(model)].sort_values("rank")["method"]
         table = table.assign(column=table["metric"] + "/" + table["score"] + np.where(table["higher_is_better"], " ↑", " ↓"))
         columns = sorted(table["column"].unique())
-        fig, axes = plt.subplots(1, len(columns), figsize=(2.6 * len(columns), 0.4 * len(order) + 1.2), sharey=True,
+        ncols = min(len(columns), _PANELS_PER_ROW)
+        nrows = -(-len(columns) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, nrows * (0.4 * len(order) + 1.2)), sharey=True,
                                  squeeze=False)
-        for ax, column in zip(axes[0], columns):
+        for ax, column in zip(axes.flat, columns):
             t = table[table["column"].eq(column)].set_index("method").reindex(order)
             y = np.arange(len(order))
             ax.errorbar(t["mean"], y, xerr=[t["mean"] - t["ci_low"], t["ci_high"] - t["mean"]], fmt="o", capsize=3)
             ax.set_yticks(y, order)
+            ax.tick_params(axis="y", labelleft=ax.get_subplotspec().is_first_col())
             ax.set_title(column, fontsize=9)
+        for ax in axes.flat[len(columns):]:
+            ax.set_visible(False)                               # the last row's unused panels
         axes[0, 0].invert_yaxis()
+        fig.tight_layout()
         fig.suptitle(f"{dataset} / {model}: mean and 95% bootstrap CI", y=1.02)
         paths.append(_save_figure(fig, Path(out_dir) / f"scores_{dataset}_{model}"))
         plt.close(fig)
@@ -127,6 +150,9 @@ def plot_summary(board: pd.DataFrame, agreement: pd.DataFrame, out_dir: str | Pa
 
 
 
+_PANELS_PER_ROW = 4     # point plots wrap after this many leaderboard columns, so a README can show them
+
+
 def _square(agreement: pd.DataFrame) -> pd.DataFrame:
     """Symmetric column x column matrix of Kendall tau with 1 on the diagonal."""
     names = sorted(set(agreement["column_a"]) | set(agreement["column_b"]))
@@ -138,7 +164,12 @@ def _square(agreement: pd.DataFrame) -> pd.DataFrame:
 
 
 def _save_figure(fig, stem: Path) -> Path:
-    """Write `fig` as stem.png (for pages and READMEs) and stem.pdf (for papers); return the PNG path."""
+    """Write `fig` as stem.png (for pages and READMEs) and stem.pdf (for papers); return the PNG path.
+
+    The tight bounding box (what bbox_inches="tight" computes, padded by 0.1 in) is measured once
+    and reused for both files: one draw less per file, the same images.
+    """
+    bbox = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.1)
     for suffix, dpi in ((".png", 120), (".pdf", None)):
-        write_atomic(stem.with_name(stem.name + suffix), partial(fig.savefig, dpi=dpi, bbox_inches="tight"))
+        write_atomic(stem.with_name(stem.name + suffix), partial(fig.savefig, dpi=dpi, bbox_inches=bbox))
     return stem.with_name(stem.name + ".png")

@@ -1,0 +1,146 @@
+"""The gallery and MPRT grid (bench.gallery) and the MoRF + LeRF curve figure, on a tiny stored run."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np                                                          # noqa: E402
+import pytest                                                               # noqa: E402
+import torch                                                                # noqa: E402
+from hydra import compose, initialize_config_dir                            # noqa: E402
+from scipy.stats import spearmanr                                           # noqa: E402
+
+from bench import figures                                                   # noqa: E402
+from bench.gallery import (_grid_figure, display_scale, load_items, load_run, main,  # noqa: E402
+                           mprt_configs, mprt_grid, pick_samples, write_gallery)
+from bench.report import load, write_report                                 # noqa: E402
+from bench.run import run                                                   # noqa: E402
+from bench.zoo import SmallCNN                                              # noqa: E402
+from methods import saliency                                               # noqa: E402
+from metrics import mprt, to_map                                            # noqa: E402
+from metrics.randomization import _fully_randomized                         # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [                                                                    # as tests/bench/test_run.py, smaller
+    "model=small_cnn", "model.net.width=4", "model.train.epochs=1", "model.train.n_train=96",
+    "model.train.n_test=32", "dataset.n_samples=4", "batch_size=4", "metric.pixel_flipping.steps=4",
+    "metric.pixel_flipping.order=both", "metric.mprt.measures=[spearman]",
+    "method=[saliency,random]", "metric=[pixel_flipping,mprt]",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> SimpleNamespace:
+    """A stored run of small_cnn (width 4, one epoch) on 4 shapes: saliency and random x (pixel flipping
+    MoRF+LeRF, MPRT), and its report with the gallery; `drawn` records the lines of every figure saved."""
+    tmp = tmp_path_factory.mktemp("gallery")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=TINY + [f"cache_dir={tmp / 'cache'}"])
+    run(cfg, out_dir=tmp / "results" / "shapes" / "small_cnn")
+    drawn, save = {}, figures._save_figure
+
+    def record(fig, stem):
+        drawn[stem.name] = [(line.get_linestyle(), line.get_color()) for ax in fig.axes for line in ax.lines
+                            if len(line.get_xdata())]
+        return save(fig, stem)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(figures, "_save_figure", record)
+        report = write_report(tmp / "results", n_boot=20, gallery=True)
+    return SimpleNamespace(root=tmp / "results", report=report, drawn=drawn)
+
+
+def test_pick_samples_takes_one_per_class_in_turn():
+    # classes 0,0,1,2,1,0: first occurrences 0, 2, 3, then second ones 1, 4, then 5
+    assert pick_samples(torch.tensor([0, 0, 1, 2, 1, 0]), 4).tolist() == [0, 2, 3, 1]
+    assert pick_samples(torch.tensor([0, 0, 1, 2, 1, 0]), 9).tolist() == [0, 2, 3, 1, 4, 5]
+    with pytest.raises(ValueError, match="samples must be a positive integer, got 0"):
+        pick_samples(torch.tensor([0, 1]), 0)
+
+
+def test_display_scale_divides_by_the_99th_percentile_per_sample():
+    ramp = torch.arange(100.0).view(1, 10, 10)                     # q99 of 0..99 = 0.99 * 99 = 98.01 (linear)
+    signed = -2 * ramp                                               # q99 of |.| = 196.02, sign kept
+    spike = torch.zeros(1, 10, 10)
+    spike[0, 0, 0] = 5.0                                             # q99 = 0: falls back to the maximum
+    out = display_scale(torch.cat([ramp, signed, spike, torch.zeros(1, 10, 10)]))
+    assert out[0, 5, 0].item() == pytest.approx(50 / 98.01, rel=1e-6) and out[0, 9, 9] == 1.0   # 99 / 98.01 clipped
+    assert out[1, 5, 0].item() == pytest.approx(-100 / 196.02, rel=1e-6) and out[1, 9, 9] == -1.0
+    assert out[2, 0, 0] == 1.0 and out[2].sum() == 1.0
+    assert (out[3] == 0).all()                                       # a zero map stays zero
+
+
+@pytest.mark.parametrize("order", ["cascading_top_down", "cascading_bottom_up", "independent"])
+def test_grid_stages_are_the_models_mprt_scores(tiny_cnn, batch, order):
+    """mprt_stages drives the grid: its per-stage Spearman equals mprt's spearman@<layer>, in every order."""
+    x, target = batch
+    kwargs = {"order": order, "seed": 3, "layers": ["conv1", "conv2", "fc"]}
+    before = {k: v.clone() for k, v in tiny_cnn.state_dict().items()}
+    grid = mprt_grid(tiny_cnn, x, target, {"saliency": saliency}, reduce="sum", **kwargs)
+    expected = mprt(tiny_cnn, x, target, saliency, reduce="sum", measures=["spearman"], **kwargs)
+    assert grid.labels == (["conv1", "conv2", "fc"] if order == "cascading_bottom_up" else ["fc", "conv2", "conv1"])
+    assert grid.maps["saliency"].shape == (4, 5, 8, 8)
+    for k, layer in enumerate(grid.labels):
+        torch.testing.assert_close(grid.spearman["saliency"][k], expected.scores[f"spearman@{layer}"], rtol=0, atol=0)
+    assert all(torch.equal(v, before[k]) for k, v in tiny_cnn.state_dict().items())     # model untouched
+
+
+def test_gallery_and_grid_of_a_stored_run(tiny: SimpleNamespace):
+    run_ = load_run(tiny.root / "shapes" / "small_cnn" / "manifest.json")
+    data = load_items(run_, torch.arange(4))
+    assert data["target"].tolist() == [0, 1, 2, 3]                   # shapes: sample i has class i mod 6
+    figs = {"gallery_shapes_small_cnn", "mprt_grid_shapes_small_cnn_mprt_0"}
+    assert figs <= set(tiny.drawn) and all((tiny.report / f"{f}{e}").stat().st_size > 5000
+                                           for f in figs for e in (".png", ".pdf"))
+    assert not any(f.startswith("mprt_grid") and not f.endswith("_0") for f in tiny.drawn)   # one grid sample
+
+    # the grid: methods x (stages + 1) panels, stages in mprt's top-down order
+    one = {k: v[:1] for k, v in data.items()}
+    grid = mprt_grid(run_.model, one["x"], one["target"], run_.methods, reduce="abs_sum",
+                     **mprt_configs(run_.cfg)["mprt"])
+    S = len(SmallCNN.mprt_layers)
+    assert grid.labels == list(SmallCNN.mprt_layers)[::-1] and list(grid.maps) == ["saliency", "random"]
+    fig, axes = _grid_figure(run_, one, grid, "mprt")
+    assert axes.shape == (2, S + 1) and all(len(ax.images) == 1 for ax in axes.flat)
+    matplotlib.pyplot.close(fig)
+
+    # the last stage is the fully randomized model (emprt's own helper, another code path) ...
+    full = _fully_randomized(run_.model, None, (), 0)
+    torch.testing.assert_close(grid.maps["saliency"][-1], to_map(saliency(full, one["x"], one["target"]), "abs_sum"))
+    # ... and each stage's similarity is the score the run stored (a batch of 4 there, of 1 here)
+    s = load(tiny.root).scores
+    s = s[s.metric.eq("mprt") & s.sample_id.eq(0)].set_index(["method", "score"])["value"]
+    for name in ("saliency", "random"):
+        stored = [s[name, f"spearman@{layer}"] for layer in grid.labels]
+        np.testing.assert_allclose(grid.spearman[name][:, 0].numpy(), stored, rtol=0, atol=1e-6)
+    # Spearman of the grid's first and last saliency panels, by scipy, is mprt's final "spearman" score
+    m = grid.maps["saliency"][:, 0].abs().flatten(1).numpy()          # (S + 1, HW)
+    assert spearmanr(m[0], m[-1]).statistic == pytest.approx(s["saliency", "spearman"], abs=1e-6)
+    assert s["random", "spearman"] == pytest.approx(1.0, abs=1e-6)   # the map ignores the model
+
+
+def test_report_draws_morf_and_lerf_in_one_figure_and_embeds_the_gallery(tiny: SimpleNamespace):
+    # one pixel-flipping figure, not one per order: per method a solid MoRF and a dashed LeRF line, same colour
+    assert "curves_pixel_flipping_morf_lerf" in tiny.drawn and "curves_pixel_flipping_morf" not in tiny.drawn
+    lines = tiny.drawn["curves_pixel_flipping_morf_lerf"]
+    assert sorted(style for style, _ in lines) == ["-"] * 2 + ["--"] * 2
+    assert {c for st, c in lines if st == "-"} == {c for st, c in lines if st == "--"}
+    assert len({c for _, c in lines}) == 2
+    page = (tiny.report / "leaderboard.html").read_text(encoding="utf-8")
+    assert "<figcaption>gallery_shapes_small_cnn</figcaption>" in page
+    assert "<figcaption>mprt_grid_shapes_small_cnn_mprt_0</figcaption>" in page
+
+
+def test_cli_refuses_missing_runs_and_uncached_models(tiny: SimpleNamespace, tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code == 2 and "no manifest.json found below" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tiny.root), "--cache-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "is not in the cache" in err and "--cache-dir" in err
+    # inside a report the same run is logged and left out, and the report goes on
+    assert write_gallery(tiny.root, tmp_path / "o", cache_dir=tmp_path / "empty", errors="warn") == []
