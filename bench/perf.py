@@ -8,6 +8,7 @@ counterpart (Quantus 0.6, the `test` extra; skipped with a message where absent)
   random_logit    SSIM between the target's and a random other class's saliency map
   localization    every localization metric on the same maps and masks
   grid            the default experiment's 4 metrics x 7 methods through `bench.run` (ours only)
+  methods         every method of conf/method/ with its YAML defaults: seconds per 64 images
 Models: the zoo's small_cnn at 32 and 64 px and torchvision's resnet18 at 224 px, randomly
 initialised (timing does not need trained weights). Every figure is the best of `--repeat` runs
 after a warm-up. Peak memory is measured in a fresh process per (workload, size, n): the rise of
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 import methods
 from metrics import localization, mprt, pixel_flipping, random_logit, to_map
 
-WORKLOADS = ("pixel_flipping", "mprt", "random_logit", "localization", "grid")
+WORKLOADS = ("pixel_flipping", "mprt", "random_logit", "localization", "grid", "methods")
 STEPS = 16                                                     # pixel-flipping steps
 QUANTUS_LOCALIZATION = {                                        # ours -> Quantus class name
     "pointing_game": "PointingGame", "relevance_mass_accuracy": "RelevanceMassAccuracy",
@@ -62,8 +63,8 @@ def make_model(size: int, device: torch.device) -> nn.Module:
     return model.eval().to(device)
 
 
-def make_inputs(model: nn.Module, size: int, n: int, device: torch.device) -> dict[str, Tensor]:
-    """Seeded inputs, targets, saliency maps (B, H, W) and disk masks (B, H, W) of n samples."""
+def make_inputs(model: nn.Module, size: int, n: int, device: torch.device, *, saliency: bool = True) -> dict[str, Tensor]:
+    """Seeded inputs, targets, maps (B, H, W: saliency, or uniform noise) and disk masks (B, H, W) of n samples."""
     g = torch.Generator().manual_seed(n * 1000 + size)
     x = torch.randn(n, 3, size, size, generator=g).to(device)
     with torch.no_grad():
@@ -73,8 +74,11 @@ def make_inputs(model: nn.Module, size: int, n: int, device: torch.device) -> di
     centre = torch.rand(n, 2, generator=g) * size
     radius = size * (0.1 + 0.15 * torch.rand(n, generator=g))
     mask = ((yy - centre[:, :1, None]) ** 2 + (xx - centre[:, 1:, None]) ** 2 < radius[:, None, None] ** 2)
-    maps = torch.cat([to_map(methods.saliency(model, xb, tb), "abs_sum")
-                      for xb, tb in zip(x.split(64), target.split(64))])
+    if saliency:
+        maps = torch.cat([to_map(methods.saliency(model, xb, tb), "abs_sum")
+                          for xb, tb in zip(x.split(64), target.split(64))])
+    else:                                                       # timing a map-only metric: any map will do
+        maps = torch.rand(n, size, size, generator=g).to(device)
     return {"x": x, "target": target, "map": maps, "mask": mask.to(device)}
 
 
@@ -189,12 +193,37 @@ def _grid(d: dict[str, Tensor]) -> Callable[[], Any]:
     return run
 
 
+def method_costs(size: int, n: int, device: str, repeat: int, threads: int) -> pd.DataFrame:
+    """Seconds per 64 images of every method in conf/method/ (YAML defaults) on the model of `size`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    model = make_model(size, dev)
+    d = make_inputs(model, size, n, dev)
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    rows = []
+    for name in sorted(p.stem for p in (conf / "method").glob("*.yaml")):
+        with initialize_config_dir(str(conf), version_base="1.3"):
+            method = instantiate(compose("config", overrides=[f"method=[{name}]"]).method[name])
+        try:
+            seconds = best_time(lambda: method(model, d["x"], d["target"]), dev, repeat)
+        except ValueError as e:                                     # cannot run on this model: say why
+            rows.append({"workload": "methods", "method": name, "size": size, "n": n, "error": str(e)})
+            continue
+        rows.append({"workload": "methods", "method": name, "size": size, "n": n, "device": device,
+                     "seconds": seconds, "seconds_per_64": 64 * seconds / n, "samples_per_s": n / seconds})
+        print(f"method {name:24s} {size:4d} px: {64 * seconds / n:8.3f} s per 64 images", flush=True)
+    return pd.DataFrame(rows)
+
+
 def measure(name: str, impl: str, size: int, n: int, device: str, repeat: int, threads: int) -> dict[str, Any]:
     """One row: wall time, samples/s, forward passes/s and peak memory of one workload (run in a fresh process)."""
     torch.set_num_threads(threads)
     dev = torch.device(device)
     model = make_model(size, dev)
-    d = make_inputs(model, size, n, dev)
+    d = make_inputs(model, size, n, dev, saliency=name != "localization")
     fn, passes = workload(name, model, d, impl)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -231,7 +260,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if not a.no_quantus and quantus is None:
         print("quantus is not installed (pip install 'saliency-bench[test]'): timing ours only")
     jobs = []
-    for name in a.workloads:
+    for name in [w for w in a.workloads if w != "methods"]:
         for size in a.sizes:
             base = a.localization_n if name == "localization" else a.n
             for scale in a.scales:
@@ -252,22 +281,29 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             tput, batch = model_throughput(make_model(size, torch.device(a.device)), size, torch.device(a.device), a.repeat)
             rows.append({"workload": "model_inference", "impl": "model", "size": size, "n": batch,
                          "device": a.device, "seconds": batch / tput, "samples_per_s": tput, "forward_per_s": tput})
+    if "methods" in a.workloads:
+        rows += method_costs(64 if 64 in a.sizes else a.sizes[0], a.n, a.device, a.repeat, a.threads).to_dict("records")
     df = pd.DataFrame(rows)
     a.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(a.out / "perf.csv", index=False)
-    print("\n" + summary(df).to_string())
+    timed = df[df.workload != "methods"]
+    if not timed.empty:
+        print("\n" + summary(timed).to_string())
     _plot(df, a.out / "scaling.png")
     return df
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (workload, size): our seconds per sample, Quantus's, their ratio, and pixel flipping's share of the model's limit."""
-    per = df.assign(s_per_sample=df.seconds / df.n)
+    """Per (workload, size): our seconds per sample, Quantus's, their ratio (per forward pass where the
+    two make different numbers of them: ours runs MoRF and LeRF), and pixel flipping's share of the
+    model's own throughput."""
+    per = df.assign(s_per_sample=df.seconds / df.n,
+                    s_per_unit=(1 / df.forward_per_s).where(df.forward_per_s > 0, df.seconds / df.n))
     ours = per[per.impl == "ours"].sort_values("n").groupby(["workload", "size"]).last()
     out = pd.DataFrame({"ours_s_per_sample": ours.s_per_sample, "ours_n": ours.n})
-    theirs = per[per.impl == "quantus"].groupby(["workload", "size"]).s_per_sample.min()
-    out["quantus_s_per_sample"] = theirs
-    out["speedup"] = out.quantus_s_per_sample / out.ours_s_per_sample
+    out["quantus_s_per_sample"] = per[per.impl == "quantus"].groupby(["workload", "size"]).s_per_sample.min()
+    out["speedup"] = (per[per.impl == "quantus"].groupby(["workload", "size"]).s_per_unit.min()
+                      / ours.s_per_unit)
     limit = df[df.workload == "model_inference"].set_index("size").forward_per_s
     pf = per[(per.workload == "pixel_flipping") & (per.impl == "ours")].groupby("size").forward_per_s.max()
     out["of_model_limit"] = pd.Series({("pixel_flipping", s): pf[s] / limit[s] for s in pf.index if s in limit.index})
@@ -279,7 +315,7 @@ def _plot(df: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import seaborn as sns
 
-    ours = df[df.impl == "ours"]
+    ours = df[(df.impl == "ours") & df.seconds.notna()] if "impl" in df else df.iloc[:0]
     if ours.empty:
         return
     grid = sns.relplot(data=ours, x="n", y="seconds", hue="workload", style="size", col="device", kind="line",

@@ -7,9 +7,10 @@ sample id), the model (input shape, number of classes), metrics that need inputs
 lacks, and every method and metric parameter: each method and metric that has a cell to compute
 is called once on a two-sample probe, so the checks the functions themselves make (steps against
 the image size, baselines, layers of this very model) run on the real model and data, with no
-hand-kept copy of them here. Then, per method, the dataset streams batch by batch: one batch of
-images and maps is in memory at a time, each metric appends the batch's rows to its cell's part
-file, and a cell is committed by rename when its last batch is done.
+hand-kept copy of them here (the other checks live in bench/checks.py). Then, per method, the
+dataset streams batch by batch: one batch of images and maps is in memory at a time, each metric
+appends the batch's rows to its cell's part file, and a cell is committed by rename when its last
+batch is done.
 
 Faults are per sample: a method or metric that raises, or a method that returns NaN/Inf or the
 wrong shape, is re-run on halves of the batch until the failing samples are isolated; those
@@ -20,15 +21,12 @@ scored. Ctrl-C stops after the current batch's writes: completed cells stay, the
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import inspect
 import json
 import logging
-import operator
 import os
 import platform
-import re
 import subprocess
 import time
 import warnings
@@ -38,18 +36,18 @@ from typing import Any, Callable, Iterator
 
 import pandas as pd
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from bench import store
+from bench.checks import (ALLOWED_TARGETS, check_model, check_name, check_options, check_targets,  # noqa: F401
+                          error_text, instantiate_checked, need_bytes, scan, stream)
 from bench.zoo import cache_key, load_model
-from metrics import REDUCTIONS, MetricResult, to_map
+from metrics import MetricResult, to_map
 from metrics._chunk import ChunkRetryWarning
 
 log = logging.getLogger(__name__)
 
-ALLOWED_TARGETS = ("methods.", "metrics.", "bench.", "torchvision.models.")
 PACKAGES = ("saliency-bench", "torch", "torchvision", "captum", "hydra-core", "omegaconf", "numpy", "pandas", "pyarrow", "scipy")
 FORMAT = 2                    # part of every cell key: bump when the runner changes what a stored cell holds
 PROBE = 2                     # samples each method and metric is tried on before the run
@@ -57,25 +55,6 @@ PROBE = 2                     # samples each method and metric is tried on befor
 # ValueError/TypeError; an unknown layer or key a LookupError). Anything else (RuntimeError, OOM) is a
 # fault of the samples it hits and is recorded per sample during the run.
 CONFIG_ERRORS = (ValueError, TypeError, LookupError, AttributeError, NotImplementedError)
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
-
-
-def check_targets(cfg: DictConfig) -> None:
-    """Refuse any `_target_` outside the suite's packages and the user's `allowed_targets`, before importing it."""
-    allowed = ALLOWED_TARGETS + tuple(cfg.get("allowed_targets") or ())
-    for group in ("dataset", "model", "method", "metric"):
-        container = OmegaConf.to_container(cfg[group], resolve=False)
-        stack = [(group, container)]
-        while stack:
-            where, node = stack.pop()
-            if isinstance(node, dict):
-                target = node.get("_target_")
-                if target is not None and not str(target).startswith(allowed):
-                    raise ValueError(
-                        f"{where}._target_={target!r} (conf/{group}/...yaml) is not an allowed target; "
-                        f"allowed prefixes are {list(allowed)}: add yours to `allowed_targets`"
-                    )
-                stack += [(f"{where}.{k}", v) for k, v in node.items()]
 
 
 def _digest(obj: Any, n: int = 8) -> str:
@@ -119,166 +98,6 @@ def _missing(metric: Callable[..., Any], available: Any) -> list[str]:
             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
-def _error(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
-
-
-# ---- validation ----------------------------------------------------------------------------------
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_options(cfg: DictConfig) -> torch.device:
-    """The run's own options; returns the device."""
-    if cfg.reduce not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {list(REDUCTIONS)}, got {cfg.reduce!r}")
-    if not _is_int(cfg.batch_size) or cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer (samples per batch), got {cfg.batch_size!r}: "
-                         "pass e.g. batch_size=64")
-    if not _is_int(cfg.seed) or cfg.seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {cfg.seed!r}")
-    for key in ("cache_maps", "deterministic"):
-        if not isinstance(cfg.get(key, False), bool):
-            raise ValueError(f"{key} must be true or false, got {cfg.get(key)!r}")
-    if cfg.get("unavailable_metrics", "error") not in ("error", "skip"):
-        raise ValueError(f"unavailable_metrics must be 'error' or 'skip', got {cfg.get('unavailable_metrics')!r}")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(cfg.device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={cfg.device!r} but CUDA is not available here: use device=auto or device=cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-    return device
-
-
-def _instantiate(where: str, node: DictConfig) -> Any:
-    """instantiate() with the config key in the message, then unknown keywords of a partial refused."""
-    try:
-        obj = instantiate(node)
-    except Exception as e:                                          # noqa: BLE001 - re-raised with the key
-        cause = e.__cause__ or e
-        raise ValueError(f"{where} (target {node.get('_target_')!r}) cannot be created: {_error(cause)}; "
-                         f"fix its YAML or the {where}.* overrides") from e
-    if isinstance(obj, functools.partial):
-        try:
-            params = inspect.signature(obj.func).parameters
-        except (TypeError, ValueError):                              # builtins without a signature
-            return obj
-        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            unknown = sorted(set(obj.keywords) - set(params))
-            if unknown:
-                known = [k for k, p in params.items() if p.kind == p.KEYWORD_ONLY]
-                raise ValueError(f"{where}: unknown parameter(s) {unknown} for {obj.func.__name__}; "
-                                 f"it takes {known}")
-    return obj
-
-
-def _check_name(group: str, name: str) -> None:
-    """Names become file names: no path separators, no leading dot."""
-    if not _NAME.fullmatch(str(name)):
-        raise ValueError(f"{group} name {name!r} cannot be used in a file name: use letters, digits and _ . + -")
-
-
-def _collate(items: list[Any], ids_hint: range, expect: dict[str, tuple] | None) -> dict[str, Tensor]:
-    """Stack dataset items into a batch, refusing, by sample id, items of the wrong kind or shape."""
-    out: dict[str, list[Tensor]] = {}
-    for i, item in zip(ids_hint, items):
-        if not isinstance(item, dict) or not {"x", "target", "sample_id"} <= set(item):
-            raise ValueError(f"dataset item {i} must be a dict with x, target, sample_id (and mask), got "
-                             f"{sorted(item) if isinstance(item, dict) else type(item).__name__}")
-        try:
-            sid = operator.index(item["sample_id"])                 # int, or a numpy / torch integer scalar
-        except TypeError:
-            raise ValueError(f"dataset item {i}: sample_id must be an integer, got {item['sample_id']!r}") from None
-        x = item["x"]
-        if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 3:
-            raise ValueError(f"sample_id {sid}: image x must be a float tensor (C, H, W), got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
-                             f"{' ' + str(x.dtype) if isinstance(x, Tensor) else ''}")
-        first = expect or {"x": tuple(x.shape), "mask": "mask" in item}
-        if tuple(x.shape) != first["x"]:
-            raise ValueError(f"sample_id {sid}: image has shape {tuple(x.shape)}, expected {first['x']} like the "
-                             "dataset's other images; resize or drop it")
-        if ("mask" in item) != first["mask"]:
-            raise ValueError(f"sample_id {sid}: {'has' if 'mask' in item else 'lacks'} a mask, unlike the dataset's "
-                             "other items")
-        if first["mask"] and (not isinstance(item["mask"], Tensor) or tuple(item["mask"].shape) != first["x"][1:]):
-            raise ValueError(f"sample_id {sid}: mask must have shape {first['x'][1:]}, got "
-                             f"{tuple(getattr(item['mask'], 'shape', ()))}")
-        target = torch.as_tensor(item["target"])
-        if target.numel() != 1 or target.is_floating_point() or target.dtype == torch.bool:
-            raise ValueError(f"sample_id {sid}: target must be one integer class index, got {item['target']!r}")
-        expect = first
-        for k, v in (("x", x), ("target", target.reshape(())), ("sample_id", torch.tensor(sid)),
-                     *((("mask", item["mask"].bool()),) if first["mask"] else ())):
-            out.setdefault(k, []).append(v)
-    return {k: torch.stack(v) for k, v in out.items()}
-
-
-def _stream(dataset: Any, batch_size: int, device: torch.device, *, stop: int | None = None) -> Iterator[tuple[int, dict]]:
-    """(start, batch) for consecutive batches; items are fetched on demand, one batch held at a time."""
-    n = len(dataset) if stop is None else min(stop, len(dataset))
-    expect = None
-    for start in range(0, n, batch_size):
-        span = range(start, min(n, start + batch_size))
-        batch = _collate([dataset[i] for i in span], span, expect)
-        expect = expect or {"x": tuple(batch["x"].shape[1:]), "mask": "mask" in batch}
-        yield start, {k: v.to(device) for k, v in batch.items()}
-
-
-def _scan(dataset: Any, batch_size: int) -> dict[str, Any]:
-    """Stream every item once and refuse bad data by sample id; returns what the keys and checks need."""
-    n = len(dataset)
-    if n < 1:
-        raise ValueError("the dataset has no samples: check dataset.n_samples and the split")
-    seen: set[int] = set()
-    ids = hashlib.sha256()
-    info: dict[str, Any] = {"n": n, "max_target": (-1, None)}
-    for _, batch in _stream(dataset, batch_size, torch.device("cpu")):
-        sid = batch["sample_id"]                                               # (B,)
-        bad = ~torch.isfinite(batch["x"]).flatten(1).all(dim=1)                # (B,)
-        if bad.any():
-            raise ValueError(f"sample_id(s) {sid[bad].tolist()}: image contains NaN or Inf; fix or drop "
-                             "these samples")
-        if (batch["target"] < 0).any():
-            raise ValueError(f"sample_id(s) {sid[batch['target'] < 0].tolist()}: negative target class")
-        dup = [s for s in sid.tolist() if s in seen] or [s for s, c in zip(*sid.unique(return_counts=True)) if c > 1]
-        if dup:
-            raise ValueError(f"sample_id {int(dup[0])} occurs more than once; sample ids must be unique")
-        seen.update(sid.tolist())
-        ids.update(sid.numpy().tobytes())
-        top = int(batch["target"].argmax())
-        if batch["target"][top] > info["max_target"][0]:
-            info["max_target"] = (int(batch["target"][top]), int(sid[top]))
-        info.update(shape=tuple(batch["x"].shape[1:]), has_mask="mask" in batch)
-    info["sample_ids"] = ids.hexdigest()[:16]
-    return info
-
-
-def _check_model(model: nn.Module, dataset: Any, batch_size: int, device: torch.device, info: dict,
-                 names: dict[str, str]) -> float:
-    """The model takes the dataset's images and has a class for every target; returns its accuracy."""
-    correct = 0
-    with torch.inference_mode():
-        for _, batch in _stream(dataset, batch_size, device):
-            try:
-                out = model(batch["x"])
-            except Exception as e:                                  # noqa: BLE001 - re-raised with names
-                raise ValueError(f"model {names['model']} cannot take the images of dataset {names['dataset']} "
-                                 f"(shape {info['shape']}): {_error(e)}") from e
-            if out.ndim != 2 or out.shape[0] != len(batch["x"]):
-                raise ValueError(f"model {names['model']} returned shape {tuple(out.shape)} for a batch of "
-                                 f"{len(batch['x'])}; it must return (B, classes)")
-            target, classes = info["max_target"]
-            if target >= out.shape[1]:
-                raise ValueError(f"sample_id {classes}: target {target} is not a class of model {names['model']} "
-                                 f"({out.shape[1]} outputs); the dataset and model disagree on the classes")
-            correct += int((out.argmax(dim=1) == batch["target"]).sum())
-    return correct / info["n"]
 
 
 def _checkpoint_hash(model: nn.Module, info: dict[str, Any]) -> str:
@@ -306,7 +125,7 @@ def _isolate(call: Callable[[Tensor], Any], idx: Tensor) -> tuple[list[tuple[Ten
         return [(idx, call(idx))], []
     except Exception as e:                                          # noqa: BLE001 - recorded by the caller
         if len(idx) == 1:
-            return [], [(int(idx[0]), _error(e))]
+            return [], [(int(idx[0]), error_text(e))]
     h = len(idx) // 2
     a, b = _isolate(call, idx[:h]), _isolate(call, idx[h:])
     return a[0] + b[0], a[1] + b[1]
@@ -381,12 +200,6 @@ def _determinism(on: bool) -> Iterator[None]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
 
 
-def _need_bytes(n: int, shape: tuple, per_sample_rows: int, methods: int, cache_maps: bool) -> int:
-    """A generous estimate of what the run writes: 32 bytes per stored value, maps as float32, plus 16 MiB."""
-    maps = n * shape[1] * shape[2] * 4 * methods if cache_maps else 0
-    return 2 * (n * per_sample_rows * 32 + maps) + (16 << 20)
-
-
 def _suite_version() -> str:
     try:
         return metadata.version("saliency-bench")
@@ -436,21 +249,21 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    device = _check_options(cfg)
+    device = check_options(cfg)
     for group in ("method", "metric"):
         if not cfg.get(group):
             raise ValueError(f"no {group} selected: pass {group}=[name,...] with names from conf/{group}/")
         for name in cfg[group]:
-            _check_name(group, name)
+            check_name(group, name)
     check_targets(cfg)
     store.check_writable(out_dir)
     store.remove_parts(out_dir)                                    # a killed run's unfinished cells
     torch.manual_seed(cfg.seed)
-    dataset = _instantiate("dataset", cfg.dataset)
-    methods = {name: _instantiate(f"method.{name}", node) for name, node in cfg.method.items()}
-    metrics = {name: _instantiate(f"metric.{name}", node) for name, node in cfg.metric.items()}
+    dataset = instantiate_checked("dataset", cfg.dataset)
+    methods = {name: instantiate_checked(f"method.{name}", node) for name, node in cfg.method.items()}
+    metrics = {name: instantiate_checked(f"metric.{name}", node) for name, node in cfg.metric.items()}
     names = {"dataset": str(cfg.dataset.name), "model": str(cfg.model.name)}
-    data = _scan(dataset, cfg.batch_size)
+    data = scan(dataset, cfg.batch_size)
 
     provided = {"model", "x", "target", "attribution", "method", "reduce", *(("mask",) if data["has_mask"] else ())}
     extra: dict[str, Any] = _label_randomized_inputs(cfg, metrics, device)   # run-wide metric inputs beyond the batch
@@ -469,7 +282,7 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, model_info = load_model(cfg.model, cfg.dataset, cache_dir=cfg.cache_dir, device=device)
     model_info["load_seconds"] = round(time.perf_counter() - t0, 2)
-    model_info["evaluated_accuracy"] = _check_model(model, dataset, cfg.batch_size, device, data, names)
+    model_info["evaluated_accuracy"] = check_model(model, dataset, cfg.batch_size, device, data, names)
 
     job = OmegaConf.to_container(cfg, resolve=True)
     run_id = f"{names['dataset']}-{names['model']}-{_digest(job)}"
@@ -491,7 +304,7 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
     interrupted = False
     with _determinism(bool(cfg.get("deterministic", False))):
         rows_per_sample = _probe(model, dataset, methods, metrics, todo, cfg.reduce, extra, device)
-        store.check_space(out_dir, need_bytes=_need_bytes(data["n"], data["shape"], rows_per_sample, len(methods),
+        store.check_space(out_dir, need_bytes=need_bytes(data["n"], data["shape"], rows_per_sample, len(methods),
                                                           bool(cfg.get("cache_maps", False))))
         try:
             for method_name, method in methods.items():
@@ -545,7 +358,7 @@ def _probe(model: nn.Module, dataset: Any, methods: dict, metrics: dict, todo: d
            extra: dict[str, Any], device: torch.device) -> int:
     """Call each method and metric with a cell to compute on the first PROBE samples; a CONFIG_ERRORS
     exception refuses the run with the config key. Returns the stored values per sample (for the space check)."""
-    _, batch = next(_stream(dataset, PROBE, device, stop=PROBE))
+    _, batch = next(stream(dataset, PROBE, device, stop=PROBE))
     values = 0
     for method_name, todo_metrics in todo.items():
         if not todo_metrics:
@@ -554,7 +367,7 @@ def _probe(model: nn.Module, dataset: Any, methods: dict, metrics: dict, todo: d
         try:
             a = method(model, batch["x"], batch["target"])
         except CONFIG_ERRORS as e:
-            raise ValueError(f"method.{method_name}: {_error(e)}; fix it in conf/method/{method_name}.yaml or with "
+            raise ValueError(f"method.{method_name}: {error_text(e)}; fix it in conf/method/{method_name}.yaml or with "
                              f"method.{method_name}.<key>=... on the command line") from e
         except Exception:                                          # noqa: BLE001 - a fault, handled per sample
             a = None
@@ -565,7 +378,7 @@ def _probe(model: nn.Module, dataset: Any, methods: dict, metrics: dict, todo: d
             try:
                 result = _call_metric(metrics[metric_name], _inputs(model, batch, maps, method, reduce, extra))
             except CONFIG_ERRORS as e:
-                raise ValueError(f"metric.{metric_name} (with method {method_name}): {_error(e)}; fix it in "
+                raise ValueError(f"metric.{metric_name} (with method {method_name}): {error_text(e)}; fix it in "
                                  f"conf/metric/{metric_name}.yaml or with metric.{metric_name}.<key>=...") from e
             except Exception:                                      # noqa: BLE001 - a fault, handled per sample
                 continue
@@ -583,7 +396,7 @@ def _run_method(method_name: str, method: Callable[..., Tensor], model: nn.Modul
     """
     writers = {m: store.CellWriter(*paths[m], **keys, method=method_name, metric=m) for m in metrics}
     try:
-        for start, batch in _stream(dataset, cfg.batch_size, device):
+        for start, batch in stream(dataset, cfg.batch_size, device):
             t0 = time.perf_counter()
             cached = store.read_maps(store.map_path(maps_dir, method_name, method_key, start)) if maps_dir else None
             if cached is not None and cached[0].shape[0] == len(batch["x"]):

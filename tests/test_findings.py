@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def results(trained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("findings")
-    manifest = run(trained.cfg, out_dir=tmp / "out")            # loads the session's trained small_cnn
+    cfg = trained.cfg.copy()
+    cfg.metric.mprt.measures = ["spearman"]                     # the paper's measure; all five: test_findings_randomization
+    manifest = run(cfg, out_dir=tmp / "out")                    # loads the session's trained small_cnn
     assert manifest["failures"] == [] and manifest["model_info"]["cached"] is True
     assert manifest["model_info"]["test_accuracy"] >= 0.95          # the zoo's promise
     return load(tmp / "out")
@@ -44,8 +46,7 @@ def test_random_is_worst_on_localization(results, metric, score):
 def test_edge_is_invariant_under_mprt(results):
     s = results.scores
     edge = s[(s.metric == "mprt") & (s.method == "edge")]
-    assert len(edge) == 5 * (128 * 7 + 128)                         # 5 measures, every stage, every sample
-    assert (edge.value == 1.0).all(), edge.groupby("score").value.min()
+    assert len(edge) == 128 * 7 + 128 and (edge.value == 1.0).all()   # every stage, every sample
 
 
 def test_gradient_maps_decorrelate_under_cascading_randomization(results):
