@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from typing import Callable, Iterator, Literal, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from metrics._perturb import gaussian_blur                    # one blur for methods and metrics
 
 Baseline = Union[float, Literal["zeros", "mean", "blur", "uniform"]]
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -86,17 +86,6 @@ def generator(seed: int) -> torch.Generator:
 def value_range(x: Tensor) -> Tensor:
     """Per-sample max - min over all pixels and channels, (B, 1, 1, 1)."""
     return (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).view(-1, 1, 1, 1)
-
-
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur with a (6 sigma + 1)-tap kernel and replicate padding."""
-    r = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    C = x.shape[1]
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
 
 
 def baseline_for(x: Tensor, baseline: Baseline, *, seed: int = 0, blur_sigma: float = 5.0) -> Tensor:

@@ -5,7 +5,7 @@ import captum.attr
 import torch
 from torch import Tensor, nn
 
-from methods._common import attribution_method, check_positive, generator, input_gradient, value_range
+from methods._common import attribution_method, generator, input_gradient, value_range
 from metrics._chunk import chunked
 
 

@@ -73,7 +73,7 @@ def _removed_at(attribution: Tensor, *, steps: int, descending: bool, patch: int
     return at.reshape(B, H * W)                                                      # (B, HW)
 
 
-def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur of every channel, replicate padding (any image size)."""
     r = max(1, math.ceil(3 * sigma))
     t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
@@ -102,7 +102,7 @@ def _baseline_fill(x: Tensor, baseline: Baseline, *, seed: int) -> Tensor:
     if baseline == "mean":
         return x.mean(dim=(2, 3), keepdim=True)                                    # (B, C, 1, 1)
     if baseline == "blur":
-        return _gaussian_blur(x, BLUR_SIGMA)                                       # (B, C, H, W)
+        return gaussian_blur(x, BLUR_SIGMA)                                       # (B, C, H, W)
     # uniform: one seeded noise field shared by all samples, scaled to each image's [min, max]
     u = torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(seed), dtype=x.dtype).to(x.device)
     lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
@@ -123,7 +123,6 @@ def _noisy_linear_imputation(x: Tensor, keep: Tensor, noise: Tensor, *, iteratio
     and channels, for a fixed number of `iterations` (no host sync; CG needs about the hole's
     diameter in iterations: 2 max(H, W) gave errors below 1e-4 on 64 px images).
     """
-    C = x.shape[1]
     k = _ROAD_KERNEL.to(device=x.device, dtype=x.dtype).view(1, 1, 3, 3)
     nb = lambda v: F.conv2d(v, k.expand(v.shape[1], 1, 3, 3), padding=1, groups=v.shape[1])  # neighbour sums
     u = (~keep).to(x.dtype)                                                        # (N, 1, H, W) unknowns

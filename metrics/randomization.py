@@ -8,7 +8,6 @@ maps, SSIM, HOG similarity and top-k intersection, all from one pair of maps, ba
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch

@@ -34,6 +34,35 @@ class TinyCNN(nn.Module):
         return self.fc(self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x))))).flatten(1))
 
 
+class Linear(nn.Module):
+    """f(x) = W x + b on the flattened input: gradients are the weights, exactly."""
+
+    def __init__(self, shape=(3, 4, 4), classes=2):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(classes, *shape, generator=g))
+        self.bias = nn.Parameter(torch.randn(classes, generator=g))
+
+    def forward(self, x):
+        return torch.einsum("bchw,kchw->bk", x, self.weight) + self.bias
+
+
+@pytest.fixture
+def linear_batch():
+    """A Linear model, 4 seeded inputs (3, 4, 4) and their targets."""
+    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    return Linear().eval(), x, torch.tensor([0, 1, 1, 0])
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: small tensors gain nothing from more (and stall on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def pixel_sum():
     return PixelSum().eval()

@@ -3,7 +3,6 @@ images): informed maps beat the random control in both orders (Samek et al. 2017
 from __future__ import annotations
 
 import pytest
-import torch
 from hydra.utils import instantiate
 
 from metrics import deletion, insertion, pixel_flipping, to_map

@@ -5,4 +5,4 @@ from bench.data.digits import Digits
 from bench.data.folder import VOC, Folder, ImageNetVal, write_example
 from bench.data.shapes import CLASSES, Shapes, render_shapes_item
 
-__all__ = ["CLASSES", "Shapes", "render_shapes_item", "Digits"]
+__all__ = ["CLASSES", "Shapes", "render_shapes_item", "Digits", "Folder", "VOC", "ImageNetVal", "write_example"]

@@ -2,13 +2,14 @@
 43 writers), upsampled: a small real-image dataset that ships inside a package, nothing downloaded."""
 from __future__ import annotations
 
-import operator
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from bench.data._index import item_index
 
 _FRACTIONS = {"train": 0.6, "val": 0.1, "test": 0.3}      # of each class, in a seeded per-class shuffle
 _INK = 4.0                                                # mask: 8x8 cells with intensity >= 4 of 16
@@ -91,10 +92,7 @@ class Digits(Dataset[dict[str, Tensor]]):
         return self.n_samples
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        i = operator.index(i)
-        if not -self.n_samples <= i < self.n_samples:
-            raise IndexError(f"index {i} out of range for {self.n_samples} samples")
-        i %= self.n_samples
+        i = item_index(i, self.n_samples)
         one = Digits.__new__(Digits)
         one.__dict__.update(self.__dict__)
         one._images, one._target, one._ids = self._images[i:i + 1], self._target[i:i + 1], self._ids[i:i + 1]

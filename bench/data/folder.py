@@ -13,7 +13,6 @@ lie inside it, and is then resized as a mask, so boxes and PNG masks of one obje
 from __future__ import annotations
 
 import json
-import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from bench.data._index import item_index
 
 try:                                                     # refuses entity expansion in untrusted XML
     from defusedxml.ElementTree import parse as _parse_xml
@@ -187,9 +188,7 @@ class _Files(Dataset[dict[str, Tensor]]):
         return self.n_samples
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        i = operator.index(i)
-        if not -self.n_samples <= i < self.n_samples:
-            raise IndexError(f"index {i} out of range for {self.n_samples} samples")
+        i = item_index(i, self.n_samples)
         item = self._items[i]
         image, mask = self._load(item) if self._store is None else (self._store["image"][i], self._store["mask"][i])
         return {"x": self._normalise(image), "target": torch.tensor(item.target), "mask": mask.clone(),

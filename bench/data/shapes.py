@@ -7,7 +7,6 @@ item can be regenerated alone, in any order, in any process. Nothing is download
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -17,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from bench.data._index import item_index
 
 CLASSES: tuple[str, ...] = ("disk", "square", "triangle", "cross", "ring", "star")
 Split = Literal["train", "val", "test"]
@@ -472,10 +473,7 @@ class Shapes(Dataset[dict[str, Tensor]]):
         return self.n_samples
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        i = operator.index(i)
-        if not -self.n_samples <= i < self.n_samples:
-            raise IndexError(f"index {i} out of range for {self.n_samples} samples")
-        i %= self.n_samples
+        i = item_index(i, self.n_samples)
         store = self._items()
         return {
             "x": self._normalise(store["image"][i]),       # (3, H, W) float32

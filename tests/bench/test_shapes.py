@@ -15,13 +15,7 @@ from bench.data.shapes import _AREA, _WATERMARKS, _render
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: threads only add overhead (and stall on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- an independent oracle: polygon outlines (matplotlib) and distances, in float64 ----------

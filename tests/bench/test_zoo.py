@@ -22,13 +22,7 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 EMBEDDED = ["small_cnn", "resnet", "vgg", "vgg_silu", "vit"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: threads only add overhead (and stall on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(*overrides: str):

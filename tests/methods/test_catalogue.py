@@ -168,25 +168,6 @@ def test_deeplift_overlapping_pools_add_up():
 
 # ---------------------------------------------------------------- linear and analytic models
 
-class Linear(nn.Module):
-    """f(x) = W x + b on the flattened input."""
-
-    def __init__(self, shape=(3, 4, 4), classes=2):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.weight = nn.Parameter(torch.randn(classes, *shape, generator=g))
-        self.bias = nn.Parameter(torch.randn(classes, generator=g))
-
-    def forward(self, x):
-        return torch.einsum("bchw,kchw->bk", x, self.weight) + self.bias
-
-
-@pytest.fixture
-def linear_batch():
-    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(1))
-    return Linear().eval(), x, torch.tensor([0, 1, 1, 0])
-
-
 def test_linear_model_closed_forms(linear_batch):
     model, x, target = linear_batch
     w = model.weight.detach()[target]                                           # (B, C, H, W)
@@ -344,9 +325,9 @@ def _one_error(call, pattern: str) -> None:
 
 
 @pytest.mark.parametrize("name", CAMS)
-def test_cam_without_spatial_layer_raises_one_clear_error(name):
+def test_cam_without_spatial_layer_raises_one_clear_error(name, linear_batch):
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    _one_error(lambda: getattr(methods, name)(Linear().eval(), x, torch.tensor([0, 1])),
+    _one_error(lambda: getattr(methods, name)(linear_batch[0], x, torch.tensor([0, 1])),
                rf"^{name} cannot run on Linear: it needs a spatial layer")
 
 

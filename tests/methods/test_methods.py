@@ -5,25 +5,6 @@ from torch import nn
 import methods
 
 
-class Linear(nn.Module):
-    """f(x) = W x + b on the flattened input: gradients are the weights, exactly."""
-
-    def __init__(self, shape=(3, 4, 4), classes=2):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.weight = nn.Parameter(torch.randn(classes, *shape, generator=g))
-        self.bias = nn.Parameter(torch.randn(classes, generator=g))
-
-    def forward(self, x):
-        return torch.einsum("bchw,kchw->bk", x, self.weight) + self.bias
-
-
-@pytest.fixture
-def linear_batch():
-    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(1))
-    return Linear().eval(), x, torch.tensor([0, 1, 1, 0])
-
-
 def test_linear_model_gradients_equal_weights(linear_batch):
     model, x, target = linear_batch
     w = model.weight.detach()[target]                                          # (B, C, H, W)
@@ -70,7 +51,7 @@ def test_grad_cam_hand_computed():
     torch.testing.assert_close(cam, torch.tensor([[[[0.0, 1.5], [0.0, 0.0]]]]))
 
 
-def test_grad_cam_upsamples_and_broadcasts(tiny_cnn, batch):
+def test_grad_cam_upsamples_and_broadcasts(tiny_cnn, batch, linear_batch):
     x, target = batch
     assert methods.last_spatial_layer(tiny_cnn, x) == "relu2"
     cam = methods.grad_cam(tiny_cnn, x, target)
@@ -78,7 +59,7 @@ def test_grad_cam_upsamples_and_broadcasts(tiny_cnn, batch):
     with pytest.raises(ValueError, match="'nope' is not a module"):
         methods.grad_cam(tiny_cnn, x, target, layer="nope")
     with pytest.raises(ValueError, match="needs a spatial layer"):
-        methods.grad_cam(Linear(), torch.zeros(1, 3, 4, 4), torch.tensor([0]))
+        methods.grad_cam(linear_batch[0], torch.zeros(1, 3, 4, 4), torch.tensor([0]))
 
 
 def test_edge_is_sobel_magnitude():
