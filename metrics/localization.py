@@ -66,7 +66,7 @@ def _by_sample(fn: Callable[[Tensor], Tensor], B: int, chunk_size: int, device: 
 def _top_k_hits(a: Tensor, m: Tensor, k: Tensor) -> Tensor:
     """Expected number of mask pixels among the k largest of each row, ties at the k-th value shared
     fractionally; a (N, HW), m (N, HW) bool, k (N,) long in 1..HW -> (N,) float64."""
-    t = a.sort(dim=1, descending=True).values.gather(1, (k - 1)[:, None])   # (N, 1) the k-th largest
+    t = a.topk(int(k.max()), dim=1).values.gather(1, (k - 1)[:, None])     # (N, 1) the k-th largest
     above, tied = a > t, a == t                                             # (N, HW) each
     g, g_in = above.sum(dim=1), (above & m).sum(dim=1)
     e, e_in = tied.sum(dim=1), (tied & m).sum(dim=1)
@@ -187,8 +187,14 @@ def localization_auc(attribution: Tensor, mask: Tensor, *, sign: Sign = "signed"
 
     def auc(i: Tensor) -> Tensor:
         v, order = a[i].sort(dim=1)                                      # (N, HW) ascending
-        lo = torch.searchsorted(v, v, side="left")                       # 0-based first position of each value
-        hi = torch.searchsorted(v, v, side="right")                      # one past its last position
+        n = v.shape[1]
+        pos = torch.arange(n, device=v.device).expand_as(v)
+        first = torch.ones_like(v, dtype=torch.bool)
+        first[:, 1:] = v[:, 1:] != v[:, :-1]                             # a tie group starts here
+        last = torch.ones_like(first)
+        last[:, :-1] = first[:, 1:]                                      # a tie group ends here
+        lo = torch.where(first, pos, 0).cummax(dim=1).values             # 0-based first position of each value
+        hi = torch.where(last, pos + 1, n).flip(1).cummin(dim=1).values.flip(1)   # one past its last position
         twice_rank = (lo + hi + 1) * m[i].gather(1, order)               # 2 x mid-rank (1-based) of positives
         p, q = P[i].double(), Q[i].double()
         return (twice_rank.sum(dim=1).double() / 2 - p * (p + 1) / 2) / (p * q)
