@@ -5,7 +5,7 @@ entry per conf/<group>/<name>.yaml, its description the first sentence of the YA
 header comment (the target's docstring when the YAML has none) and its paper the
 year-bearing parentheses of that sentence, e.g. "(Sundararajan et al. 2017)" (the
 docstring's first sentence when the header names none). No list is kept by hand.
-Targets outside the allowed prefixes (bench.run.ALLOWED_TARGETS) are not imported.
+Targets outside the allowed prefixes (bench.checks.ALLOWED_TARGETS) are not imported.
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from bench.checks import ALLOWED_TARGETS
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = {"methods": "method", "metrics": "metric", "models": "model", "datasets": "dataset"}
-_ALLOWED = ("methods.", "metrics.", "bench.", "torchvision.models.")    # as bench.run.ALLOWED_TARGETS
 _YEAR = re.compile(r"\b(?:19|20)\d{2}[a-z]?\b")
 _PAREN = re.compile(r"\s*\(([^()]*)\)")
 # a sentence ends at . ! ? followed by a space or the end, but not after "al", "e.g", "i.e", "vs", "cf"
@@ -87,7 +88,7 @@ def _node(group: str, name: str, cfg: Any, path: Path) -> DictConfig:
 
 def _docstring(target: str) -> str:
     """The target's docstring, or a note why it could not be read; only allowed prefixes are imported."""
-    if not target.startswith(_ALLOWED):
+    if not target.startswith(ALLOWED_TARGETS):
         return ""
     module, _, attr = target.rpartition(".")
     try:

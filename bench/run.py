@@ -40,9 +40,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from bench import store
-from bench.checks import (ALLOWED_TARGETS, check_model, check_name, check_options, check_targets,  # noqa: F401
+from bench.checks import (check_model, check_name, check_options, check_targets,
                           error_text, instantiate_checked, need_bytes, scan, stream)
 from bench.zoo import cache_key, load_model
+from bench.zoo.sources import sha256
 from metrics import MetricResult, to_map
 from metrics._chunk import ChunkRetryWarning
 
@@ -101,16 +102,13 @@ def _missing(metric: Callable[..., Any], available: Any) -> list[str]:
 
 
 def _checkpoint_hash(model: nn.Module, info: dict[str, Any]) -> str:
-    """sha256 of the checkpoint file the weights came from, else of the weights themselves."""
-    h = hashlib.sha256()
+    """sha256 of the checkpoint file the weights came from (as load_model recorded it), else of the weights."""
     path = Path(str(info.get("checkpoint", "")))
-    if path.is_file():
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    else:
-        for k, v in model.state_dict().items():
-            h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    if info.get("sha256") or path.is_file():
+        return (info.get("sha256") or sha256(path))[:16]
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

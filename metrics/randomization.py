@@ -299,23 +299,16 @@ def mprt(
     layer alone for `independent`); one curve per measure over stages. Lower is better.
     `model` is never modified, nor the global RNG. Cost: one method call per layer.
     """
-    stages = _stages(model, layers, exclude, order)
-    if layer_seed not in ("offset", "shared") or init not in ("default", "normal"):
-        raise ValueError(f"layer_seed must be 'offset' or 'shared' and init 'default' or 'normal', "
-                         f"got {layer_seed!r} and {init!r}")
+    stages = mprt_stages(model, order=order, layers=layers, exclude=exclude, seed=seed, layer_seed=layer_seed,
+                         init=init, init_std=init_std)                      # arguments checked before any map
     original = _original_map(model, x, target, method, attribution, reduce)
-    randomized = copy.deepcopy(model)
-    modules = dict(randomized.named_modules())
-    per_stage = []
-    for i, name in stages:
-        saved = {k: v.clone() for k, v in modules[name].state_dict().items()} if order == "independent" else None
-        _randomize(modules[name], seed + i if layer_seed == "offset" else seed, init, init_std)
+    names, per_stage = [], []
+    for name, randomized in stages:
         stage_map = to_map(method(randomized, x, target), reduce)                     # (B, H, W)
+        names.append(name)
         per_stage.append(similarities(original, stage_map, measures=measures, absolute=absolute,
                                       top_k=top_k, constant=constant, seed=seed))
-        if saved is not None:
-            modules[name].load_state_dict(saved)
-    return _result(per_stage, [name for _, name in stages], x)
+    return _result(per_stage, names, x)
 
 
 def mprt_stages(
@@ -355,10 +348,7 @@ def mprt_stages(
 
 def _fully_randomized(model: nn.Module, layers: Sequence[str] | None, exclude: Sequence[str], seed: int) -> nn.Module:
     """A copy of `model` with every MPRT layer re-drawn as at mprt's last cascading stage."""
-    randomized = copy.deepcopy(model)
-    modules = dict(randomized.named_modules())
-    for i, name in _stages(model, layers, exclude, "cascading_bottom_up"):
-        _randomize(modules[name], seed + i, "default", 0.0)
+    *_, (_, randomized) = mprt_stages(model, order="cascading_bottom_up", layers=layers, exclude=exclude, seed=seed)
     return randomized
 
 

@@ -159,7 +159,7 @@ def load_model(model_cfg: DictConfig, dataset_cfg: DictConfig, *, cache_dir: str
         **common, "train_seconds": round(time.perf_counter() - start, 2),
         "train_accuracy": accuracy(model, x, target),
         "test_accuracy": accuracy(model, *_split(dataset_cfg, "test", t.n_test, device)),
-        "n_test": int(t.n_test), "n_parameters": sum(p.numel() for p in model.parameters()),
+        "n_test": int(t.n_test),
         **({"permute_labels": True, "n_train": int(t.n_train)} if permute else {}),   # train accuracy: on permuted labels
     }
     print(f"trained {model_cfg.name}: {info['train_seconds']:.0f} s, "
