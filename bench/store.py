@@ -79,18 +79,6 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
-def write_cell(scores_path: Path, curves_path: Path, result: MetricResult, sample_id: Tensor, **keys: str) -> None:
-    """Store one (method, metric) cell: curves first, then scores, whose presence marks the cell done.
-
-    The scores file carries the score directions, so a resumed run knows them without recomputing.
-    """
-    curves = curve_rows(result, sample_id, **keys)
-    if len(curves):
-        write_table(curves, curves_path)
-    write_table(score_rows(result, sample_id, **keys), scores_path,
-                metadata={"higher_is_better": result.higher_is_better})
-
-
 def write_json(obj: Any, path: Path) -> None:
     """Atomic, human-readable JSON write."""
     def dump(tmp: Path) -> None:
