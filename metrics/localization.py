@@ -24,6 +24,7 @@ import warnings
 from typing import Callable, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from metrics._chunk import chunked
@@ -65,12 +66,25 @@ def _by_sample(fn: Callable[[Tensor], Tensor], B: int, chunk_size: int, device: 
 
 def _top_k_hits(a: Tensor, m: Tensor, k: Tensor) -> Tensor:
     """Expected number of mask pixels among the k largest of each row, ties at the k-th value shared
-    fractionally; a (N, HW), m (N, HW) bool, k (N,) long in 1..HW -> (N,) float64."""
-    t = a.topk(int(k.max()), dim=1).values.gather(1, (k - 1)[:, None])     # (N, 1) the k-th largest
-    above, tied = a > t, a == t                                             # (N, HW) each
-    g, g_in = above.sum(dim=1), (above & m).sum(dim=1)
-    e, e_in = tied.sum(dim=1), (tied & m).sum(dim=1)
-    return g_in.double() + (k - g).double() * e_in.double() / e.double()
+    fractionally; a (N, HW), m (N, HW) bool, k (N,) long in 1..HW -> (N,) float64.
+
+    One topk of width max(k) + 1 answers every row whose k-th and (k+1)-th largest values differ
+    (the top k are then one set, whatever the order of ties inside it); only rows with a tie
+    across the k-th place are counted over the whole row."""
+    N, n = a.shape
+    width = min(int(k.max()) + 1, n)
+    vals, idx = a.topk(width, dim=1)                                        # (N, width) descending
+    head = torch.arange(width, device=a.device) < k[:, None]                # (N, width) the first k places
+    hits = (m.gather(1, idx) & head).sum(dim=1).double()
+    t = vals.gather(1, (k - 1)[:, None])                                    # (N, 1) the k-th largest
+    across = ((k < n) & (vals.gather(1, k.clamp(max=width - 1)[:, None]) == t).squeeze(1)).nonzero().squeeze(1)
+    if across.numel():
+        a, m, k, t = a[across], m[across], k[across], t[across]
+        above, tied = a > t, a == t                                         # (T, HW) each
+        g, g_in = above.sum(dim=1), (above & m).sum(dim=1)
+        e, e_in = tied.sum(dim=1), (tied & m).sum(dim=1)
+        hits[across] = g_in.double() + (k - g).double() * e_in.double() / e.double()
+    return hits
 
 
 def _positive_share(a: Tensor, region: Tensor) -> tuple[Tensor, Tensor]:
@@ -186,18 +200,27 @@ def localization_auc(attribution: Tensor, mask: Tensor, *, sign: Sign = "signed"
     P, Q = m.sum(dim=1), (~m).sum(dim=1)                                  # positives, negatives (B,)
 
     def auc(i: Tensor) -> Tensor:
-        v, order = a[i].sort(dim=1)                                      # (N, HW) ascending
+        v, order = a[i].sort(dim=1)                                      # (N, n) ascending
         n = v.shape[1]
-        pos = torch.arange(n, device=v.device).expand_as(v)
-        first = torch.ones_like(v, dtype=torch.bool)
-        first[:, 1:] = v[:, 1:] != v[:, :-1]                             # a tie group starts here
-        last = torch.ones_like(first)
-        last[:, :-1] = first[:, 1:]                                      # a tie group ends here
-        lo = torch.where(first, pos, 0).cummax(dim=1).values             # 0-based first position of each value
-        hi = torch.where(last, pos + 1, n).flip(1).cummin(dim=1).values.flip(1)   # one past its last position
-        twice_rank = (lo + hi + 1) * m[i].gather(1, order)               # 2 x mid-rank (1-based) of positives
+        inside = m[i].gather(1, order)                                   # (N, n) positives in sorted order
+        small = n * (n + 1) // 2 < 2 ** 31                               # the rank sum fits in int32
+        place = torch.arange(1, n + 1, device=v.device, dtype=torch.int32 if small else torch.int64)
+        twice_rank = 2 * (inside * place).sum(dim=1, dtype=place.dtype).long()   # ties ranked by sort order
+        # a tie group [lo, hi) ranks its pixels (lo + hi + 1) / 2 each (mid-rank) instead of their places:
+        # only pixels with a tied neighbour can change, so the correction runs over those alone
+        same = v[:, 1:] == v[:, :-1]                                     # (N, n - 1) place j + 1 ties with j
+        r, c = (F.pad(same, (1, 0)) | F.pad(same, (0, 1))).nonzero(as_tuple=True)   # (T,) row-major
+        if r.numel():
+            vt, pos = v[r, c], inside[r, c]
+            new_group = F.pad((r[1:] != r[:-1]) | (vt[1:] != vt[:-1]), (1, 0), value=True)   # (T,)
+            end = F.pad(new_group[1:], (0, 1), value=True)               # last pixel of its group
+            group = new_group.cumsum(dim=0) - 1                          # (T,) tie group of each pixel
+            positives = torch.zeros(int(group[-1]) + 1, dtype=torch.int64, device=v.device)
+            positives.index_add_(0, group, pos.long())                   # (G,) positives per group
+            mid = positives * (c[new_group] + c[end] + 2)                # (G,) positives x 2 x mid-rank
+            twice_rank.index_add_(0, r[new_group], mid).index_add_(0, r, torch.where(pos, -2 * (c + 1), 0))
         p, q = P[i].double(), Q[i].double()
-        return (twice_rank.sum(dim=1).double() / 2 - p * (p + 1) / 2) / (p * q)
+        return (twice_rank.double() / 2 - p * (p + 1) / 2) / (p * q)
 
     out = _by_sample(auc, a.shape[0], chunk_size, a.device).to(attribution.dtype)
     out = torch.where((P > 0) & (Q > 0), out, torch.nan)

@@ -232,26 +232,29 @@ def _orders_oracle(a, m, metric):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_rank_metrics_equal_expectation_over_tie_orders(seed):
+    """Each sample of a batch mixing ties across the k-th place with ties inside the top k (and none)."""
     g = torch.Generator().manual_seed(seed)
-    a = torch.randint(-1, 2, (1, 2, 3), generator=g).float()             # values in {-1, 0, 1}: ties
-    m = torch.rand(1, 2, 3, generator=g) > 0.5
-    m[0, 0, 0] = True
+    a = torch.randint(-1, 2, (6, 2, 3), generator=g).float()             # values in {-1, 0, 1}: ties
+    a[-1] = torch.arange(6.0).view(2, 3)                                 # one map without ties
+    m = torch.rand(6, 2, 3, generator=g) > 0.5
+    m[:, 0, 0] = True
     k = 2
-    oracles = {
-        "rra": _orders_oracle(a, m, lambda s, n, K: sum(s[:K]) / K),
-        "tki": _orders_oracle(a, m, lambda s, n, K: sum(s[:k]) / k),
-        "hit": _orders_oracle(a, m, lambda s, n, K: float(s[0])),
-    }
-    # IoU is a ratio: its tie rule is the IoU of the expected selection, I / (k + K - I)
-    inter = _orders_oracle(a, m, lambda s, n, K: float(sum(s[:k])))
     got = {
-        "rra": relevance_rank_accuracy(a, m).scores["rra"].item(),
-        "tki": top_k_intersection(a, m, k=k).scores["tki"].item(),
-        "hit": pointing_game(a, m).scores["hit"].item(),
+        "rra": relevance_rank_accuracy(a, m).scores["rra"],
+        "tki": top_k_intersection(a, m, k=k).scores["tki"],
+        "hit": pointing_game(a, m).scores["hit"],
+        "iou": iou_at_threshold(a, m, fraction=k / 6).scores["iou"],
     }
-    assert got == pytest.approx(oracles)
-    K = int(m.sum())
-    assert iou_at_threshold(a, m, fraction=k / 6).scores["iou"].item() == pytest.approx(inter / (k + K - inter))
+    for b in range(6):
+        oracles = {
+            "rra": _orders_oracle(a[b:b + 1], m[b:b + 1], lambda s, n, K: sum(s[:K]) / K),
+            "tki": _orders_oracle(a[b:b + 1], m[b:b + 1], lambda s, n, K: sum(s[:k]) / k),
+            "hit": _orders_oracle(a[b:b + 1], m[b:b + 1], lambda s, n, K: float(s[0])),
+        }
+        # IoU is a ratio: its tie rule is the IoU of the expected selection, I / (k + K - I)
+        inter, K = _orders_oracle(a[b:b + 1], m[b:b + 1], lambda s, n, K: float(sum(s[:k]))), int(m[b].sum())
+        oracles["iou"] = inter / (k + K - inter)
+        assert {name: v[b].item() for name, v in got.items()} == pytest.approx(oracles), b
 
 
 @pytest.mark.parametrize("seed", [0, 7])
