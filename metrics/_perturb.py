@@ -68,6 +68,7 @@ def _removed_at(attribution: Tensor, *, steps: int, descending: bool, patch: int
     n = units[0].numel()
     rank = _removal_rank(units, descending=descending, seed=seed)                    # (B, n)
     at = (rank * steps).div(n, rounding_mode="floor") + 1                            # (B, n): step 1..steps
+    at = at.to(torch.int16 if steps < 2 ** 15 else torch.int32)                      # less to gather per chunk
     if patch > 1:
         at = at.view(B, *units.shape[1:]).repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, :H, :W]
     return at.reshape(B, H * W)                                                      # (B, HW)
@@ -154,7 +155,7 @@ def _target_output(model: nn.Module, x: Tensor, target: Tensor, output: str) -> 
 
 def _perturbation_curves(
     model: nn.Module, x: Tensor, target: Tensor, removed_at: Tensor, fill: FillFn, *,
-    steps: int, insert: bool, output: str, chunk_size: int,
+    steps: int, insert: bool, output: str, chunk_size: int | None,
 ) -> Tensor:
     """Target output for every sample at step 0 and at steps 1..steps of every order: (B, 1 + R steps).
 
@@ -169,10 +170,11 @@ def _perturbation_curves(
     def forward(i: Tensor) -> Tensor:                                              # i: (N,) flat into (B, J)
         b, j = i.div(J, rounding_mode="floor"), i % J
         r = (j - 1).clamp_min(0).div(steps, rounding_mode="floor")
-        k = torch.where(j == 0, 0, (j - 1) % steps + 1)
-        keep = ((removed_at[r, b] > k[:, None]) != insert).view(-1, 1, H, W)      # (N, 1, H, W)
-        xb = x[b]                                                                  # (N, C, H, W)
-        return _target_output(model, torch.where(keep, xb, fill(xb, keep, b, j)), target[b], output)
+        k = torch.where(j == 0, 0, (j - 1) % steps + 1).to(removed_at.dtype)[:, None]
+        at = removed_at[r, b]                                                      # (N, HW)
+        keep = (at <= k if insert else at > k).view(-1, 1, H, W)                   # (N, 1, H, W)
+        xb = x.index_select(0, b)                                                  # (N, C, H, W)
+        return _target_output(model, torch.where(keep, xb, fill(xb, keep, b, j), out=xb), target[b], output)
 
     with torch.inference_mode():
-        return chunked(forward, B * J, chunk_size, device=x.device).view(B, J)     # (B, J)
+        return chunked(forward, B * J, chunk_size, device=x.device, like=x).view(B, J)   # (B, J)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from metrics import pixel_flipping
+from metrics._chunk import CHUNK_BYTES, auto_chunk_size
 
 
 def pixel_flipping_reference(model, x, target, attribution, *, steps, order="morf", baseline=0.0, seed=0):
@@ -91,6 +92,24 @@ def test_invariances(tiny_cnn, batch):
     # inputs and model unchanged
     assert torch.equal(x, x0)
     assert all(torch.equal(v, state[k]) for k, v in tiny_cnn.state_dict().items())
+
+
+def test_automatic_chunk_size(tiny_cnn, batch, monkeypatch):
+    """chunk_size None fits CHUNK_BYTES of inputs per forward pass, and chunks never change a number."""
+    assert auto_chunk_size(torch.zeros(2, 3, 64, 64)) == (4 << 20) // (3 * 64 * 64 * 4) == 85
+    assert auto_chunk_size(torch.zeros(1, 3, 4096, 4096)) == 1
+    x, target = batch
+    attribution = torch.randn(5, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref = pixel_flipping(tiny_cnn, x, target, attribution, steps=8, chunk_size=1000)
+    monkeypatch.setitem(CHUNK_BYTES, "cpu", 3 * x[0].numel() * x.element_size())   # 3 inputs per chunk
+    sizes = []
+    hook = tiny_cnn.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+    try:
+        auto = pixel_flipping(tiny_cnn, x, target, attribution, steps=8)
+    finally:
+        hook.remove()
+    assert sizes == [3] * 15                                      # 5 samples x 9 points
+    torch.testing.assert_close(auto.scores["auc"], ref.scores["auc"])
 
 
 def test_softmax_output(tiny_cnn, batch):
