@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from metrics import REDUCTIONS
 
 ALLOWED_TARGETS = ("methods.", "metrics.", "bench.", "torchvision.models.")
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}   # autocast dtypes
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 
@@ -60,7 +61,10 @@ def check_options(cfg: DictConfig) -> torch.device:
                          "pass e.g. batch_size=64")
     if not is_int(cfg.seed) or cfg.seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {cfg.seed!r}")
-    for key in ("cache_maps", "deterministic"):
+    if cfg.get("precision", "float32") not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {cfg.get('precision')!r}: float32 is "
+                         "exact; bfloat16 and float16 autocast the model's passes (faster on GPUs, approximate)")
+    for key in ("cache_maps", "deterministic", "channels_last"):
         if not isinstance(cfg.get(key, False), bool):
             raise ValueError(f"{key} must be true or false, got {cfg.get(key)!r}")
     if cfg.get("unavailable_metrics", "error") not in ("error", "skip"):

@@ -7,7 +7,7 @@ counterpart (Quantus 0.6, the `test` extra; skipped with a message where absent)
   mprt            cascading top-down over every module Quantus would re-draw, Spearman, saliency maps
   random_logit    SSIM between the target's and a random other class's saliency map
   localization    every localization metric on the same maps and masks
-  grid            the default experiment's 4 metrics x 7 methods through `bench.run` (ours only)
+  grid            the default experiment's 7 methods x 4 metrics, batch by batch as `bench.run` runs them
   methods         every method of conf/method/ with its YAML defaults: seconds per 64 images
 Models: the zoo's small_cnn at 32 and 64 px and torchvision's resnet18 at 224 px, randomly
 initialised (timing does not need trained weights). Every figure is the best of `--repeat` runs
@@ -18,6 +18,7 @@ Writes `OUT/perf.csv` (tidy: one row per workload, size, n, implementation) and 
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing as mp
 import resource
 import time
@@ -30,6 +31,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from bench.checks import PRECISIONS
 import methods
 from metrics import localization, mprt, pixel_flipping, random_logit, to_map
 
@@ -50,7 +52,7 @@ def _quantus():
     return quantus
 
 
-def make_model(size: int, device: torch.device) -> nn.Module:
+def make_model(size: int, device: torch.device, channels_last: bool = False) -> nn.Module:
     """small_cnn (6 classes) below 224 px, torchvision's resnet18 (1000 classes) at 224; seeded random weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -60,7 +62,13 @@ def make_model(size: int, device: torch.device) -> nn.Module:
         else:
             from bench.zoo import SmallCNN
             model = SmallCNN(num_classes=6)
-    return model.eval().to(device)
+    model = model.eval().to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The runner's `precision` switch: autocast to bfloat16 / float16, or a disabled context for float32."""
+    return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "float32")
 
 
 def make_inputs(model: nn.Module, size: int, n: int, device: torch.device, *, saliency: bool = True) -> dict[str, Tensor]:
@@ -100,14 +108,15 @@ def best_time(fn: Callable[[], Any], device: torch.device, repeat: int) -> float
     return min(times)
 
 
-def model_throughput(model: nn.Module, size: int, device: torch.device, repeat: int) -> tuple[float, int]:
+def model_throughput(model: nn.Module, size: int, device: torch.device, repeat: int,
+                     precision: str = "float32") -> tuple[float, int]:
     """The model's best batched inference throughput (images/s) over batch sizes 32..512, and that batch size."""
     best = (0.0, 0)
     for batch in (32, 64, 128, 256, 512):
         x = torch.randn(batch, 3, size, size, device=device)
 
         def forward() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(device, precision):
                 model(x)
         best = max(best, (batch / best_time(forward, device, repeat), batch))
     return best
@@ -164,32 +173,64 @@ def workload(name: str, model: nn.Module, d: dict[str, Tensor], impl: str) -> tu
         metrics = [getattr(quantus, cls)(normalise=False, disable_warnings=True) for cls in QUANTUS_LOCALIZATION.values()]
         s = d["mask"][:, None].float().cpu().numpy()
         return (lambda: [_quantus_call(m, None, d, s_batch=s) for m in metrics]), 0
-    if impl != "ours":
-        raise ValueError("the grid workload has no Quantus counterpart; time it with impl='ours'")
-    return _grid(d), 0
+    return _grid(model, d, impl), 0
 
 
-def _grid(d: dict[str, Tensor]) -> Callable[[], Any]:
-    """The default experiment's methods x metrics on these inputs, through the same calls `bench.run` makes."""
+def _grid(model: nn.Module, d: dict[str, Tensor], impl: str) -> Callable[[], Any]:
+    """The default experiment's methods x metrics on these inputs, batch by batch as `bench.run` does:
+    each method's maps once per batch, then every metric. Ours goes through the runner's own
+    `_call_metric`; Quantus gets the same maps (and the method as explain_func for MPRT). MPRT
+    re-draws every module Quantus would, so both make the same number of stages; Quantus computes
+    one similarity (Spearman) where ours computes the YAML's five."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         cfg = compose("config")
-    model = make_model(d["x"].shape[-1], d["x"].device)
+    layers = [n for n, m in model.named_modules() if hasattr(m, "reset_parameters")]
     methods_ = {k: instantiate(v) for k, v in cfg.method.items()}
     metrics_ = {k: instantiate(v) for k, v in cfg.metric.items()}
+    if "mprt" in metrics_:
+        metrics_["mprt"] = functools.partial(metrics_["mprt"], layers=layers)
+    batches = list(zip(*(d[k].split(cfg.batch_size) for k in ("x", "target", "mask"))))
+    if impl == "ours":
+        from bench.run import _call_metric
+
+        def run() -> None:
+            for method in methods_.values():
+                for xb, tb, mb in batches:
+                    a = to_map(method(model, xb, tb), cfg.reduce)
+                    inputs = {"model": model, "x": xb, "target": tb, "attribution": a, "mask": mb, "method": method,
+                              "reduce": cfg.reduce}
+                    for metric in metrics_.values():
+                        _call_metric(metric, inputs)
+        return run
+    quantus, size = _quantus(), d["x"].shape[-1]
+    pf = cfg.metric.get("pixel_flipping", {})
+    known = {
+        "pixel_flipping": quantus.PixelFlipping(features_in_step=size * size // pf.get("steps", STEPS),
+                                                perturb_baseline=pf.get("baseline", 0.0), normalise=False,
+                                                disable_warnings=True),
+        "mprt": quantus.MPRT(layer_order="top_down", abs=True, normalise=True, disable_warnings=True),
+        "pointing_game": quantus.PointingGame(normalise=False, disable_warnings=True),
+        "relevance_mass_accuracy": quantus.RelevanceMassAccuracy(normalise=False, disable_warnings=True),
+    }
+    missing = sorted(set(metrics_) - set(known))
+    if missing:
+        raise ValueError(f"no Quantus counterpart in the grid workload for {missing}")
 
     def run() -> None:
-        from bench.run import _call_metric
         for method in methods_.values():
-            for xb, tb, mb in zip(d["x"].split(cfg.batch_size), d["target"].split(cfg.batch_size),
-                                  d["mask"].split(cfg.batch_size)):
-                a = to_map(method(model, xb, tb), cfg.reduce)
-                inputs = {"model": model, "x": xb, "target": tb, "attribution": a, "mask": mb,
-                          "method": method, "reduce": cfg.reduce}
-                for metric in metrics_.values():
-                    _call_metric(metric, inputs)
+            def explain(model, inputs, targets, method=method, **_):
+                x, t = torch.as_tensor(inputs, device=d["x"].device), torch.as_tensor(targets, device=d["x"].device)
+                return to_map(method(model, x, t), cfg.reduce)[:, None].cpu().numpy()
+            for xb, tb, mb in batches:
+                q = {"x": xb, "target": tb, "map": to_map(method(model, xb, tb), cfg.reduce)}
+                s = mb[:, None].float().cpu().numpy()
+                extra = {"pixel_flipping": {"softmax": False}, "mprt": {"explain_func": explain, "batch_size": len(xb)},
+                         "pointing_game": {"s_batch": s}, "relevance_mass_accuracy": {"s_batch": s}}
+                for name in metrics_:
+                    _quantus_call(known[name], model, q, **extra[name])
     return run
 
 
@@ -218,13 +259,18 @@ def method_costs(size: int, n: int, device: str, repeat: int, threads: int) -> p
     return pd.DataFrame(rows)
 
 
-def measure(name: str, impl: str, size: int, n: int, device: str, repeat: int, threads: int) -> dict[str, Any]:
+def measure(name: str, impl: str, size: int, n: int, device: str, repeat: int, threads: int,
+            channels_last: bool = False, precision: str = "float32") -> dict[str, Any]:
     """One row: wall time, samples/s, forward passes/s and peak memory of one workload (run in a fresh process)."""
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    model = make_model(size, dev)
+    model = make_model(size, dev, channels_last)
     d = make_inputs(model, size, n, dev, saliency=name != "localization")
-    fn, passes = workload(name, model, d, impl)
+    run, passes = workload(name, model, d, impl)
+
+    def fn() -> Any:
+        with autocast(dev, precision):
+            return run()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
@@ -233,7 +279,8 @@ def measure(name: str, impl: str, size: int, n: int, device: str, repeat: int, t
     seconds = best_time(fn, dev, repeat)
     peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - before
-    return {"workload": name, "impl": impl, "size": size, "n": n, "device": device, "seconds": seconds,
+    return {"workload": name, "impl": impl, "size": size, "n": n, "device": device, "channels_last": channels_last,
+            "precision": precision, "seconds": seconds,
             "samples_per_s": n / seconds, "forward_per_s": n * passes / seconds if passes else np.nan,
             "peak_mb": max(peak, 0) / 2 ** 20}
 
@@ -252,6 +299,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--channels-last", action="store_true", help="models in channels-last memory format")
+    p.add_argument("--precision", default="float32", choices=list(PRECISIONS), help="autocast dtype of model passes")
     p.add_argument("--no-quantus", action="store_true", help="time ours only")
     p.add_argument("--quantus-max-n", type=int, default=256, help="largest n given to Quantus (it is slow)")
     p.add_argument("--out", type=Path, default=Path("results/perf"))
@@ -265,22 +314,25 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             base = a.localization_n if name == "localization" else a.n
             for scale in a.scales:
                 jobs.append((name, "ours", size, base * scale))
-            if quantus is not None and name != "grid":
+            if quantus is not None:
                 jobs.append((name, "quantus", size, min(base, a.quantus_max_n)))
     rows = []
     ctx = mp.get_context("spawn")
     for name, impl, size, n in jobs:
         with ctx.Pool(1) as pool:                                # a fresh process: its own peak memory
-            row = pool.apply(_in_process, ((name, impl, size, n, a.device, a.repeat, a.threads),))
+            row = pool.apply(_in_process, ((name, impl, size, n, a.device, a.repeat, a.threads, a.channels_last,
+                                             a.precision),))
         print(f"{name:15s} {impl:8s} {size:4d} px n={n:6d}: {row['seconds']:8.3f} s  "
               f"{row['samples_per_s']:9.1f} samples/s  peak +{row['peak_mb']:.0f} MB", flush=True)
         rows.append(row)
     if "pixel_flipping" in a.workloads:
         for size in a.sizes:
             torch.set_num_threads(a.threads)
-            tput, batch = model_throughput(make_model(size, torch.device(a.device)), size, torch.device(a.device), a.repeat)
-            rows.append({"workload": "model_inference", "impl": "model", "size": size, "n": batch,
-                         "device": a.device, "seconds": batch / tput, "samples_per_s": tput, "forward_per_s": tput})
+            dev = torch.device(a.device)
+            tput, batch = model_throughput(make_model(size, dev, a.channels_last), size, dev, a.repeat, a.precision)
+            rows.append({"workload": "model_inference", "impl": "model", "size": size, "n": batch, "device": a.device,
+                         "channels_last": a.channels_last, "precision": a.precision, "seconds": batch / tput,
+                         "samples_per_s": tput, "forward_per_s": tput})
     if "methods" in a.workloads:
         rows += method_costs(64 if 64 in a.sizes else a.sizes[0], a.n, a.device, a.repeat, a.threads).to_dict("records")
     df = pd.DataFrame(rows)

@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from bench import store
-from bench.checks import (check_model, check_name, check_options, check_targets,
+from bench.checks import (PRECISIONS, check_model, check_name, check_options, check_targets,
                           error_text, instantiate_checked, need_bytes, scan, stream)
 from bench.zoo import cache_key, load_model
 from bench.zoo.sources import sha256
@@ -97,8 +97,6 @@ def _missing(metric: Callable[..., Any], available: Any) -> list[str]:
     params = inspect.signature(metric).parameters
     return [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in available
             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-
-
 
 
 def _checkpoint_hash(model: nn.Module, info: dict[str, Any]) -> str:
@@ -281,12 +279,16 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
     model, model_info = load_model(cfg.model, cfg.dataset, cache_dir=cfg.cache_dir, device=device)
     model_info["load_seconds"] = round(time.perf_counter() - t0, 2)
     model_info["evaluated_accuracy"] = check_model(model, dataset, cfg.batch_size, device, data, names)
+    fast = {k: cfg[k] for k, default in (("channels_last", False), ("precision", "float32"))
+            if cfg.get(k, default) != default}                     # in the cell keys only when switched on,
+    if fast.get("channels_last"):                                  # so default runs keep their stored cells
+        model = model.to(memory_format=torch.channels_last)
 
     job = OmegaConf.to_container(cfg, resolve=True)
     run_id = f"{names['dataset']}-{names['model']}-{_digest(job)}"
     base = {"dataset": job["dataset"], "sample_ids": data["sample_ids"], "model": cache_key(cfg.model, cfg.dataset),
             "checkpoint": _checkpoint_hash(model, model_info), "reduce": cfg.reduce, "seed": cfg.seed,
-            "batch_size": cfg.batch_size, "suite": _suite_version(), "format": FORMAT}
+            "batch_size": cfg.batch_size, "suite": _suite_version(), "format": FORMAT, **fast}
     method_keys = {m: _digest({**base, "method": job["method"][m]}) for m in methods}
     keys = {(m, k): _digest({**base, "method": job["method"][m], "metric": job["metric"][k]})
             for m in methods for k in metrics}
@@ -300,7 +302,9 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
     retries: list[dict[str, Any]] = []
     lost: list[dict[str, Any]] = []                                # failures of cells with no scored sample
     interrupted = False
-    with _determinism(bool(cfg.get("deterministic", False))):
+    autocast = torch.autocast(device.type, dtype=PRECISIONS[cfg.get("precision", "float32")],
+                              enabled=cfg.get("precision", "float32") != "float32")
+    with _determinism(bool(cfg.get("deterministic", False))), autocast:
         rows_per_sample = _probe(model, dataset, methods, metrics, todo, cfg.reduce, extra, device)
         store.check_space(out_dir, need_bytes=need_bytes(data["n"], data["shape"], rows_per_sample, len(methods),
                                                           bool(cfg.get("cache_maps", False))))
@@ -333,6 +337,7 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
         "n_samples": data["n"], "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or None,
         "seed": cfg.seed, "reduce": cfg.reduce, "deterministic": bool(cfg.get("deterministic", False)),
+        "precision": cfg.get("precision", "float32"), "channels_last": bool(cfg.get("channels_last", False)),
         "keys": {"sample_ids": data["sample_ids"], "checkpoint": base["checkpoint"], "suite": base["suite"],
                  "format": FORMAT},
         "config": job, "versions": _versions(), "git_commit": _git_commit(),

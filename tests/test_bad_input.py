@@ -67,6 +67,9 @@ CONFIG_CASES = {
     "device_unknown": (["device=tpu"], r"device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     "cache_maps_not_bool": (["cache_maps=maybe"], r"cache_maps must be true or false, got 'maybe'"),
     "unavailable_metrics": (["unavailable_metrics=ignore"], r"unavailable_metrics must be 'error' or 'skip'"),
+    "precision": (["precision=float64"], r"precision must be one of \['float32', 'bfloat16', 'float16'\], got "
+                  r"'float64': float32 is exact"),
+    "channels_last_not_bool": (["channels_last=yes"], r"channels_last must be true or false, got 'yes'"),
     "no_method": (["method=[]"], r"no method selected: pass method=\[name,...\] with names from conf/method/"),
     "negative_steps": (["metric.pixel_flipping.steps=-1"],
                        r"metric\.pixel_flipping \(with method saliency\): ValueError: steps must be between 1 and "

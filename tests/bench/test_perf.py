@@ -26,3 +26,15 @@ def test_perf_writes_tidy_rows_and_summary(tmp_path):
 def test_unknown_workload_is_refused():
     with pytest.raises(ValueError, match="unknown workload 'nope'"):
         perf.workload("nope", None, {"x": perf.torch.zeros(1, 3, 8, 8)}, "ours")
+
+
+def test_grid_runs_ours_and_through_quantus():
+    """The end-to-end grid workload: the default 7 x 4 grid, ours and the same grid through Quantus."""
+    pytest.importorskip("quantus")
+    device = perf.torch.device("cpu")
+    model = perf.make_model(32, device)
+    d = perf.make_inputs(model, 32, 2, device)
+    for impl in ("ours", "quantus"):
+        run, passes = perf.workload("grid", model, d, impl)
+        assert passes == 0
+        run()

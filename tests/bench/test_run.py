@@ -94,3 +94,23 @@ def test_hydra_app_runs_and_reports(tmp_path):
     report = tmp_path / "results/report"
     assert (report / "leaderboard.md").exists() and (report / "curves_pixel_flipping_curve.png").exists()
     assert "| saliency |" in proc.stdout and "| random |" in proc.stdout
+
+
+def test_channels_last_and_reduced_precision_agree_with_full_precision(tmp_path):
+    """channels_last gives float32's numbers to rounding; bfloat16 autocast stays close on the
+    forward-pass scores; each switch gets its own cells and is written to the manifest."""
+    runs, keys = {}, {}
+    for name, extra in {"ref": [], "cl": ["channels_last=true"], "bf16": ["precision=bfloat16"]}.items():
+        manifest = run(_cfg(tmp_path, "method=[random]", "metric=[pixel_flipping,pointing_game]", *extra),
+                       out_dir=tmp_path / name)
+        runs[name] = load(tmp_path / name).scores.set_index(["method", "metric", "score", "sample_id"]).value
+        keys[name] = {c["key"] for c in manifest["cells"]}
+    assert not (keys["ref"] & keys["cl"]) and not (keys["ref"] & keys["bf16"]) and not (keys["cl"] & keys["bf16"])
+    assert manifest["precision"] == "bfloat16" and manifest["channels_last"] is False
+    torch.testing.assert_close(torch.tensor(runs["cl"].values), torch.tensor(runs["ref"].values), rtol=1e-4, atol=1e-4)
+    auc = lambda r: torch.tensor(r.xs(("random", "pixel_flipping", "auc"), level=(0, 1, 2)).values)
+    assert not torch.equal(auc(runs["bf16"]), auc(runs["ref"]))               # autocast did change the passes
+    torch.testing.assert_close(auc(runs["bf16"]), auc(runs["ref"]), rtol=0.05, atol=0.05)
+    # the random map does not depend on the model: the pointing game is the same
+    hit = lambda r: r.xs(("random", "pointing_game", "hit"), level=(0, 1, 2)).values
+    assert (hit(runs["bf16"]) == hit(runs["ref"])).all()
