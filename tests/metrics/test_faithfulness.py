@@ -96,7 +96,7 @@ def test_invariances(tiny_cnn, batch):
 
 def test_automatic_chunk_size(tiny_cnn, batch, monkeypatch):
     """chunk_size None fits CHUNK_BYTES of inputs per forward pass, and chunks never change a number."""
-    assert auto_chunk_size(torch.zeros(2, 3, 64, 64)) == (4 << 20) // (3 * 64 * 64 * 4) == 85
+    assert auto_chunk_size(torch.zeros(2, 3, 64, 64)) == (2 << 20) // (3 * 64 * 64 * 4) == 42
     assert auto_chunk_size(torch.zeros(1, 3, 4096, 4096)) == 1
     x, target = batch
     attribution = torch.randn(5, 8, 8, generator=torch.Generator().manual_seed(1))
