@@ -195,11 +195,14 @@ def similarities(
     }
     one = (ca ^ cb) if constant == "zero" else torch.zeros_like(ca)
     undefined = (ca & cb) if constant == "zero" else (ca | cb)
-    out = {}
+    nonnegative = a.numel() > 0 and bool(a.amin() >= 0) and bool(b.amin() >= 0)
+    raw: dict[str, Tensor] = {}
     for m in measures:
-        s = fns[m]()
-        out[m] = torch.where(undefined, torch.nan, torch.where(one, 0.0, s)).to(a.dtype)
-    return out
+        source = "spearman" if m == "spearman_signed" and nonnegative else m   # |a| = a: one Spearman for both
+        if source not in raw:
+            raw[source] = fns[source]()
+        raw[m] = raw[source]
+    return {m: torch.where(undefined, torch.nan, torch.where(one, 0.0, raw[m])).to(a.dtype) for m in measures}
 
 
 # ---------------------------------------------------------------- model parameter randomization
