@@ -7,7 +7,8 @@ counterpart (Quantus 0.6, the `test` extra; skipped with a message where absent)
   mprt            cascading top-down over every module Quantus would re-draw, Spearman, saliency maps
   random_logit    SSIM between the target's and a random other class's saliency map
   localization    every localization metric on the same maps and masks
-  grid            the default experiment's 7 methods x 4 metrics, batch by batch as `bench.run` runs them
+  grid            the default experiment's 7 methods x 4 metrics, batch by batch as `bench.run` runs them,
+                  on the default model's 64 px and --grid-n samples (no scaling: it takes minutes)
   methods         every method of conf/method/ with its YAML defaults: seconds per 64 images
 Models: the zoo's small_cnn at 32 and 64 px and torchvision's resnet18 at 224 px, randomly
 initialised (timing does not need trained weights). Every figure is the best of `--repeat` runs
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--n", type=int, default=64, help="samples at scale 1x")
     p.add_argument("--scales", nargs="+", type=int, default=[1, 4, 16], help="multiples of n (time and memory growth)")
     p.add_argument("--localization-n", type=int, default=1000, help="maps for the localization workload at 1x")
+    p.add_argument("--grid-n", type=int, default=128, help="samples of the grid workload (run at 64 px only)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -310,6 +312,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         print("quantus is not installed (pip install 'saliency-bench[test]'): timing ours only")
     jobs = []
     for name in [w for w in a.workloads if w != "methods"]:
+        if name == "grid":                                       # the default model's size, once: it takes minutes
+            size = 64 if 64 in a.sizes else a.sizes[0]
+            jobs += [("grid", impl, size, a.grid_n) for impl in ("ours", "quantus") if impl == "ours" or quantus]
+            continue
         for size in a.sizes:
             base = a.localization_n if name == "localization" else a.n
             for scale in a.scales:
