@@ -19,7 +19,7 @@ CHUNK_BYTES = {"cpu": 2 << 20, "cuda": 512 << 20}
 def auto_chunk_size(x: Tensor) -> int:
     """Inputs per chunk such that a chunk of x's items takes CHUNK_BYTES of its device (at least 1)."""
     budget = CHUNK_BYTES.get(x.device.type, CHUNK_BYTES["cuda"])
-    return max(1, budget // max(1, x[0].numel() * x.element_size()))
+    return max(1, budget // max(1, x.shape[1:].numel() * x.element_size()))
 
 
 class ChunkRetryWarning(RuntimeWarning):

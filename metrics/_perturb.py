@@ -24,6 +24,8 @@ def _check_inputs(model_input: Tensor, target: Tensor, attribution: Tensor) -> N
     if model_input.ndim != 4:
         raise ValueError(f"x must have shape (B, C, H, W), got {tuple(model_input.shape)}")
     B, _, H, W = model_input.shape
+    if B == 0:
+        raise ValueError("x holds no samples (B = 0): pass a batch of at least one image")
     if attribution.shape != (B, H, W):
         raise ValueError(
             f"attribution must be a channel-reduced map of shape {(B, H, W)}, got {tuple(attribution.shape)}; "

@@ -138,6 +138,8 @@ def test_bad_shapes(tiny_cnn, batch):
         pixel_flipping(tiny_cnn, x, target, torch.zeros(5, 3, 8, 8))
     with pytest.raises(ValueError, match="NaN or Inf"):
         pixel_flipping(tiny_cnn, x, target, torch.full((5, 8, 8), torch.nan))
+    with pytest.raises(ValueError, match=r"x holds no samples \(B = 0\)"):
+        pixel_flipping(tiny_cnn, x[:0], target[:0], torch.zeros(0, 8, 8))
 
 
 # ---- region perturbation, both orders, baselines, ties ---------------------------------------------------
