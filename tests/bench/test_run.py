@@ -96,7 +96,7 @@ def test_hydra_app_runs_and_reports(tmp_path):
     assert "| saliency |" in proc.stdout and "| random |" in proc.stdout
 
 
-def test_channels_last_and_reduced_precision_agree_with_full_precision(tmp_path):
+def test_channels_last_and_reduced_precision_agree_with_full_precision(tmp_path, caplog):
     """channels_last gives float32's numbers to rounding; bfloat16 autocast stays close on the
     forward-pass scores; each switch gets its own cells and is written to the manifest."""
     runs, keys = {}, {}
@@ -107,6 +107,7 @@ def test_channels_last_and_reduced_precision_agree_with_full_precision(tmp_path)
         keys[name] = {c["key"] for c in manifest["cells"]}
     assert not (keys["ref"] & keys["cl"]) and not (keys["ref"] & keys["bf16"]) and not (keys["cl"] & keys["bf16"])
     assert manifest["precision"] == "bfloat16" and manifest["channels_last"] is False
+    assert "precision=bfloat16 on CPU: autocast is meant for GPUs" in caplog.text
     torch.testing.assert_close(torch.tensor(runs["cl"].values), torch.tensor(runs["ref"].values), rtol=1e-4, atol=1e-4)
     auc = lambda r: torch.tensor(r.xs(("random", "pixel_flipping", "auc"), level=(0, 1, 2)).values)
     assert not torch.equal(auc(runs["bf16"]), auc(runs["ref"]))               # autocast did change the passes
