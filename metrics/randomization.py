@@ -74,14 +74,25 @@ def ssim(a: Tensor, b: Tensor, *, win_size: int = 7, data_range: float = 1.0) ->
         raise ValueError(f"win_size must be an odd integer >= 3, got {win_size}")
     if win_size > min(H, W):
         return torch.full((B,), torch.nan, dtype=a.dtype, device=a.device)
-    a, b = a.double()[:, None], b.double()[:, None]                              # (B, 1, H, W)
-    pool = lambda t: F.avg_pool2d(t, win_size, stride=1)                         # noqa: E731  (B, 1, H-w+1, W-w+1)
-    ma, mb = pool(a), pool(b)
+    return _ssim(_ssim_side(a, win_size), _ssim_side(b, win_size), win_size, data_range).to(a.dtype)
+
+
+def _ssim_side(t: Tensor, win_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One map's share of SSIM: the map (B, 1, H, W) in float64, its local means and local means of squares."""
+    t = t.double()[:, None]
+    return t, F.avg_pool2d(t, win_size, stride=1), F.avg_pool2d(t * t, win_size, stride=1)
+
+
+def _ssim(sa: tuple[Tensor, Tensor, Tensor], sb: tuple[Tensor, Tensor, Tensor], win_size: int,
+          data_range: float) -> Tensor:
+    a, ma, aa = sa
+    b, mb, bb = sb
     cov = win_size ** 2 / (win_size ** 2 - 1)
-    va, vb, vab = cov * (pool(a * a) - ma ** 2), cov * (pool(b * b) - mb ** 2), cov * (pool(a * b) - ma * mb)
+    va, vb = cov * (aa - ma ** 2), cov * (bb - mb ** 2)
+    vab = cov * (F.avg_pool2d(a * b, win_size, stride=1) - ma * mb)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = (2 * ma * mb + c1) * (2 * vab + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))
-    return s.mean(dim=(1, 2, 3)).to(a.dtype if a.dtype != torch.float64 else b.dtype)
+    return s.mean(dim=(1, 2, 3))
 
 
 def hog(a: Tensor, *, orientations: int = 9, cell: int = 8, block: int = 3) -> Tensor:
@@ -118,11 +129,14 @@ def hog(a: Tensor, *, orientations: int = 9, cell: int = 8, block: int = 3) -> T
 
 def hog_similarity(a: Tensor, b: Tensor, *, orientations: int = 9, cell: int = 8, block: int = 3) -> Tensor:
     """Pearson correlation of the `hog` features of two (B, H, W) maps; NaN if either has none or is flat."""
-    fa = hog(a, orientations=orientations, cell=cell, block=block)
-    fb = hog(b, orientations=orientations, cell=cell, block=block)
-    if fa.shape[1] == 0:
-        return torch.full((a.shape[0],), torch.nan, dtype=a.dtype, device=a.device)
-    return _pearson(fa, fb).to(a.dtype)
+    return _feature_correlation(hog(a, orientations=orientations, cell=cell, block=block),
+                                hog(b, orientations=orientations, cell=cell, block=block)).to(a.dtype)
+
+
+def _feature_correlation(fa: Tensor, fb: Tensor) -> Tensor:
+    """Pearson per row of (B, n) features; NaN where there are none."""
+    return torch.full((fa.shape[0],), torch.nan, dtype=fa.dtype, device=fa.device) if fa.shape[1] == 0 \
+        else _pearson(fa, fb)
 
 
 def _top_mask(v: Tensor, k: int, seed: int) -> Tensor:
@@ -163,6 +177,7 @@ def similarities(
     top_k: float = 0.1,
     constant: Constant = "zero",
     seed: int = 0,
+    reference: dict | None = None,
 ) -> dict[str, Tensor]:
     """Similarity of two maps per sample under each measure, all from the same pair of maps.
 
@@ -173,7 +188,9 @@ def similarities(
     (`top_k` = fraction of pixels). Constant maps carry no structure and leave every measure
     undefined: where exactly one of a, b is constant every measure scores 0 ("no structure in
     common"; `constant="nan"` gives NaN instead), where both are, NaN. Nothing is dropped:
-    NaN stays NaN and is counted by the report.
+    NaN stays NaN and is counted by the report. `reference`: a dict passed with the same `a` to
+    every call that compares it with other maps (MPRT's stages); a's side of each measure (its
+    ranks, local means, HOG features, top-k set) is computed on the first call and kept there.
     """
     if a.ndim != 3 or a.shape != b.shape:
         raise ValueError(f"maps must both have shape (B, H, W), got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -182,16 +199,36 @@ def similarities(
         raise ValueError(f"measures {unknown or list(measures)} unknown; choose among {list(SIMILARITIES)}")
     if constant not in ("zero", "nan"):
         raise ValueError(f"constant must be 'zero' or 'nan', got {constant!r}")
-    ca = a.amax(dim=(1, 2)) == a.amin(dim=(1, 2))                                 # (B,) constant map
-    cb = b.amax(dim=(1, 2)) == b.amin(dim=(1, 2))
-    na = _minmax(a.abs() if absolute else a)
-    nb = _minmax(b.abs() if absolute else b)
+    if not 0 < top_k <= 1:
+        raise ValueError(f"top_k fraction must be in (0, 1], got {top_k}")
+    B, H, W = a.shape
+    memo = {} if reference is None else reference
+
+    def side(name: str, of_a: Callable[[], Tensor], of_b: Callable[[], Tensor]) -> tuple[Any, Any]:
+        """(a's value, kept in memo under the options it depends on; b's value)."""
+        key = (name, absolute, top_k, seed)
+        if key not in memo:
+            memo[key] = of_a()
+        return memo[key], of_b()
+
+    ca, cb = side("constant", lambda: a.amax(dim=(1, 2)) == a.amin(dim=(1, 2)),
+                  lambda: b.amax(dim=(1, 2)) == b.amin(dim=(1, 2)))                  # (B,) constant map
+    na, nb = side("minmax", lambda: _minmax(a.abs() if absolute else a), lambda: _minmax(b.abs() if absolute else b))
+    k = max(1, round(top_k * H * W))
+    rank = lambda t: _average_rank(t.reshape(B, -1))                                 # noqa: E731
+    top = lambda t: _top_mask(t.reshape(B, -1), k, seed)                             # noqa: E731
+
+    def ssim_() -> Tensor:                                                           # 7x7 windows, data range 1
+        if min(H, W) < 7:
+            return torch.full((B,), torch.nan, dtype=torch.float64, device=a.device)
+        return _ssim(*side("ssim", lambda: _ssim_side(na, 7), lambda: _ssim_side(nb, 7)), 7, 1.0)
+
     fns = {
-        "spearman": lambda: spearman(a.abs(), b.abs()),
-        "spearman_signed": lambda: spearman(a, b),
-        "ssim": lambda: ssim(na, nb),
-        "hog": lambda: hog_similarity(na, nb),
-        "top_k": lambda: top_k_overlap(na, nb, fraction=top_k, seed=seed),
+        "spearman": lambda: _pearson(*side("rank_abs", lambda: rank(a.abs()), lambda: rank(b.abs()))),
+        "spearman_signed": lambda: _pearson(*side("rank", lambda: rank(a), lambda: rank(b))),
+        "ssim": ssim_,
+        "hog": lambda: _feature_correlation(*side("hog", lambda: hog(na), lambda: hog(nb))),
+        "top_k": lambda: torch.logical_and(*side("top_k", lambda: top(na), lambda: top(nb))).sum(dim=1).double() / k,
     }
     one = (ca ^ cb) if constant == "zero" else torch.zeros_like(ca)
     undefined = (ca & cb) if constant == "zero" else (ca | cb)
@@ -305,12 +342,12 @@ def mprt(
     stages = mprt_stages(model, order=order, layers=layers, exclude=exclude, seed=seed, layer_seed=layer_seed,
                          init=init, init_std=init_std)                      # arguments checked before any map
     original = _original_map(model, x, target, method, attribution, reduce)
-    names, per_stage = [], []
+    names, per_stage, reference = [], [], {}                                       # original's side, kept
     for name, randomized in stages:
         stage_map = to_map(method(randomized, x, target), reduce)                     # (B, H, W)
         names.append(name)
         per_stage.append(similarities(original, stage_map, measures=measures, absolute=absolute,
-                                      top_k=top_k, constant=constant, seed=seed))
+                                      top_k=top_k, constant=constant, seed=seed, reference=reference))
     return _result(per_stage, names, x)
 
 

@@ -382,3 +382,18 @@ def test_input_invariance_compensation_is_exact(tiny_cnn, batch):
     assert r.scores["rel_l1"].max().item() < 1e-4
     with pytest.raises(ValueError, match="needs `layer` to name the first layer"):
         input_invariance(tiny_cnn, x, target, methods.saliency, layer="relu1")
+
+
+def test_similarities_reference_is_a_pure_speed_up():
+    """A reference dict kept across calls with the same original map gives exactly the fresh numbers."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 16, 16, generator=g)
+    others = [torch.randn(4, 16, 16, generator=g) for _ in range(3)] + [a.clone(), torch.zeros(4, 16, 16)]
+    reference = {}
+    for absolute in (True, False):
+        for b in others:
+            kept = similarities(a, b, absolute=absolute, reference=reference)
+            fresh = similarities(a, b, absolute=absolute)
+            assert all(torch.equal(kept[m].nan_to_num(-9.0), fresh[m].nan_to_num(-9.0)) for m in fresh)
+    assert {key[0] for key in reference} == {"constant", "minmax", "rank_abs", "rank", "ssim", "hog", "top_k"}
+    assert {key[1] for key in reference} == {True, False}                 # kept apart per option
