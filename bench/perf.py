@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from bench.checks import PRECISIONS
+from bench.checks import PRECISIONS, autocast
 import methods
 from metrics import localization, mprt, pixel_flipping, random_logit, to_map
 
@@ -65,11 +65,6 @@ def make_model(size: int, device: torch.device, channels_last: bool = False) -> 
             model = SmallCNN(num_classes=6)
     model = model.eval().to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
-
-
-def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """The runner's `precision` switch: autocast to bfloat16 / float16, or a disabled context for float32."""
-    return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "float32")
 
 
 def make_inputs(model: nn.Module, size: int, n: int, device: torch.device, *, saliency: bool = True) -> dict[str, Tensor]:
@@ -131,11 +126,13 @@ def _quantus_call(metric, model, d: dict[str, Tensor], **extra) -> np.ndarray:
                                  device=str(d["x"].device), **extra))
 
 
-def _explain(model, inputs, targets, **_):
-    """Quantus' explain_func: our saliency, as (B, 1, H, W) numpy maps."""
-    device = next(model.parameters()).device
-    x, t = torch.as_tensor(inputs, device=device), torch.as_tensor(targets, device=device)
-    return to_map(methods.saliency(model, x, t), "abs_sum")[:, None].cpu().numpy()
+def _explainer(method: Callable[..., Tensor], reduce: str = "abs_sum") -> Callable[..., np.ndarray]:
+    """Quantus' explain_func for one of our methods: its maps, reduced, as (B, 1, H, W) numpy arrays."""
+    def explain(model, inputs, targets, **_):
+        device = next(model.parameters()).device
+        x, t = torch.as_tensor(inputs, device=device), torch.as_tensor(targets, device=device)
+        return to_map(method(model, x, t), reduce)[:, None].cpu().numpy()
+    return explain
 
 
 def workload(name: str, model: nn.Module, d: dict[str, Tensor], impl: str) -> tuple[Callable[[], Any], int]:
@@ -158,7 +155,7 @@ def workload(name: str, model: nn.Module, d: dict[str, Tensor], impl: str) -> tu
             return (lambda: mprt(model, d["x"], d["target"], methods.saliency, reduce="abs_sum", layers=layers,
                                  layer_seed="shared", measures=["spearman"])), 0
         metric = quantus.MPRT(layer_order="top_down", abs=True, normalise=True, disable_warnings=True)
-        return (lambda: _quantus_call(metric, model, d, explain_func=_explain, batch_size=64)), 0
+        return (lambda: _quantus_call(metric, model, d, explain_func=_explainer(methods.saliency), batch_size=64)), 0
     if name == "random_logit":
         if impl == "ours":
             return (lambda: random_logit(model, d["x"], d["target"], methods.saliency, reduce="abs_sum",
@@ -166,7 +163,7 @@ def workload(name: str, model: nn.Module, d: dict[str, Tensor], impl: str) -> tu
         with torch.no_grad():
             classes = model(d["x"][:1]).shape[1]
         metric = quantus.RandomLogit(num_classes=classes, abs=True, normalise=True, disable_warnings=True)
-        return (lambda: _quantus_call(metric, model, d, explain_func=_explain)), 0
+        return (lambda: _quantus_call(metric, model, d, explain_func=_explainer(methods.saliency))), 0
     if name == "localization":
         if impl == "ours":
             fns = [getattr(localization, n) for n in localization.__all__]
@@ -222,9 +219,7 @@ def _grid(model: nn.Module, d: dict[str, Tensor], impl: str) -> Callable[[], Any
 
     def run() -> None:
         for method in methods_.values():
-            def explain(model, inputs, targets, method=method, **_):
-                x, t = torch.as_tensor(inputs, device=d["x"].device), torch.as_tensor(targets, device=d["x"].device)
-                return to_map(method(model, x, t), cfg.reduce)[:, None].cpu().numpy()
+            explain = _explainer(method, cfg.reduce)
             for xb, tb, mb in batches:
                 q = {"x": xb, "target": tb, "map": to_map(method(model, xb, tb), cfg.reduce)}
                 s = mb[:, None].float().cpu().numpy()

@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from bench import store
-from bench.checks import (PRECISIONS, check_model, check_name, check_options, check_targets,
+from bench.checks import (autocast, check_model, check_name, check_options, check_targets,
                           error_text, instantiate_checked, need_bytes, scan, stream)
 from bench.zoo import cache_key, load_model
 from bench.zoo.sources import sha256
@@ -279,10 +279,12 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
     model, model_info = load_model(cfg.model, cfg.dataset, cache_dir=cfg.cache_dir, device=device)
     model_info["load_seconds"] = round(time.perf_counter() - t0, 2)
     model_info["evaluated_accuracy"] = check_model(model, dataset, cfg.batch_size, device, data, names)
-    fast = {k: cfg[k] for k, default in (("channels_last", False), ("precision", "float32"))
-            if cfg.get(k, default) != default}                     # in the cell keys only when switched on,
-    if fast.get("channels_last"):                                  # so default runs keep their stored cells
+    precision, channels_last = cfg.get("precision", "float32"), cfg.get("channels_last", False)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    fast = {k: v for k, v in (("channels_last", channels_last), ("precision", precision))
+            if v not in (False, "float32")}                        # in the cell keys only when switched on,
+                                                                   # so default runs keep their stored cells
 
     job = OmegaConf.to_container(cfg, resolve=True)
     run_id = f"{names['dataset']}-{names['model']}-{_digest(job)}"
@@ -302,12 +304,10 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
     retries: list[dict[str, Any]] = []
     lost: list[dict[str, Any]] = []                                # failures of cells with no scored sample
     interrupted = False
-    precision = cfg.get("precision", "float32")
     if precision != "float32" and device.type == "cpu":
         log.warning("precision=%s on CPU: autocast is meant for GPUs; on a CPU without %s units it is much "
                     "slower (48x for pixel flipping on the suite's reference CPU)", precision, precision)
-    autocast = torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "float32")
-    with _determinism(bool(cfg.get("deterministic", False))), autocast:
+    with _determinism(bool(cfg.get("deterministic", False))), autocast(device, precision):
         rows_per_sample = _probe(model, dataset, methods, metrics, todo, cfg.reduce, extra, device)
         store.check_space(out_dir, need_bytes=need_bytes(data["n"], data["shape"], rows_per_sample, len(methods),
                                                           bool(cfg.get("cache_maps", False))))
@@ -340,7 +340,7 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
         "n_samples": data["n"], "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or None,
         "seed": cfg.seed, "reduce": cfg.reduce, "deterministic": bool(cfg.get("deterministic", False)),
-        "precision": cfg.get("precision", "float32"), "channels_last": bool(cfg.get("channels_last", False)),
+        "precision": precision, "channels_last": channels_last,
         "keys": {"sample_ids": data["sample_ids"], "checkpoint": base["checkpoint"], "suite": base["suite"],
                  "format": FORMAT},
         "config": job, "versions": _versions(), "git_commit": _git_commit(),

@@ -152,13 +152,22 @@ def top_k_overlap(a: Tensor, b: Tensor, *, fraction: float = 0.1, seed: int = 0)
 
     Ties are decided by one seeded random permutation of the positions, the same for both maps.
     """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"top_k fraction must be in (0, 1], got {fraction}")
     B = a.shape[0]
     a, b = a.reshape(B, -1), b.reshape(B, -1)
-    k = max(1, round(fraction * a.shape[1]))
-    both = _top_mask(a, k, seed) & _top_mask(b, k, seed)
-    return both.sum(dim=1).to(a.dtype) / k
+    k = _top_k_count(fraction, a.shape[1])
+    return _overlap(_top_mask(a, k, seed), _top_mask(b, k, seed), k, a.dtype)
+
+
+def _top_k_count(fraction: float, n: int) -> int:
+    """k = max(1, round(fraction * n)) after checking that fraction lies in (0, 1]."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"top_k fraction must be in (0, 1], got {fraction}")
+    return max(1, round(fraction * n))
+
+
+def _overlap(top_a: Tensor, top_b: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+    """|top_a & top_b| / k per row of (B, n) bool masks."""
+    return (top_a & top_b).sum(dim=1).to(dtype) / k
 
 
 def _minmax(m: Tensor) -> Tensor:
@@ -199,9 +208,8 @@ def similarities(
         raise ValueError(f"measures {unknown or list(measures)} unknown; choose among {list(SIMILARITIES)}")
     if constant not in ("zero", "nan"):
         raise ValueError(f"constant must be 'zero' or 'nan', got {constant!r}")
-    if not 0 < top_k <= 1:
-        raise ValueError(f"top_k fraction must be in (0, 1], got {top_k}")
     B, H, W = a.shape
+    k = _top_k_count(top_k, H * W)
     memo = {} if reference is None else reference
 
     def side(name: str, of_a: Callable[[], Tensor], of_b: Callable[[], Tensor]) -> tuple[Any, Any]:
@@ -214,7 +222,6 @@ def similarities(
     ca, cb = side("constant", lambda: a.amax(dim=(1, 2)) == a.amin(dim=(1, 2)),
                   lambda: b.amax(dim=(1, 2)) == b.amin(dim=(1, 2)))                  # (B,) constant map
     na, nb = side("minmax", lambda: _minmax(a.abs() if absolute else a), lambda: _minmax(b.abs() if absolute else b))
-    k = max(1, round(top_k * H * W))
     rank = lambda t: _average_rank(t.reshape(B, -1))                                 # noqa: E731
     top = lambda t: _top_mask(t.reshape(B, -1), k, seed)                             # noqa: E731
 
@@ -228,7 +235,7 @@ def similarities(
         "spearman_signed": lambda: _pearson(*side("rank", lambda: rank(a), lambda: rank(b))),
         "ssim": ssim_,
         "hog": lambda: _feature_correlation(*side("hog", lambda: hog(na), lambda: hog(nb))),
-        "top_k": lambda: torch.logical_and(*side("top_k", lambda: top(na), lambda: top(nb))).sum(dim=1).double() / k,
+        "top_k": lambda: _overlap(*side("top_k", lambda: top(na), lambda: top(nb)), k, a.dtype),
     }
     one = (ca ^ cb) if constant == "zero" else torch.zeros_like(ca)
     undefined = (ca & cb) if constant == "zero" else (ca | cb)
