@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -192,39 +194,113 @@ def relevance_rank_accuracy(
 def localization_auc(attribution: Tensor, mask: Tensor, *, sign: Sign = "signed", chunk_size: int = 256) -> MetricResult:
     """ROC-AUC of the map as a pixel classifier of the mask (used by Quantus' AUC, Fawcett 2006).
 
-    AUC = P(R_in > R_out) + P(R_in = R_out) / 2 over pixel pairs, computed exactly from
-    mid-ranks (Mann-Whitney U): ties count one half, as sklearn's roc_auc_score, so a
-    constant map scores 0.5. NaN where the mask is empty or covers every pixel.
+    AUC = P(R_in > R_out) + P(R_in = R_out) / 2 over pixel pairs (Mann-Whitney U / (P Q)):
+    ties count one half, as sklearn's roc_auc_score, so a constant map scores 0.5. Exact: each
+    row is sorted once by the integer key 2 * value + in-mask, and U is read off the sorted
+    keys. NaN where the mask is empty or covers every pixel.
     """
     a, m = _flatten(attribution, mask, sign)
-    P, Q = m.sum(dim=1), (~m).sum(dim=1)                                  # positives, negatives (B,)
 
     def auc(i: Tensor) -> Tensor:
-        v, order = a[i].sort(dim=1)                                      # (N, n) ascending
-        n = v.shape[1]
-        inside = m[i].gather(1, order)                                   # (N, n) positives in sorted order
-        small = n * (n + 1) // 2 < 2 ** 31                               # the rank sum fits in int32
-        place = torch.arange(1, n + 1, device=v.device, dtype=torch.int32 if small else torch.int64)
-        twice_rank = 2 * (inside * place).sum(dim=1, dtype=place.dtype).long()   # ties ranked by sort order
-        # a tie group [lo, hi) ranks its pixels (lo + hi + 1) / 2 each (mid-rank) instead of their places:
-        # only pixels with a tied neighbour can change, so the correction runs over those alone
-        same = v[:, 1:] == v[:, :-1]                                     # (N, n - 1) place j + 1 ties with j
-        r, c = (F.pad(same, (1, 0)) | F.pad(same, (0, 1))).nonzero(as_tuple=True)   # (T,) row-major
-        if r.numel():
-            vt, pos = v[r, c], inside[r, c]
-            new_group = F.pad((r[1:] != r[:-1]) | (vt[1:] != vt[:-1]), (1, 0), value=True)   # (T,)
-            end = F.pad(new_group[1:], (0, 1), value=True)               # last pixel of its group
-            group = new_group.cumsum(dim=0) - 1                          # (T,) tie group of each pixel
-            positives = torch.zeros(int(group[-1]) + 1, dtype=torch.int64, device=v.device)
-            positives.index_add_(0, group, pos.long())                   # (G,) positives per group
-            mid = positives * (c[new_group] + c[end] + 2)                # (G,) positives x 2 x mid-rank
-            twice_rank.index_add_(0, r[new_group], mid).index_add_(0, r, torch.where(pos, -2 * (c + 1), 0))
-        p, q = P[i].double(), Q[i].double()
-        return (twice_rank.double() / 2 - p * (p + 1) / 2) / (p * q)
+        keys = _sorted_keys(a[i], m[i])
+        twice_u, p = (torch.cat(t) for t in zip(*map(_twice_u, keys.split(64))))   # 64 rows stay in cache
+        p, q = p.double(), keys.shape[1] - p.double()                   # pixels inside, outside (N,)
+        return torch.where((p > 0) & (q > 0), twice_u.double() / (2 * p * q), torch.nan)
 
     out = _by_sample(auc, a.shape[0], chunk_size, a.device).to(attribution.dtype)
-    out = torch.where((P > 0) & (Q > 0), out, torch.nan)
     return MetricResult(scores={"auc": out}, higher_is_better={"auc": True})
+
+
+def _sorted_keys(a: Tensor, m: Tensor) -> Tensor:
+    """(N, n) integer keys 2 k(value) + in-mask, each row sorted ascending: pixels in value order,
+    and among equal values those outside the mask first. k is order-preserving and equal exactly
+    for equal values: the float32 bits for maps of at most 32 bits, the value's dense rank otherwise.
+
+    On CPU the keys are built and sorted in numpy, a few rows per thread, as int32 where they fit
+    (_narrow_keys): numpy's vectorised sort (x86-simd-sort) of 1000 x 224^2 int32 keys takes 0.2 s
+    on the 2-core reference machine, torch.sort of the values 2.3 s (it also sorts the indices)."""
+    if a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        v, order = a.sort(dim=1)                                        # e.g. float64: dense ranks as k
+        dense = F.pad((v[:, 1:] != v[:, :-1]).cumsum(dim=1), (1, 0))
+        keys = 2 * torch.empty_like(dense).scatter_(1, order, dense) + m
+        return keys.sort(dim=1).values
+    a = a.detach().float()
+    if a.device.type != "cpu":
+        return _wide_keys(a, m).sort(dim=1).values
+    values, inside = a.numpy(), m.numpy()
+
+    def in_threads(job: Callable[[slice], object]) -> list:              # numpy's sort releases the GIL
+        blocks = (slice(s, s + _ROWS_PER_THREAD_JOB) for s in range(0, len(values), _ROWS_PER_THREAD_JOB))
+        with ThreadPoolExecutor(torch.get_num_threads()) as pool:
+            return list(pool.map(job, blocks))
+
+    narrow = np.empty(values.shape, dtype=np.int32)
+
+    def narrow_sorted(rows: slice) -> bool:
+        fits = _narrow_keys(values[rows], inside[rows], narrow[rows])
+        if fits:
+            narrow[rows].sort(axis=1)
+        return fits
+
+    if all(in_threads(narrow_sorted)):
+        return torch.from_numpy(narrow)
+    keys = _wide_keys(a, m)                                             # e.g. inf, or a span over 2^126
+    wide = keys.numpy()
+    in_threads(lambda rows: wide[rows].sort(axis=1))
+    return keys
+
+
+_ROWS_PER_THREAD_JOB = 16
+
+
+def _wide_keys(a: Tensor, m: Tensor) -> Tensor:
+    """int64 keys 2 k + in-mask of float32 values; k: the magnitude bits, complemented (-k - 1) for
+    negative values, an order-preserving integer (-0.0 is read as 0.0)."""
+    bits = (a + 0.0).view(torch.int32)                                  # + 0.0 turns -0.0 into 0.0
+    return (((bits & 0x7FFFFFFF) ^ (bits >> 31)).long() << 1) | m
+
+
+def _narrow_keys(values: np.ndarray, inside: np.ndarray, out: np.ndarray) -> bool:
+    """_wide_keys' order in int32 where it fits, written to `out`: each row's magnitude bits less
+    those of its smallest nonzero magnitude's power of two (zero stays 0) take 30 bits when the row's
+    nonzero magnitudes span less than 2^126, which any real map does. False (out unusable) else."""
+    bits = (values + 0.0).view(np.int32)
+    magnitude = bits & 0x7FFFFFFF
+    smallest = np.where(magnitude > 0, magnitude, 0x7FFFFFFF).min(axis=1, keepdims=True)
+    magnitude -= np.maximum((smallest >> 23) - 1, 0) << 23             # exponent field minus one, >= 0
+    np.maximum(magnitude, 0, out=magnitude)
+    if magnitude.max(initial=0) >= 1 << 30:
+        return False
+    magnitude ^= bits >> 31                                             # negatives: -k - 1
+    np.left_shift(magnitude, 1, out=out)
+    out |= inside
+    return True
+
+
+def _twice_u(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """2U and P (pixels in the mask) per row of sorted keys (see _sorted_keys); U = number of (in, out) pixel pairs ordered in > out,
+    plus half the tied pairs.
+
+    A positive at sorted place j follows j pixels: every positive before it and every negative with a
+    smaller or equal value, so sum_j (over positives) - P (P - 1) / 2 counts each tied pair once in
+    full. Each value held by both N_g negatives and P_g positives takes back half of its N_g P_g pairs;
+    such a group is where a negative key 2k is followed by the positive key 2k + 1."""
+    N, n = keys.shape
+    weights = torch.stack([torch.ones(n, device=keys.device), torch.arange(n, device=keys.device)], 1).double()
+    P, place_sum = ((keys & 1).double() @ weights).long().unbind(1)      # exact: sums < 2^53
+    twice_u = 2 * place_sum - P * (P - 1)
+    r, c = (keys[:, 1:] - keys[:, :-1] == 1).nonzero(as_tuple=True)
+    mixed = (keys[r, c] & 1) == 0
+    r, c = r[mixed], c[mixed]                                           # (G,) last negative of each group
+    if r.numel():
+        per_row = torch.bincount(r, minlength=N)
+        slot = torch.arange(r.numel(), device=keys.device) - (per_row.cumsum(0) - per_row)[r]
+        neg, pos = (keys[:, :1].repeat(1, int(per_row.max())) for _ in range(2))   # (N, G_max), padded
+        neg[r, slot], pos[r, slot] = keys[r, c], keys[r, c + 1]
+        first_neg = torch.searchsorted(keys, neg)[r, slot]
+        end_pos = torch.searchsorted(keys, pos, right=True)[r, slot]
+        twice_u.index_add_(0, r, -(c + 1 - first_neg) * (end_pos - c - 1))
+    return twice_u, P
 
 
 def _pixels(k: int | float, n: int, name: str) -> int:

@@ -267,6 +267,47 @@ def test_auc_matches_sklearn_with_ties(seed):
     torch.testing.assert_close(got, ref.float())
 
 
+def _sklearn_auc(a, m):
+    a = a.double().nan_to_num(posinf=1e300, neginf=-1e300)              # the same order, finite for sklearn
+    return torch.tensor([roc_auc_score(mi.flatten(), ai.flatten()) for ai, mi in zip(a, m)], dtype=torch.float64)
+
+
+def test_auc_keys_in_every_encoding_match_sklearn():
+    """Each way a map becomes sort keys gives sklearn's AUC: int32 keys (non-negative and signed maps,
+    rows rescaled by their smallest power of two), int64 keys (a row spanning more than 2^126, or
+    inf), dense ranks (float64), float16, and -0.0 tied with 0.0."""
+    g = torch.Generator().manual_seed(3)
+    m = torch.rand(6, 7, 8, generator=g) > 0.6
+    signed = torch.randn(6, 7, 8, generator=g) * 1e3
+    signed[0, :2] = -0.0
+    signed[0, 2:4] = 0.0                                                # -0.0 and 0.0 are one tied value
+    signed[1] = signed[1].round()                                       # many ties across signs
+    signed[2, 0, 0] = 1e-40                                             # a subnormal: no rescaling for that row
+    spanning = signed.clone()
+    spanning[3, 0, :2] = torch.tensor([1e-30, 1e30])                    # 2^199 apart: int64 keys
+    infinite = signed.clone()
+    infinite[4, 1, 1] = -math.inf
+    for a in (signed, signed.abs(), spanning, infinite, signed.double(), signed.half(), signed.bfloat16()):
+        got = localization_auc(a, m).scores["auc"]                       # in the map's dtype
+        torch.testing.assert_close(got, _sklearn_auc(a, m).to(a.dtype), atol=1e-6, rtol=0, msg=lambda e: f"{a.dtype}: {e}")
+
+
+def test_auc_int32_and_int64_keys_agree():
+    """The int64 keys (GPU path and CPU fallback) count exactly as the int32 keys."""
+    from metrics.localization import _narrow_keys, _twice_u, _wide_keys
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(5, 300, generator=g).round(decimals=1)              # ties
+    a[0] = a[0].abs()
+    m = torch.rand(5, 300, generator=g) > 0.5
+    narrow = np.empty(a.shape, dtype=np.int32)
+    assert _narrow_keys(a.numpy(), m.numpy(), narrow)
+    narrow = torch.from_numpy(np.sort(narrow, axis=1))
+    wide = _wide_keys(a, m).sort(dim=1).values
+    assert torch.equal(narrow & 1, (wide & 1).int())                    # the same order of in / out
+    for got, expected in zip(_twice_u(narrow), _twice_u(wide)):
+        assert torch.equal(got, expected)
+
+
 def test_every_metric_batched_chunked_permuted_and_rescaled():
     g = torch.Generator().manual_seed(5)
     a = torch.randn(7, 6, 5, generator=g)
