@@ -112,13 +112,14 @@ def layer_cam(model: nn.Module, x: Tensor, target: Tensor, *, layer: str | None 
 def score_cam(
     model: nn.Module, x: Tensor, target: Tensor, *,
     layer: str | None = None, output: Literal["softmax", "logit"] = "softmax", baseline: float = 0.0,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Score-CAM (Wang et al. 2020): ReLU(sum_k s_k U_k), s_k = p_target(x * N_k + baseline * (1 - N_k)),
 
     U_k the layer's k-th map upsampled to the input, N_k = U_k min-max scaled to [0, 1]
     per sample (a constant map gets s_k = 0), p the softmax probability as in the
-    paper's code. No gradients; B * K forward passes, `chunk_size` images at a time.
+    paper's code. No gradients; B * K forward passes, `chunk_size` images at a time (None: sized
+    from the memory budget of metrics._chunk).
     """
     module = _layer("score_cam", model, x, layer)
     store: list[Tensor] = []
@@ -139,6 +140,6 @@ def score_cam(
         return score(model, x[b] * n + baseline * (1 - n), target[b], output)
 
     with torch.no_grad():
-        s = chunked(masked_score, B * K, chunk_size, device=x.device).view(B, K, 1, 1)
+        s = chunked(masked_score, B * K, chunk_size, device=x.device, like=x).view(B, K, 1, 1)
     s = torch.where(hi > lo, s, 0.0)
     return (s * U).sum(dim=1, keepdim=True).clamp_min(0)                          # (B, 1, H, W)

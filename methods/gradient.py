@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from methods._common import attribution_method, generator, input_gradient, value_range
-from metrics._chunk import chunked
+from metrics._chunk import chunked, images_per_chunk
 
 
 @attribution_method
@@ -28,7 +28,7 @@ def gradient_x_input(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
 
 
 def _noisy_gradient_moments(
-    model: nn.Module, x: Tensor, target: Tensor, *, samples: int, noise: float, seed: int, chunk_size: int,
+    model: nn.Module, x: Tensor, target: Tensor, *, samples: int, noise: float, seed: int, chunk_size: int | None,
 ) -> tuple[Tensor, Tensor]:
     """Mean and variance of d f_target / d x at x + sigma eps_k, k = 1..samples, each (B, C, H, W).
 
@@ -52,14 +52,14 @@ def _noisy_gradient_moments(
         d = input_gradient(model, xs, target.repeat(len(k))).view(len(k), *x.shape) - g0
         return torch.stack([d.sum(0), d.square().sum(0)])[None]                   # (1, 2, B, C, H, W)
 
-    m = chunked(moments, samples, max(1, chunk_size // B), device=x.device).sum(0) / samples
+    m = chunked(moments, samples, max(1, images_per_chunk(chunk_size, x) // B), device=x.device).sum(0) / samples
     return g0 + m[0], (m[1] - m[0].square()).clamp_min(0)
 
 
 @attribution_method
 def smoothgrad(
     model: nn.Module, x: Tensor, target: Tensor, *,
-    samples: int = 50, noise: float = 0.15, seed: int = 0, chunk_size: int = 256,
+    samples: int = 50, noise: float = 0.15, seed: int = 0, chunk_size: int | None = None,
 ) -> Tensor:
     """SmoothGrad (Smilkov et al. 2017): mean_k d f_target(x + eps_k) / d x, eps_k ~ N(0, sigma^2).
 
@@ -72,7 +72,7 @@ def smoothgrad(
 @attribution_method
 def smoothgrad_squared(
     model: nn.Module, x: Tensor, target: Tensor, *,
-    samples: int = 50, noise: float = 0.15, seed: int = 0, chunk_size: int = 256,
+    samples: int = 50, noise: float = 0.15, seed: int = 0, chunk_size: int | None = None,
 ) -> Tensor:
     """SmoothGrad-Squared (Hooker et al. 2019): mean_k (d f_target(x + eps_k) / d x)^2; noise as in smoothgrad."""
     mean, var = _noisy_gradient_moments(model, x, target, samples=samples, noise=noise, seed=seed,
@@ -83,7 +83,7 @@ def smoothgrad_squared(
 @attribution_method
 def vargrad(
     model: nn.Module, x: Tensor, target: Tensor, *,
-    samples: int = 50, noise: float = 0.15, seed: int = 0, chunk_size: int = 256,
+    samples: int = 50, noise: float = 0.15, seed: int = 0, chunk_size: int | None = None,
 ) -> Tensor:
     """VarGrad (Adebayo et al. 2018): var_k d f_target(x + eps_k) / d x, the population variance.
 

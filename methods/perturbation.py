@@ -30,7 +30,7 @@ def grid_segments(height: int, width: int, *, cells: int = 8, device: torch.devi
 
 
 def _masked_scores(model: nn.Module, x: Tensor, target: Tensor, keep: Tensor, *, baseline: float,
-                   output: Literal["logit", "softmax"], chunk_size: int) -> Tensor:
+                   output: Literal["logit", "softmax"], chunk_size: int | None) -> Tensor:
     """f_target(x * m_k + baseline * (1 - m_k)) for every sample and mask keep (K, H, W): (B, K)."""
     B, K = x.shape[0], keep.shape[0]
 
@@ -40,7 +40,7 @@ def _masked_scores(model: nn.Module, x: Tensor, target: Tensor, keep: Tensor, *,
         return score(model, x[b] * m + baseline * (1 - m), target[b], output)
 
     with torch.no_grad():
-        return chunked(forward, B * K, chunk_size, device=x.device).view(B, K)
+        return chunked(forward, B * K, chunk_size, device=x.device, like=x).view(B, K)
 
 
 @attribution_method
@@ -62,7 +62,7 @@ def occlusion(
 def rise(
     model: nn.Module, x: Tensor, target: Tensor, *,
     masks: int = 1000, cells: int = 8, p: float = 0.5, baseline: float = 0.0,
-    output: Literal["softmax", "logit"] = "softmax", seed: int = 0, chunk_size: int = 512,
+    output: Literal["softmax", "logit"] = "softmax", seed: int = 0, chunk_size: int | None = None,
 ) -> Tensor:
     """RISE (Petsiuk et al. 2018): S = sum_k f_target(x * M_k) M_k / (masks * p).
 
@@ -97,7 +97,7 @@ def _coalitions(segments: int, samples: int, g: torch.Generator, kind: Literal["
 
 
 def _segment_scores(model: nn.Module, x: Tensor, target: Tensor, z: Tensor, *, cells: int, baseline: float,
-                    output: Literal["logit", "softmax"], chunk_size: int) -> tuple[Tensor, Tensor]:
+                    output: Literal["logit", "softmax"], chunk_size: int | None) -> tuple[Tensor, Tensor]:
     """Labels (H, W) and the scores (B, K) of x with the segments of each coalition z_k kept."""
     seg = grid_segments(*x.shape[2:], cells=cells, device=x.device)
     keep = z.to(x)[:, seg]                                                          # (K, H, W)
@@ -108,7 +108,7 @@ def _segment_scores(model: nn.Module, x: Tensor, target: Tensor, z: Tensor, *, c
 def lime(
     model: nn.Module, x: Tensor, target: Tensor, *,
     samples: int = 500, cells: int = 8, kernel_width: float = 0.25, ridge: float = 1.0, baseline: float = 0.0,
-    output: Literal["softmax", "logit"] = "softmax", seed: int = 0, chunk_size: int = 512,
+    output: Literal["softmax", "logit"] = "softmax", seed: int = 0, chunk_size: int | None = None,
 ) -> Tensor:
     """LIME (Ribeiro et al. 2016) over grid superpixels: the coefficients of a weighted ridge regression
     (with intercept) of f_target(x_z) on the coalition z in {0, 1}^S.
@@ -135,7 +135,7 @@ def lime(
 def kernel_shap(
     model: nn.Module, x: Tensor, target: Tensor, *,
     samples: int = 500, cells: int = 8, baseline: float = 0.0,
-    output: Literal["logit", "softmax"] = "logit", seed: int = 0, chunk_size: int = 512,
+    output: Literal["logit", "softmax"] = "logit", seed: int = 0, chunk_size: int | None = None,
 ) -> Tensor:
     """Kernel SHAP (Lundberg & Lee 2017) over grid superpixels: Shapley values of the segments,
     estimated by least squares under the efficiency constraint sum_j phi_j = f(x) - f(baseline).

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from methods._common import (Baseline, attribution_method, baseline_for, cannot_run, generator, input_gradient,
                              value_range)
-from metrics._chunk import chunked
+from metrics._chunk import chunked, images_per_chunk
 
 # elementwise nonlinearities: the Rescale rule m = (y - y') / (z - z'); linear layers keep their gradient
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -36,7 +36,7 @@ def integrated_gradients(
     rule: Literal["gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right"] = "gausslegendre",
     blur_sigma: float = 5.0,
     seed: int = 0,
-    internal_batch_size: int | None = 256,
+    internal_batch_size: int | None = None,
 ) -> Tensor:
     """Integrated Gradients (Sundararajan et al. 2017) on the straight path from a baseline x'.
 
@@ -44,14 +44,16 @@ def integrated_gradients(
     integral approximated with `steps` nodes of `rule`; completeness: sum_i IG_i
     = f(x) - f(x') up to that approximation. `baseline`: a number (0.0 = the
     dataset's mean colour for `shapes`), zeros, mean, blur or uniform (see
-    methods._common.baseline_for; uniform is drawn from `seed`).
+    methods._common.baseline_for; uniform is drawn from `seed`). `internal_batch_size`:
+    images per forward/backward pass, at least one node for the whole batch; None sizes it from
+    the memory budget of metrics._chunk (on CPU 64-image passes ran 1.3-1.4x faster than 256).
     """
     if steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps}")
     ref = baseline_for(x, baseline, seed=seed, blur_sigma=blur_sigma)
     return captum.attr.IntegratedGradients(model).attribute(
         x.requires_grad_(), baselines=ref, target=target, n_steps=steps, method=rule,
-        internal_batch_size=internal_batch_size,
+        internal_batch_size=max(len(x), images_per_chunk(internal_batch_size, x)),
     )                                                                              # (B, C, H, W)
 
 
@@ -78,7 +80,7 @@ def expected_gradients(
     noise: float = 0.0,
     blur_sigma: float = 5.0,
     seed: int = 0,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Expected Gradients (Erion et al. 2021) / GradientSHAP (Lundberg & Lee 2017).
 
@@ -102,7 +104,7 @@ def expected_gradients(
         grad = input_gradient(model, point.flatten(0, 1), target.repeat(len(k))).view_as(ref)
         return ((x[None] - ref) * grad).sum(0, keepdim=True)                      # (1, B, C, H, W)
 
-    return chunked(contributions, samples, max(1, chunk_size // B), device=x.device).sum(0) / samples
+    return chunked(contributions, samples, max(1, images_per_chunk(chunk_size, x) // B), device=x.device).sum(0) / samples
 
 
 @attribution_method
@@ -129,7 +131,7 @@ def deeplift_shap(
     baseline: Literal["uniform", "zeros", "mean", "blur"] = "uniform",
     blur_sigma: float = 5.0,
     seed: int = 0,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """DeepLIFT-SHAP (Lundberg & Lee 2017): DeepLIFT (Rescale) averaged over `samples` references.
 
@@ -146,7 +148,7 @@ def deeplift_shap(
         a = _rescale(model, xs, ref, target.repeat(len(k)), method="deeplift_shap")
         return a.view(len(k), *x.shape).sum(0, keepdim=True)                     # (1, B, C, H, W)
 
-    return chunked(attributions, samples, max(1, chunk_size // B), device=x.device).sum(0) / samples
+    return chunked(attributions, samples, max(1, images_per_chunk(chunk_size, x) // B), device=x.device).sum(0) / samples
 
 
 class _Rule(torch.autograd.Function):

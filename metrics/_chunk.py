@@ -22,6 +22,11 @@ def auto_chunk_size(x: Tensor) -> int:
     return max(1, budget // max(1, x.shape[1:].numel() * x.element_size()))
 
 
+def images_per_chunk(chunk_size: int | None, x: Tensor) -> int:
+    """`chunk_size`, or where it is None the images of x's size that fill the budget (auto_chunk_size)."""
+    return auto_chunk_size(x) if chunk_size is None else chunk_size
+
+
 class ChunkRetryWarning(RuntimeWarning):
     """A chunk ran out of memory and was retried at half the size; the runner records these."""
 

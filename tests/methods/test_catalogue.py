@@ -441,3 +441,34 @@ def test_model_restored_when_the_method_raises(name):
     model.trip.when = None
     with torch.no_grad():
         assert torch.equal(model(x), before_out)
+
+
+CHUNKED = {                         # methods with a pass size, and small settings for them
+    "smoothgrad": {"samples": 6}, "smoothgrad_squared": {"samples": 6}, "vargrad": {"samples": 6},
+    "expected_gradients": {"samples": 6}, "deeplift_shap": {"samples": 4}, "rise": {"masks": 12},
+    "lime": {"samples": 12, "cells": 2}, "kernel_shap": {"samples": 12, "cells": 2}, "score_cam": {},
+    "integrated_gradients": {"steps": 6},
+}
+
+
+@pytest.mark.parametrize("name", CHUNKED)
+def test_pass_size_from_the_memory_budget(name, tiny_cnn, batch, monkeypatch):
+    """chunk_size (internal_batch_size for IG) None sizes each forward pass from metrics._chunk's budget,
+    at least one draw of the whole batch, and gives the maps of explicit pass sizes."""
+    import metrics._chunk
+    x, target = batch
+    size = "internal_batch_size" if name == "integrated_gradients" else "chunk_size"
+    fn, kwargs = getattr(methods, name), CHUNKED[name]
+    explicit = fn(tiny_cnn, x.clone(), target, **kwargs, **{size: len(x)})
+    passes = []
+    hook = tiny_cnn.conv1.register_forward_hook(lambda m, i, o: passes.append(len(i[0])))
+    monkeypatch.setitem(metrics._chunk.CHUNK_BYTES, "cpu", 2 * x[0].numel() * x.element_size())   # 2 images
+    try:
+        auto = fn(tiny_cnn, x.clone(), target, **kwargs)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(auto, explicit, rtol=1e-5, atol=1e-6)
+    per_draw = name in ("smoothgrad", "smoothgrad_squared", "vargrad", "expected_gradients", "deeplift_shap",
+                        "integrated_gradients")                     # passes of whole draws of the batch
+    expected = len(x) if per_draw else 2
+    assert max(set(passes), key=passes.count) == expected and passes.count(expected) >= 2, passes   # besides probes
