@@ -104,7 +104,8 @@ def expected_gradients(
         grad = input_gradient(model, point.flatten(0, 1), target.repeat(len(k))).view_as(ref)
         return ((x[None] - ref) * grad).sum(0, keepdim=True)                      # (1, B, C, H, W)
 
-    return chunked(contributions, samples, max(1, images_per_chunk(chunk_size, x) // B), device=x.device).sum(0) / samples
+    draws = max(1, images_per_chunk(chunk_size, x) // B)                          # per pass
+    return chunked(contributions, samples, draws, device=x.device).sum(0) / samples
 
 
 @attribution_method
@@ -148,7 +149,8 @@ def deeplift_shap(
         a = _rescale(model, xs, ref, target.repeat(len(k)), method="deeplift_shap")
         return a.view(len(k), *x.shape).sum(0, keepdim=True)                     # (1, B, C, H, W)
 
-    return chunked(attributions, samples, max(1, images_per_chunk(chunk_size, x) // B), device=x.device).sum(0) / samples
+    draws = max(1, images_per_chunk(chunk_size, x) // B)                          # per pass
+    return chunked(attributions, samples, draws, device=x.device).sum(0) / samples
 
 
 class _Rule(torch.autograd.Function):

@@ -278,8 +278,8 @@ def _narrow_keys(values: np.ndarray, inside: np.ndarray, out: np.ndarray) -> boo
 
 
 def _twice_u(keys: Tensor) -> tuple[Tensor, Tensor]:
-    """2U and P (pixels in the mask) per row of sorted keys (see _sorted_keys); U = number of (in, out) pixel pairs ordered in > out,
-    plus half the tied pairs.
+    """2U and P (pixels in the mask) per row of sorted keys (see _sorted_keys); U counts the (in, out)
+    pixel pairs ordered in > out, plus half the tied pairs.
 
     A positive at sorted place j follows j pixels: every positive before it and every negative with a
     smaller or equal value, so sum_j (over positives) - P (P - 1) / 2 counts each tied pair once in
