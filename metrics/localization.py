@@ -89,11 +89,19 @@ def _top_k_hits(a: Tensor, m: Tensor, k: Tensor) -> Tensor:
     return hits
 
 
+def _count(b: Tensor) -> Tensor:
+    """True entries per row of a bool (B, n) tensor, (B,) int64. On CPU numpy's vectorised byte sum:
+    0.009 s for 1000 x 224^2 on the reference machine, where torch's bool sum takes 0.17 s."""
+    if b.device.type == "cpu":
+        return torch.from_numpy(b.numpy().view(np.uint8).sum(axis=1, dtype=np.int32)).long()
+    return b.sum(dim=1)
+
+
 def _positive_share(a: Tensor, region: Tensor) -> tuple[Tensor, Tensor]:
     """Share of positive mass inside `region`, and whether it is defined (some positive mass)."""
     positive = a.clamp(min=0)                                               # (B, HW)
     total = positive.sum(dim=1)
-    return (positive * region).sum(dim=1) / total, total > 0
+    return torch.where(region, positive, 0).sum(dim=1) / total, total > 0   # where: faster than * bool
 
 
 def pointing_game(
@@ -112,7 +120,7 @@ def pointing_game(
     a, m = _flatten(attribution, mask, sign)                             # (B, HW)
     is_max = a == a.amax(dim=1, keepdim=True)                            # every tied maximum
     if tolerance == 0:
-        hits = (is_max & m).sum(dim=1).to(attribution.dtype)
+        hits = _count(is_max & m).to(attribution.dtype)
     else:
         B, H, W = mask.shape
         R = math.ceil(tolerance) - 1                                     # |dx| < tolerance
@@ -132,7 +140,7 @@ def pointing_game(
 
         hit_each = chunked(near, b.numel(), chunk_size, device=mask.device)   # (T,)
         hits = torch.zeros(B, dtype=attribution.dtype, device=mask.device).index_add_(0, b, hit_each)
-    hit = hits / is_max.sum(dim=1)                                       # (B,)
+    hit = hits / _count(is_max)                                          # (B,)
     hit = torch.where(m.any(dim=1), hit.to(attribution.dtype), torch.nan)
     return MetricResult(scores={"hit": hit}, higher_is_better={"hit": True})
 
@@ -180,7 +188,7 @@ def relevance_rank_accuracy(
     chance. Empty mask: NaN. Memory is bounded by `chunk_size` samples per sort.
     """
     a, m = _flatten(attribution, mask, sign)
-    size = m.sum(dim=1)                                                   # (B,) K per sample
+    size = _count(m)                                                      # (B,) K per sample
 
     def rra(i: Tensor) -> Tensor:
         k = size[i].clamp(min=1)
@@ -330,7 +338,7 @@ def top_k_intersection(
     a, m = _flatten(attribution, mask, sign)
     B, n = a.shape
     kk = _pixels(k, n, "k")
-    size = m.sum(dim=1)
+    size = _count(m)
 
     def tki(i: Tensor) -> Tensor:
         return _top_k_hits(a[i], m[i], torch.full_like(i, kk)) / kk
@@ -352,7 +360,7 @@ def attribution_localisation(attribution: Tensor, mask: Tensor, *, sign: Sign = 
     """
     a, m = _flatten(attribution, mask, sign)
     mu, defined = _positive_share(a, m)
-    size = m.sum(dim=1)
+    size = _count(m)
     mu = torch.where(defined & (size > 0), mu, torch.nan)
     weighted = mu * (m.shape[1] / size.to(mu.dtype))
     return MetricResult(scores={"mu": mu, "mu_weighted": weighted},
@@ -373,7 +381,7 @@ def iou_at_threshold(
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
         raise ValueError(f"fraction must be a float in (0, 1], the share of pixels kept, got {fraction!r}")
     kk = _pixels(float(fraction), n, "fraction")
-    size = m.sum(dim=1).double()
+    size = _count(m).double()
 
     def iou(i: Tensor) -> Tensor:
         inter = _top_k_hits(a[i], m[i], torch.full_like(i, kk))
