@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from methods._common import (Baseline, attribution_method, baseline_for, cannot_run, generator, input_gradient,
                              value_range)
-from metrics._chunk import chunked, images_per_chunk
+from metrics._chunk import chunked, images_per_chunk, retry_smaller
 
 # elementwise nonlinearities: the Rescale rule m = (y - y') / (z - z'); linear layers keep their gradient
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -46,15 +46,16 @@ def integrated_gradients(
     dataset's mean colour for `shapes`), zeros, mean, blur or uniform (see
     methods._common.baseline_for; uniform is drawn from `seed`). `internal_batch_size`:
     images per forward/backward pass, at least one node for the whole batch; None sizes it from
-    the memory budget of metrics._chunk (on CPU 64-image passes ran 1.3-1.4x faster than 256).
+    the memory budget of metrics._chunk (on CPU 64-image passes ran 1.3-1.4x faster than 256);
+    out of memory, it is retried once at half the size.
     """
     if steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps}")
     ref = baseline_for(x, baseline, seed=seed, blur_sigma=blur_sigma)
-    return captum.attr.IntegratedGradients(model).attribute(
-        x.requires_grad_(), baselines=ref, target=target, n_steps=steps, method=rule,
-        internal_batch_size=max(len(x), images_per_chunk(internal_batch_size, x)),
-    )                                                                              # (B, C, H, W)
+    ig = captum.attr.IntegratedGradients(model)
+    return retry_smaller(lambda size: ig.attribute(x.requires_grad_(), baselines=ref, target=target, n_steps=steps,
+                                                   method=rule, internal_batch_size=size),
+                         max(len(x), images_per_chunk(internal_batch_size, x)), smallest=len(x))   # (B, C, H, W)
 
 
 def _references(x: Tensor, k: Tensor, baseline: Literal["uniform", "zeros", "mean", "blur"], pattern: Tensor,

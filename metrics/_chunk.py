@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor
@@ -27,6 +27,9 @@ def images_per_chunk(chunk_size: int | None, x: Tensor) -> int:
     return auto_chunk_size(x) if chunk_size is None else chunk_size
 
 
+T = TypeVar("T")
+
+
 class ChunkRetryWarning(RuntimeWarning):
     """A chunk ran out of memory and was retried at half the size; the runner records these."""
 
@@ -36,6 +39,22 @@ def _is_oom(e: BaseException) -> bool:
     if isinstance(e, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
+
+
+def retry_smaller(fn: Callable[[int], T], size: int, *, smallest: int = 1) -> T:
+    """fn(size), retried once at half the size (not below `smallest`) if it runs out of memory, with a
+    ChunkRetryWarning: chunked()'s rule, for a call that batches internally (e.g. captum's IG)."""
+    try:
+        return fn(size)
+    except Exception as e:                                      # noqa: BLE001 - only OOM is handled
+        if not _is_oom(e) or size <= smallest:
+            raise
+        del e
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = max(smallest, size // 2)
+    warnings.warn(ChunkRetryWarning(f"out of memory at {size} per pass; retried with {half}"), stacklevel=2)
+    return fn(half)
 
 
 def chunked(fn: Callable[[Tensor], Tensor], n: int, chunk_size: int | None, *, device: torch.device,

@@ -472,3 +472,26 @@ def test_pass_size_from_the_memory_budget(name, tiny_cnn, batch, monkeypatch):
                         "integrated_gradients")                     # passes of whole draws of the batch
     expected = len(x) if per_draw else 2
     assert max(set(passes), key=passes.count) == expected and passes.count(expected) >= 2, passes   # besides probes
+
+
+def test_integrated_gradients_retries_a_pass_that_runs_out_of_memory(tiny_cnn, batch):
+    """captum batches IG's nodes itself; a pass that runs out of memory is retried once at half the size,
+    with a ChunkRetryWarning (what the runner records), and gives the same map."""
+    from metrics._chunk import ChunkRetryWarning
+    x, target = batch
+    sizes = []
+
+    class Tight(nn.Module):                                             # "out of memory" above 2 draws of the batch
+        def forward(self, inputs):
+            sizes.append(len(inputs))
+            if len(inputs) > 2 * len(x):
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return tiny_cnn(inputs)
+
+    expected = methods.integrated_gradients(tiny_cnn, x.clone(), target, steps=4, internal_batch_size=len(x))
+    with pytest.warns(ChunkRetryWarning, match="retried with 10"):
+        got = methods.integrated_gradients(Tight(), x.clone(), target, steps=4, internal_batch_size=4 * len(x))
+    torch.testing.assert_close(got, expected)
+    assert sizes[0] == 4 * len(x) and set(sizes[1:]) == {2 * len(x)}
+    with pytest.raises(RuntimeError, match="out of memory"):                # one retry only, as chunked()
+        methods.integrated_gradients(Tight(), x.clone(), target, steps=8, internal_batch_size=8 * len(x))
