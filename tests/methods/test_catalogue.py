@@ -493,5 +493,5 @@ def test_integrated_gradients_retries_a_pass_that_runs_out_of_memory(tiny_cnn, b
         got = methods.integrated_gradients(Tight(), x.clone(), target, steps=4, internal_batch_size=4 * len(x))
     torch.testing.assert_close(got, expected)
     assert sizes[0] == 4 * len(x) and set(sizes[1:]) == {2 * len(x)}
-    with pytest.raises(RuntimeError, match="out of memory"):                # one retry only, as chunked()
+    with pytest.raises(RuntimeError, match="out of memory"), pytest.warns(ChunkRetryWarning):   # one retry only
         methods.integrated_gradients(Tight(), x.clone(), target, steps=8, internal_batch_size=8 * len(x))
