@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from methods._common import attribution_method, generator, input_gradient, value_range
-from metrics._chunk import chunked, images_per_chunk
+from metrics._chunk import chunked, draws_per_pass
 
 
 @attribution_method
@@ -41,7 +41,6 @@ def _noisy_gradient_moments(
         raise ValueError(f"samples must be a positive integer, got {samples}")
     if noise < 0:
         raise ValueError(f"noise must be >= 0 (a fraction of the input range), got {noise}")
-    B = x.shape[0]
     eps = torch.randn(samples, *x.shape[1:], generator=generator(seed)).to(x)    # (K, C, H, W)
     sigma = noise * value_range(x)                                                # (B, 1, 1, 1)
 
@@ -52,7 +51,7 @@ def _noisy_gradient_moments(
         d = input_gradient(model, xs, target.repeat(len(k))).view(len(k), *x.shape) - g0
         return torch.stack([d.sum(0), d.square().sum(0)])[None]                   # (1, 2, B, C, H, W)
 
-    m = chunked(moments, samples, max(1, images_per_chunk(chunk_size, x) // B), device=x.device).sum(0) / samples
+    m = chunked(moments, samples, draws_per_pass(chunk_size, x), device=x.device).sum(0) / samples
     return g0 + m[0], (m[1] - m[0].square()).clamp_min(0)
 
 

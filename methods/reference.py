@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from methods._common import (Baseline, attribution_method, baseline_for, cannot_run, generator, input_gradient,
                              value_range)
-from metrics._chunk import chunked, images_per_chunk, retry_smaller
+from metrics._chunk import chunked, draws_per_pass, retry_smaller
 
 # elementwise nonlinearities: the Rescale rule m = (y - y') / (z - z'); linear layers keep their gradient
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -55,7 +55,7 @@ def integrated_gradients(
     ig = captum.attr.IntegratedGradients(model)
     return retry_smaller(lambda size: ig.attribute(x.requires_grad_(), baselines=ref, target=target, n_steps=steps,
                                                    method=rule, internal_batch_size=size),
-                         max(len(x), images_per_chunk(internal_batch_size, x)), smallest=len(x))   # (B, C, H, W)
+                         len(x) * draws_per_pass(internal_batch_size, x), smallest=len(x))          # (B, C, H, W)
 
 
 def _references(x: Tensor, k: Tensor, baseline: Literal["uniform", "zeros", "mean", "blur"], pattern: Tensor,
@@ -96,7 +96,7 @@ def expected_gradients(
     pattern = torch.rand(samples, *x.shape[1:], generator=g).to(x)                # (K, C, H, W)
     alpha = torch.rand(samples, generator=g).to(x)                                # (K,)
     eps = torch.randn(samples, *x.shape[1:], generator=g).to(x) * noise           # (K, C, H, W)
-    B, sigma = x.shape[0], value_range(x)
+    sigma = value_range(x)
 
     def contributions(k: Tensor) -> Tensor:                                       # k: (K',) draw indices
         ref = _references(x, k, baseline, pattern, blur_sigma)                     # (K', B, C, H, W)
@@ -105,8 +105,7 @@ def expected_gradients(
         grad = input_gradient(model, point.flatten(0, 1), target.repeat(len(k))).view_as(ref)
         return ((x[None] - ref) * grad).sum(0, keepdim=True)                      # (1, B, C, H, W)
 
-    draws = max(1, images_per_chunk(chunk_size, x) // B)                          # per pass
-    return chunked(contributions, samples, draws, device=x.device).sum(0) / samples
+    return chunked(contributions, samples, draws_per_pass(chunk_size, x), device=x.device).sum(0) / samples
 
 
 @attribution_method
@@ -142,7 +141,6 @@ def deeplift_shap(
     """
     _check_draws(samples, baseline)
     pattern = torch.rand(samples, *x.shape[1:], generator=generator(seed)).to(x)  # (K, C, H, W)
-    B = x.shape[0]
 
     def attributions(k: Tensor) -> Tensor:                                        # k: (K',) draw indices
         ref = _references(x, k, baseline, pattern, blur_sigma).flatten(0, 1)     # (K' B, C, H, W)
@@ -150,8 +148,7 @@ def deeplift_shap(
         a = _rescale(model, xs, ref, target.repeat(len(k)), method="deeplift_shap")
         return a.view(len(k), *x.shape).sum(0, keepdim=True)                     # (1, B, C, H, W)
 
-    draws = max(1, images_per_chunk(chunk_size, x) // B)                          # per pass
-    return chunked(attributions, samples, draws, device=x.device).sum(0) / samples
+    return chunked(attributions, samples, draws_per_pass(chunk_size, x), device=x.device).sum(0) / samples
 
 
 class _Rule(torch.autograd.Function):

@@ -22,9 +22,11 @@ def auto_chunk_size(x: Tensor) -> int:
     return max(1, budget // max(1, x.shape[1:].numel() * x.element_size()))
 
 
-def images_per_chunk(chunk_size: int | None, x: Tensor) -> int:
-    """`chunk_size`, or where it is None the images of x's size that fill the budget (auto_chunk_size)."""
-    return auto_chunk_size(x) if chunk_size is None else chunk_size
+def draws_per_pass(chunk_size: int | None, x: Tensor) -> int:
+    """Draws of the whole batch x (noise samples, references, IG nodes) per forward pass: `chunk_size`
+    images, or where it is None the budget's (auto_chunk_size), over the batch size; at least 1."""
+    images = auto_chunk_size(x) if chunk_size is None else chunk_size
+    return max(1, images // max(1, len(x)))
 
 
 T = TypeVar("T")
