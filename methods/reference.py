@@ -55,7 +55,8 @@ def integrated_gradients(
     ig = captum.attr.IntegratedGradients(model)
     return retry_smaller(lambda size: ig.attribute(x.requires_grad_(), baselines=ref, target=target, n_steps=steps,
                                                    method=rule, internal_batch_size=size),
-                         len(x) * draws_per_pass(internal_batch_size, x), smallest=len(x))          # (B, C, H, W)
+                         len(x) * draws_per_pass(internal_batch_size, x), smallest=len(x),
+                         name="internal_batch_size")                                             # (B, C, H, W)
 
 
 def _references(x: Tensor, k: Tensor, baseline: Literal["uniform", "zeros", "mean", "blur"], pattern: Tensor,

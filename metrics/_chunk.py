@@ -7,6 +7,8 @@ from typing import Callable, TypeVar
 import torch
 from torch import Tensor
 
+T = TypeVar("T")
+
 
 # Input bytes per chunk when chunk_size is None. On CPU a chunk whose inputs fit in the cache runs
 # fastest: pixel flipping on small_cnn (2-core reference machine) made 7300 forward passes/s at 32 px
@@ -29,9 +31,6 @@ def draws_per_pass(chunk_size: int | None, x: Tensor) -> int:
     return max(1, images // max(1, len(x)))
 
 
-T = TypeVar("T")
-
-
 class ChunkRetryWarning(RuntimeWarning):
     """A chunk ran out of memory and was retried at half the size; the runner records these."""
 
@@ -43,20 +42,26 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
 
 
-def retry_smaller(fn: Callable[[int], T], size: int, *, smallest: int = 1) -> T:
-    """fn(size), retried once at half the size (not below `smallest`) if it runs out of memory, with a
-    ChunkRetryWarning: chunked()'s rule, for a call that batches internally (e.g. captum's IG)."""
+def _halved_after_oom(name: str, size: int, smallest: int) -> int:
+    """The size to retry with after `name`=`size` ran out of memory: half, not below `smallest`. Frees
+    CUDA's cached blocks and warns with a ChunkRetryWarning, which the runner records."""
+    half = max(smallest, size // 2)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    warnings.warn(ChunkRetryWarning(f"out of memory at {name}={size}; retried with {name}={half}"), stacklevel=3)
+    return half
+
+
+def retry_smaller(fn: Callable[[int], T], size: int, *, smallest: int = 1, name: str = "size") -> T:
+    """fn(size), retried once at half the size (not below `smallest`) if it runs out of memory:
+    chunked()'s rule, for a call that batches internally (e.g. captum's IG); `name` labels the warning."""
     try:
         return fn(size)
     except Exception as e:                                      # noqa: BLE001 - only OOM is handled
         if not _is_oom(e) or size <= smallest:
             raise
         del e
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    half = max(smallest, size // 2)
-    warnings.warn(ChunkRetryWarning(f"out of memory at {size} per pass; retried with {half}"), stacklevel=2)
-    return fn(half)
+    return fn(_halved_after_oom(name, size, smallest))
 
 
 def chunked(fn: Callable[[Tensor], Tensor], n: int, chunk_size: int | None, *, device: torch.device,
@@ -82,12 +87,8 @@ def chunked(fn: Callable[[Tensor], Tensor], n: int, chunk_size: int | None, *, d
         except Exception as e:                                  # noqa: BLE001 - only OOM is handled
             if retried or not _is_oom(e) or chunk_size == 1:
                 raise
-            retried, before, chunk_size = True, chunk_size, max(1, chunk_size // 2)
             del e
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            warnings.warn(ChunkRetryWarning(f"out of memory at chunk_size={before}; retried with chunk_size="
-                                            f"{chunk_size}"), stacklevel=2)
+            retried, chunk_size = True, _halved_after_oom("chunk_size", chunk_size, 1)
             continue
         start += len(i)
     return torch.cat(out) if out else fn(index)

@@ -489,7 +489,7 @@ def test_integrated_gradients_retries_a_pass_that_runs_out_of_memory(tiny_cnn, b
             return tiny_cnn(inputs)
 
     expected = methods.integrated_gradients(tiny_cnn, x.clone(), target, steps=4, internal_batch_size=len(x))
-    with pytest.warns(ChunkRetryWarning, match="retried with 10"):
+    with pytest.warns(ChunkRetryWarning, match="internal_batch_size=20; retried with internal_batch_size=10"):
         got = methods.integrated_gradients(Tight(), x.clone(), target, steps=4, internal_batch_size=4 * len(x))
     torch.testing.assert_close(got, expected)
     assert sizes[0] == 4 * len(x) and set(sizes[1:]) == {2 * len(x)}
