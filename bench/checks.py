@@ -27,6 +27,8 @@ PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.floa
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     """The `precision` switch: autocast to bfloat16 / float16, or a disabled context for float32."""
     return torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "float32")
+
+
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 

@@ -289,7 +289,8 @@ def test_auc_keys_in_every_encoding_match_sklearn():
     infinite[4, 1, 1] = -math.inf
     for a in (signed, signed.abs(), spanning, infinite, signed.double(), signed.half(), signed.bfloat16()):
         got = localization_auc(a, m).scores["auc"]                       # in the map's dtype
-        torch.testing.assert_close(got, _sklearn_auc(a, m).to(a.dtype), atol=1e-6, rtol=0, msg=lambda e: f"{a.dtype}: {e}")
+        torch.testing.assert_close(got, _sklearn_auc(a, m).to(a.dtype), atol=1e-6, rtol=0,
+                                   msg=lambda e: f"{a.dtype}: {e}")
 
 
 def test_auc_int32_and_int64_keys_agree():
