@@ -44,13 +44,14 @@ from bench.checks import (autocast, check_model, check_name, check_options, chec
                           error_text, instantiate_checked, need_bytes, scan, stream)
 from bench.zoo import cache_key, load_model
 from bench.zoo.sources import sha256
-from metrics import MetricResult, to_map
+from metrics import MetricResult, consumed, metric_input
 from metrics._chunk import ChunkRetryWarning
 
 log = logging.getLogger(__name__)
 
 PACKAGES = ("saliency-bench", "torch", "torchvision", "captum", "hydra-core", "omegaconf", "numpy", "pandas", "pyarrow", "scipy")
-FORMAT = 2                    # part of every cell key: bump when the runner changes what a stored cell holds
+FORMAT = 3                    # part of every cell key: bump when the runner changes what a stored cell holds
+                              # (3: each metric gets the form of the attribution it declares, metrics._map)
 PROBE = 2                     # samples each method and metric is tried on before the run
 # Exceptions that mean "this configuration cannot work" when a probe raises them (STYLE: bad input is a
 # ValueError/TypeError; an unknown layer or key a LookupError). Anything else (RuntimeError, OOM) is a
@@ -131,36 +132,39 @@ def _take(t: Tensor, idx: Tensor) -> Tensor:
     return t if len(idx) == len(t) else t[idx]
 
 
-def _attribute(method: Callable[..., Tensor], model: nn.Module, x: Tensor, target: Tensor,
-               reduce: str) -> tuple[Tensor, Tensor, list[str]]:
-    """Maps (B, H, W), ok (B,) and each sample's failure reason ('' when ok): a sample fails when the
-    method raises on it, returns the wrong shape, or gives NaN/Inf."""
-    B, _, H, W = x.shape
+def _attribute(method: Callable[..., Tensor], model: nn.Module, x: Tensor,
+               target: Tensor) -> tuple[Tensor, Tensor, list[str]]:
+    """Raw attributions (B, C, H, W), ok (B,) and each sample's failure reason ('' when ok): a sample fails
+    when the method raises on it, returns the wrong shape, or gives NaN/Inf. Each metric then gets the form
+    of it that it declares (`metrics.consumed`), reduced or not."""
+    B = x.shape[0]
 
     def call(idx: Tensor) -> Tensor:
         a = method(model, _take(x, idx), _take(target, idx))
         if not isinstance(a, Tensor) or a.shape != (len(idx), *x.shape[1:]):
             raise ValueError(f"returned shape {tuple(getattr(a, 'shape', ()))}, expected {(len(idx), *x.shape[1:])}")
-        return to_map(a, reduce)
+        return a
 
     pieces, failed = _isolate(call, torch.arange(B, device=x.device))
-    maps = torch.full((B, H, W), torch.nan, device=x.device, dtype=x.dtype)
+    attributions = torch.full(x.shape, torch.nan, device=x.device, dtype=x.dtype)
     ok = torch.zeros(B, dtype=torch.bool, device=x.device)
     for idx, m in pieces:
-        maps[idx], ok[idx] = m.to(x.dtype), True
+        attributions[idx], ok[idx] = m.to(x.dtype), True
     errors = [""] * B
     for pos, err in failed:
         errors[pos] = err
-    nonfinite = ok & ~torch.isfinite(maps).flatten(1).all(dim=1)
+    nonfinite = ok & ~torch.isfinite(attributions).flatten(1).all(dim=1)
     for pos in nonfinite.nonzero().flatten().tolist():
         errors[pos] = "ValueError: returned NaN or Inf"
-    return maps, ok & ~nonfinite, errors
+    return attributions, ok & ~nonfinite, errors
 
 
-def _inputs(model: nn.Module, batch: dict[str, Tensor], attribution: Tensor, method: Callable[..., Tensor],
-            reduce: str, extra: dict[str, Any]) -> dict[str, Any]:
-    """Everything a metric may name in its signature; `extra` holds run-wide inputs (e.g. other models)."""
-    return {"model": model, "x": batch["x"], "target": batch["target"], "attribution": attribution,
+def _inputs(metric: Callable[..., MetricResult], model: nn.Module, batch: dict[str, Tensor], attribution: Tensor,
+            method: Callable[..., Tensor], reduce: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Everything a metric may name in its signature; `attribution` is the raw (B, C, H, W) one, handed on in
+    the form the metric consumes; `extra` holds run-wide inputs (e.g. other models)."""
+    return {"model": model, "x": batch["x"], "target": batch["target"],
+            "attribution": metric_input(attribution, consumed(metric), reduce),
             "method": method, "reduce": reduce, **({"mask": batch["mask"]} if "mask" in batch else {}), **extra}
 
 
@@ -346,6 +350,7 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
         "config": job, "versions": _versions(), "git_commit": _git_commit(),
         "model_info": model_info, "cells": cells, "skipped": len(keys) - n_todo, "failures": _summarise(failed),
         "retries": retries,
+        "consumes": {name: consumed(metric) for name, metric in metrics.items()},   # which form each metric saw
         "score_meta": [{"metric": m, "score": s, "higher_is_better": hib} for (m, s), hib in sorted(meta.items())],
         "timings": {**{k: round(v, 3) for k, v in timings.items()}, "total": round(time.perf_counter() - started, 2)},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -379,10 +384,11 @@ def _probe(model: nn.Module, dataset: Any, methods: dict, metrics: dict, todo: d
             a = None
         usable = isinstance(a, Tensor) and a.shape == batch["x"].shape and bool(torch.isfinite(a).all())
         # a faulty method (recorded per sample during the run) leaves the metrics to be probed on a stand-in map
-        maps = to_map(a if usable else batch["x"], reduce)
+        raw = a if usable else batch["x"]
         for metric_name in todo_metrics:
             try:
-                result = _call_metric(metrics[metric_name], _inputs(model, batch, maps, method, reduce, extra))
+                result = _call_metric(metrics[metric_name], _inputs(metrics[metric_name], model, batch, raw, method,
+                                                                    reduce, extra))
             except CONFIG_ERRORS as e:
                 raise ValueError(f"metric.{metric_name} (with method {method_name}): {error_text(e)}; fix it in "
                                  f"conf/metric/{metric_name}.yaml or with metric.{metric_name}.<key>=...") from e
@@ -405,14 +411,15 @@ def _run_method(method_name: str, method: Callable[..., Tensor], model: nn.Modul
         for start, batch in stream(dataset, cfg.batch_size, device):
             t0 = time.perf_counter()
             cached = store.read_maps(store.map_path(maps_dir, method_name, method_key, start)) if maps_dir else None
-            if cached is not None and cached[0].shape[0] == len(batch["x"]):
-                maps, ok, errors = cached[0].to(device), cached[1].to(device), cached[2]
+            if cached is not None and cached[0].shape == batch["x"].shape:
+                attributions, ok, errors = cached[0].to(device), cached[1].to(device), cached[2]
             else:
                 with _recording(retries, method=method_name, metric=None, batch_start=start):
-                    maps, ok, errors = _attribute(method, model, batch["x"], batch["target"], cfg.reduce)
+                    attributions, ok, errors = _attribute(method, model, batch["x"], batch["target"])
                 timings[f"method/{method_name}"] = timings.get(f"method/{method_name}", 0.0) + time.perf_counter() - t0
                 if maps_dir:
-                    store.write_maps(store.map_path(maps_dir, method_name, method_key, start), maps, ok, errors)
+                    store.write_maps(store.map_path(maps_dir, method_name, method_key, start), attributions, ok,
+                                     errors)
             sample_id = batch["sample_id"]
             for pos in (~ok).nonzero().flatten().tolist():
                 log.warning("%s failed on sample_id %d: %s", method_name, int(sample_id[pos]), errors[pos])
@@ -422,13 +429,14 @@ def _run_method(method_name: str, method: Callable[..., Tensor], model: nn.Modul
                 continue
             keep = ok.nonzero().flatten()
             sub = {k: _take(v, keep) for k, v in batch.items()}
-            attribution = _take(maps, keep)
+            attribution = _take(attributions, keep)                           # raw (b, C, H, W)
             for metric_name, metric in metrics.items():
                 t0 = time.perf_counter()
 
                 def call(idx: Tensor, metric: Callable[..., MetricResult] = metric) -> MetricResult:
                     part = {k: _take(v, idx) for k, v in sub.items()}
-                    return _call_metric(metric, _inputs(model, part, _take(attribution, idx), method, cfg.reduce, extra))
+                    return _call_metric(metric, _inputs(metric, model, part, _take(attribution, idx), method, cfg.reduce,
+                                                        extra))
 
                 with _recording(retries, method=method_name, metric=metric_name, batch_start=start):
                     pieces, failed = _isolate(call, torch.arange(len(keep), device=device))

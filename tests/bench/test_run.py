@@ -45,6 +45,7 @@ def test_run_writes_tidy_cells_and_manifest(tmp_path):
     assert manifest["keys"]["checkpoint"] and manifest["keys"]["sample_ids"]
     assert manifest["versions"]["torch"] and manifest["config"]["method"]["saliency"]["_target_"] == "methods.saliency"
     assert 0.0 <= manifest["model_info"]["test_accuracy"] <= 1.0 and manifest["model_info"]["cached"] is False
+    assert manifest["consumes"]["pixel_flipping"] == "reduced"                 # which map each metric saw
 
     results = load(tmp_path / "out")
     s = results.scores
@@ -57,6 +58,24 @@ def test_run_writes_tidy_cells_and_manifest(tmp_path):
     assert len(pf) == 10 * 5 and pf.x.min() == 0.0 and pf.x.max() == 1.0
     directions = results.meta.set_index(["metric", "score"]).higher_is_better
     assert directions["pixel_flipping", "auc"] == False and directions["pointing_game", "hit"] == True  # noqa: E712
+
+
+@pytest.mark.parametrize("kind, expected", [("raw", lambda a: a), ("signed", lambda a: a.sum(1)),
+                                            ("reduced", lambda a: a.abs().sum(1))])
+def test_each_metric_gets_the_form_of_the_attribution_it_declares(kind, expected):
+    """DESIGN: a metric declares what its formula consumes and the runner hands it exactly that, whatever the
+    run's `reduce` (here abs_sum, under which a signed map would otherwise arrive as |.|)."""
+    from bench.run import _inputs
+    from metrics import consumes
+
+    @consumes(kind)
+    def metric(attribution):
+        return attribution
+
+    raw = torch.tensor([[[[1.0, -2.0]], [[-3.0, 1.0]]]])                      # (1, 2, 1, 2): signs differ by channel
+    batch = {"x": torch.zeros(1, 2, 1, 2), "target": torch.zeros(1, dtype=torch.long)}
+    got = _inputs(metric, None, batch, raw, None, "abs_sum", {})["attribution"]
+    assert torch.equal(got, expected(raw))
 
 
 def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
