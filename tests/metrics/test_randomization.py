@@ -61,7 +61,7 @@ def test_gradient_decorrelates_and_model_untouched(tiny_cnn, batch):
     assert torch.equal(torch.get_rng_state(), rng)                          # global RNG untouched
     # deterministic given the seed, and a precomputed map gives the same result
     again = mprt(tiny_cnn, x, target, methods.saliency, seed=3,
-                 attribution=to_map(methods.saliency(tiny_cnn, x, target)))
+                 attribution=methods.saliency(tiny_cnn, x, target))           # the raw (B, C, H, W) attribution
     torch.testing.assert_close(again.scores["spearman"], r.scores["spearman"])
 
 
@@ -73,9 +73,11 @@ def test_stage_equals_manual_randomization(tiny_cnn, batch):
     for i, name in enumerate(["conv1", "conv2", "fc"]):
         torch.manual_seed(10 + i)
         getattr(manual, name).reset_parameters()
-    a = to_map(methods.gradient_x_input(tiny_cnn, x, target)).abs()
-    b = to_map(methods.gradient_x_input(manual, x, target)).abs()
+    a = to_map(methods.gradient_x_input(tiny_cnn, x, target), "abs_sum")     # Adebayo's ABS map: sum_c |E_c|
+    b = to_map(methods.gradient_x_input(manual, x, target), "abs_sum")
     torch.testing.assert_close(r.scores["spearman"], spearman(a, b))
+    torch.testing.assert_close(r.scores["spearman_signed"], spearman(to_map(methods.gradient_x_input(tiny_cnn, x, target)),
+                                                                     to_map(methods.gradient_x_input(manual, x, target))))
 
 
 def test_independent_order_resets_one_layer(tiny_cnn, batch):
@@ -156,9 +158,12 @@ def test_top_k_overlap_hand_and_ties():
     assert top_k_overlap(a, b, fraction=0.5).item() == pytest.approx(2 / 3)
     # all tied: both top sets come from the same seeded permutation, so they coincide
     flat = torch.zeros(2, 10)
-    assert top_k_overlap(flat, flat, fraction=0.3, seed=7).tolist() == [1.0, 1.0]
-    with pytest.raises(ValueError, match="fraction must be in"):
+    # all tied: every pixel is in each top set with probability k / n = 0.3, independently -> 0.3, not 1
+    assert top_k_overlap(flat, flat, fraction=0.3).tolist() == pytest.approx([0.3, 0.3])
+    with pytest.raises(ValueError, match="top_k must be a fraction"):
         top_k_overlap(a, b, fraction=0.0)
+    with pytest.raises(ValueError, match="top_k must be a fraction"):
+        top_k_overlap(a, b, fraction=float("nan"))
 
 
 def test_similarities_constant_maps_are_never_silently_nan():
@@ -283,7 +288,8 @@ def test_random_logit_uses_documented_other_class(tiny_cnn, batch):
     r = random_logit(tiny_cnn, x, target, methods.saliency, seed=11, measures=["spearman"])
     other = (target + torch.randint(1, 3, (5,), generator=torch.Generator().manual_seed(11))) % 3
     assert (other != target).all()
-    expected = spearman(to_map(methods.saliency(tiny_cnn, x, target)).abs(), to_map(methods.saliency(tiny_cnn, x, other)).abs())
+    expected = spearman(to_map(methods.saliency(tiny_cnn, x, target), "abs_sum"),
+                        to_map(methods.saliency(tiny_cnn, x, other), "abs_sum"))
     torch.testing.assert_close(r.scores["spearman"], expected)
     assert (r.scores["spearman"] < 1).all()
     torch.testing.assert_close(random_logit(tiny_cnn, x, target, methods.edge).scores["ssim"], torch.ones(5))
@@ -296,7 +302,8 @@ def test_data_randomization_identity_and_difference(tiny_cnn, batch):
         torch.testing.assert_close(same.scores[m], torch.ones(5))
     other = _manual(tiny_cnn, [("conv1", 0), ("conv2", 1), ("fc", 2)])
     r = data_randomization(tiny_cnn, x, target, methods.saliency, other, measures=["spearman"])
-    expected = spearman(to_map(methods.saliency(tiny_cnn, x, target)).abs(), to_map(methods.saliency(other, x, target)).abs())
+    expected = spearman(to_map(methods.saliency(tiny_cnn, x, target), "abs_sum"),
+                        to_map(methods.saliency(other, x, target), "abs_sum"))
     torch.testing.assert_close(r.scores["spearman"], expected)
 
     with pytest.raises(ValueError, match="retrain must be a mapping"):
@@ -395,5 +402,6 @@ def test_similarities_reference_is_a_pure_speed_up():
             kept = similarities(a, b, absolute=absolute, reference=reference)
             fresh = similarities(a, b, absolute=absolute)
             assert all(torch.equal(kept[m].nan_to_num(-9.0), fresh[m].nan_to_num(-9.0)) for m in fresh)
-    assert {key[0] for key in reference} == {"constant", "minmax", "rank_abs", "rank", "ssim", "hog", "top_k"}
-    assert {key[1] for key in reference} == {True, False}                 # kept apart per option
+    assert {key[0] for key in reference} == {"maps", "constant_abs", "constant_signed", "finite", "minmax",
+                                             "rank_abs", "rank", "ssim", "hog", "top_k"}
+    assert {key[1][1] for key in reference} == {True, False}              # kept apart per option (absolute)
