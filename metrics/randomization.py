@@ -53,7 +53,7 @@ def _explained(model: nn.Module, x: Tensor, target: Tensor, explain: str) -> Ten
     """The class each sample's map explains: the label, or the model's own prediction."""
     if explain == "label":
         return target
-    with torch.inference_mode():
+    with torch.no_grad():                                     # not inference_mode: methods take grads of it
         return model(x).argmax(dim=1).to(target.dtype)
 
 

@@ -10,7 +10,7 @@ import skimage.metrics
 import torch
 
 import methods
-from metrics import (SIMILARITIES, data_randomization, emprt, hog, hog_similarity, input_invariance, mprt,
+from metrics import (SIMILARITIES, data_randomization, emprt, hog, hog_similarity, input_invariance, mprt, mprt_stages,
                      random_logit, randomization_layers, similarities, smprt, spearman, ssim, to_map,
                      top_k_overlap)
 from metrics.randomization import _entropy
@@ -405,3 +405,238 @@ def test_similarities_reference_is_a_pure_speed_up():
     assert {key[0] for key in reference} == {"maps", "constant_abs", "constant_signed", "finite", "minmax",
                                              "rank_abs", "rank", "ssim", "hog", "top_k"}
     assert {key[1][1] for key in reference} == {True, False}              # kept apart per option (absolute)
+
+
+# ---------------------------------------------------------------- issue 17: raw attributions, ties, repeats, options
+
+def _signed_pair():
+    """E (1, 2, 2, 2) and E' = E with channel 1 negated: the same ABS map sum_c |E_c|, another signed map."""
+    e = torch.tensor([[[[1.0, -2.0], [3.0, 0.0]], [[-1.0, 1.0], [0.0, -4.0]]]])
+    e2 = e.clone()
+    e2[:, 1] *= -1
+    return e, e2
+
+
+def test_abs_and_signed_pair_by_hand(tiny_cnn):
+    # ABS = [[2, 3], [3, 4]] for both -> 1. signed: [0, -1, 3, -4] and [2, -3, 3, 4], ranks [2, 1, 3, 0] and
+    # [1, 0, 2, 3], centred dot -1 over norms 5 -> -0.2. (The run's reduce=sum map gave Spearman of |sum_c E_c|:
+    # [0, 1, 3, 4] vs [2, 3, 3, 4] -> 0.949; reduce=abs_sum gave 1 for both.)
+    e, e2 = _signed_pair()
+    s = similarities(e, e2, measures=["spearman", "spearman_signed"])
+    assert s["spearman"].item() == pytest.approx(1.0) and s["spearman_signed"].item() == pytest.approx(-0.2)
+    # mprt builds the same pair from the raw attributions, whatever the run's reduction was
+    x, target = torch.zeros(1, 3, 2, 2), torch.tensor([0])
+    method = lambda model, x, t: e if model is tiny_cnn else e2                      # noqa: E731
+    r = mprt(tiny_cnn, x, target, method, layers=["fc"], measures=["spearman", "spearman_signed"])
+    assert r.scores["spearman"].item() == pytest.approx(1.0) and r.scores["spearman_signed"].item() == pytest.approx(-0.2)
+    r = mprt(tiny_cnn, x, target, method, attribution=e, layers=["fc"], measures=["spearman_signed"])
+    assert r.scores["spearman_signed"].item() == pytest.approx(-0.2)
+    with pytest.raises(ValueError, match=r"raw attribution \(B, C, H, W\)"):
+        mprt(tiny_cnn, x, target, method, attribution=e.sum(dim=1), layers=["fc"])    # a reduced map is refused
+    assert mprt.consumes == smprt.consumes == emprt.consumes == random_logit.consumes == "raw"
+    assert data_randomization.consumes == "raw"
+
+
+def _grayscale(e, q=99):
+    """Adebayo et al.'s code (saliency.VisualizeImageGrayscale), channels first, numpy."""
+    m = np.abs(e).sum(axis=0)
+    vmax, vmin = np.percentile(m, q), m.min()
+    return np.clip((m - vmin) / (vmax - vmin), 0, 1)
+
+
+def _diverging(e, q=99):
+    """saliency.VisualizeImageDiverging, channels first, numpy."""
+    m = e.sum(axis=0)
+    span = abs(np.percentile(m, q))
+    return np.clip((m + span) / (2 * span), -1, 1)
+
+
+def test_percentile_clip_is_adebayos_visualisation():
+    g = torch.Generator().manual_seed(4)
+    e, e2 = torch.randn(3, 3, 20, 20, generator=g, dtype=torch.float64), torch.randn(3, 3, 20, 20, generator=g, dtype=torch.float64)
+    e[2] = e[2] ** 3 - 0.5                                                            # skewed: clips at both ends
+    s = similarities(e, e2, measures=["spearman", "spearman_signed"], clip=99)
+    for i in range(3):
+        a, b = e[i].numpy(), e2[i].numpy()
+        assert s["spearman"][i].item() == pytest.approx(scipy.stats.spearmanr(_grayscale(a).ravel(), _grayscale(b).ravel()).statistic)
+        assert s["spearman_signed"][i].item() == pytest.approx(
+            scipy.stats.spearmanr(_diverging(a).ravel(), _diverging(b).ravel()).statistic)
+    plain = similarities(e, e2, measures=["spearman"])["spearman"]
+    assert not torch.allclose(plain, s["spearman"])                                  # the clip's ties count
+    with pytest.raises(ValueError, match="clip must be a percentile"):
+        similarities(e, e2, clip=0)
+
+
+def test_top_k_disjoint_sparse_maps_tie_expectation():
+    # n = 10, k = 5: a > 0 on {0, 1}, b > 0 on {2, 3}, zeros elsewhere. P(p in top(a)) = 1 on {0, 1} and
+    # (5 - 2) / 8 = 3/8 on the 8 zeros; same for b. E|A & B| = 2 (3/8) + 2 (3/8) + 6 (3/8)^2 = 2.34375 -> / 5.
+    a, b = torch.zeros(1, 10), torch.zeros(1, 10)
+    a[0, :2], b[0, 2:4] = torch.tensor([2.0, 1.0]), torch.tensor([5.0, 3.0])
+    assert top_k_overlap(a, b, fraction=0.5).item() == pytest.approx(2.34375 / 5)
+    # Monte Carlo: independent uniform tie-breaking in each map
+    g = torch.Generator().manual_seed(0)
+    hits = []
+    for _ in range(4000):
+        ta = torch.cat([torch.tensor([0, 1]), 2 + torch.randperm(8, generator=g)[:3]])
+        zb = torch.tensor([0, 1, 4, 5, 6, 7, 8, 9])[torch.randperm(8, generator=g)[:3]]
+        hits.append(len(set(ta.tolist()) & {2, 3, *zb.tolist()}))
+    assert np.mean(hits) / 5 == pytest.approx(2.34375 / 5, abs=0.01)
+    # Grad-CAM-like 64 x 64 maps after ReLU, disjoint supports of 300 pixels, k = 410: about 0.05 (chance 0.1)
+    a, b = torch.zeros(1, 64, 64), torch.zeros(1, 64, 64)
+    a.view(-1)[:300], b.view(-1)[300:600] = torch.linspace(1, 2, 300), torch.linspace(1, 2, 300)
+    w = (410 - 300) / (4096 - 300)
+    assert top_k_overlap(a, b, fraction=0.1).item() == pytest.approx((600 * w + 3496 * w * w) / 410, rel=1e-5)
+
+
+def test_top_k_agrees_with_localization_top_k_hits():
+    """With no ties in b, E|top(a) & top(b)| is localization's expected hit count of top(a) on b's top set."""
+    from metrics.localization import _top_k_hits
+    g = torch.Generator().manual_seed(7)
+    a = torch.randint(0, 5, (6, 200), generator=g).float()                          # heavy ties
+    b = torch.rand(6, 200, generator=g)
+    k = 20
+    mask = torch.zeros(6, 200, dtype=torch.bool).scatter_(1, b.topk(k, dim=1).indices, True)
+    expected = _top_k_hits(a, mask, torch.full((6,), k)) / k
+    torch.testing.assert_close(top_k_overlap(a, b, fraction=0.1).double(), expected)
+
+
+def test_ssim_gaussian_window_matches_skimage():
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.rand(3, 20, 23, generator=g, dtype=torch.float64), torch.rand(3, 20, 23, generator=g, dtype=torch.float64)
+    b[0] = 0.8 * a[0] + 0.2 * b[0]
+    ref = [skimage.metrics.structural_similarity(a[i].numpy(), b[i].numpy(), gaussian_weights=True, sigma=1.5,
+                                                 data_range=1.0) for i in range(3)]
+    torch.testing.assert_close(ssim(a, b, window="gaussian"), torch.tensor(ref, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+    assert math.isnan(ssim(a[:, :10, :10], b[:, :10, :10], window="gaussian")[0].item())   # under one 11 x 11 window
+    s = similarities(a, b, measures=["ssim"], ssim_window="gaussian")["ssim"]         # on min-max normalised maps
+    mm = lambda t: (t - t.amin(dim=(1, 2), keepdim=True)) / (t.amax(dim=(1, 2), keepdim=True) - t.amin(dim=(1, 2), keepdim=True))  # noqa: E731
+    torch.testing.assert_close(s, ssim(mm(a), mm(b), window="gaussian"))
+    with pytest.raises(ValueError, match="ssim_window must be"):
+        similarities(a, b, ssim_window="box")
+
+
+def test_hog_paper_setting_spearman_and_width_fraction():
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.rand(2, 64, 64, generator=g, dtype=torch.float64), torch.rand(2, 64, 64, generator=g, dtype=torch.float64)
+    b = 0.5 * a + b
+    ours = hog_similarity(a, b, cell=16 / 299, correlation="spearman")              # round(0.0535 * 64) = 3 px
+    for i in range(2):
+        fa, fb = (skimage.feature.hog(t[i].numpy(), orientations=9, pixels_per_cell=(3, 3), cells_per_block=(3, 3),
+                                      block_norm="L2-Hys") for t in (a, b))
+        assert ours[i].item() == pytest.approx(scipy.stats.spearmanr(fa, fb).statistic, abs=1e-4)   # skimage: float32 bins
+    s = similarities(a, b, measures=["hog"], hog_cell=16 / 299, hog_correlation="spearman")["hog"]
+    mm = lambda t: (t - t.amin(dim=(1, 2), keepdim=True)) / (t.amax(dim=(1, 2), keepdim=True) - t.amin(dim=(1, 2), keepdim=True))  # noqa: E731
+    torch.testing.assert_close(s, hog_similarity(mm(a), mm(b), cell=3, correlation="spearman"))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="hog_cell must be"):
+            similarities(a, b, hog_cell=bad)
+
+
+def test_chance_levels_of_independent_maps():
+    """Documented chance levels: Spearman 0, top-k = the fraction (not 0), SSIM and HOG near 0."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(256, 64, 64, generator=g), torch.rand(256, 64, 64, generator=g)
+    s = {m: v.mean().item() for m, v in similarities(a, b).items()}
+    assert abs(s["spearman"]) < 0.002 and abs(s["spearman_signed"]) < 0.002       # sd of the mean ~ 1/64/16
+    assert s["top_k"] == pytest.approx(0.1, abs=0.002)
+    assert abs(s["ssim"]) < 0.02 and 0.03 < s["hog"] < 0.1                          # measured 0.005 and 0.071
+
+
+def test_repeats_average_draws_and_store_their_spread(tiny_cnn, batch):
+    x, target = batch
+    one = [mprt(tiny_cnn, x, target, methods.gradient_x_input, seed=2 + r * 100_003) for r in range(3)]
+    r = mprt(tiny_cnn, x, target, methods.gradient_x_input, seed=2, repeats=3)
+    for name in ("spearman", "spearman_signed@conv2", "ssim@fc"):
+        y = torch.stack([o.scores[name] for o in one])                              # (3, B)
+        torch.testing.assert_close(r.scores[name], y.mean(dim=0))
+        std = name.replace("@", "_std@") if "@" in name else f"{name}_std"
+        torch.testing.assert_close(r.scores[std], y.std(dim=0))
+        assert (r.scores[std] > 0).all() and r.higher_is_better[std] is False
+    torch.testing.assert_close(r.curves["spearman"].y, torch.stack([o.curves["spearman"].y for o in one]).mean(dim=0))
+    assert "spearman_std" not in one[0].scores                                     # one draw: no spread
+    # random logit and emprt: draw r from seed + 100003 r as well
+    rl = random_logit(tiny_cnn, x, target, methods.saliency, seed=1, repeats=2, measures=["spearman"])
+    singles = [random_logit(tiny_cnn, x, target, methods.saliency, seed=1 + r * 100_003, measures=["spearman"])
+               for r in range(2)]
+    y = torch.stack([o.scores["spearman"] for o in singles])
+    torch.testing.assert_close(rl.scores["spearman"], y.mean(dim=0))
+    torch.testing.assert_close(rl.scores["spearman_std"], y.std(dim=0))
+    em = emprt(tiny_cnn, x, target, methods.saliency, seed=1, repeats=2)
+    y = torch.stack([emprt(tiny_cnn, x, target, methods.saliency, seed=1 + r * 100_003).scores["emprt"] for r in range(2)])
+    torch.testing.assert_close(em.scores["emprt"], y.mean(dim=0))
+    assert em.higher_is_better == {"emprt": True, "emprt_std": False}
+
+
+@pytest.mark.parametrize("repeats", [0, 2.5, True, "2"])
+def test_bad_repeats(tiny_cnn, batch, repeats):
+    x, target = batch
+    for metric in (mprt, random_logit, emprt, smprt):
+        with pytest.raises(ValueError, match="repeats must be a positive integer"):
+            metric(tiny_cnn, x, target, methods.saliency, repeats=repeats)
+
+
+@pytest.mark.parametrize("top_k", [0.0, 1.5, float("nan"), True, -0.1])
+def test_bad_top_k(tiny_cnn, batch, top_k):
+    x, target = batch
+    with pytest.raises(ValueError, match="top_k must be a fraction"):
+        mprt(tiny_cnn, x, target, methods.saliency, top_k=top_k)
+    with pytest.raises(ValueError, match="top_k must be a fraction"):
+        random_logit(tiny_cnn, x, target, methods.saliency, top_k=top_k)
+
+
+def test_explain_prediction_uses_each_models_own_argmax(tiny_cnn, batch):
+    x, target = batch
+    calls = []
+
+    def method(model, x, t):
+        calls.append((model, t.clone()))
+        return methods.saliency(model, x, t)
+
+    with torch.no_grad():
+        prediction = tiny_cnn(x).argmax(dim=1)
+    given = methods.saliency(tiny_cnn, x, target)
+    r = mprt(tiny_cnn, x, target, method, attribution=given, explain="prediction", seed=3, measures=["spearman"])
+    assert not torch.equal(prediction, target)                                      # else the test proves nothing
+    assert calls[0][0] is tiny_cnn and torch.equal(calls[0][1], prediction)         # original: recomputed for the argmax
+    stages = list(mprt_stages(tiny_cnn, seed=3))
+    assert len(calls) == 1 + len(stages)
+    for (model, t), (name, _) in zip(calls[1:], stages):
+        with torch.no_grad():
+            assert torch.equal(t, model(x).argmax(dim=1)), name                     # the randomized model's argmax
+    labels = mprt(tiny_cnn, x, target, methods.saliency, seed=3, measures=["spearman"])
+    assert not torch.equal(r.scores["spearman"], labels.scores["spearman"])
+    with pytest.raises(ValueError, match="explain must be 'label'"):
+        mprt(tiny_cnn, x, target, methods.saliency, explain="argmax")
+
+
+def test_random_logit_sign_flip_takes_the_better_sign(linear_batch):
+    # a Linear model whose class 1 weights are minus class 0's: the "gradient" map of the other class is -E
+    model, x, _ = linear_batch
+    with torch.no_grad():
+        model.weight[1] = -model.weight[0]
+    method = lambda m, x, t: m.weight[t].detach().clone()                           # noqa: E731  (B, C, H, W)
+    target = torch.tensor([0, 1, 1, 0])
+    plain = random_logit(model, x, target, method, measures=["spearman", "spearman_signed"])
+    flipped = random_logit(model, x, target, method, measures=["spearman", "spearman_signed"], sign_flip=True)
+    torch.testing.assert_close(plain.scores["spearman_signed"], torch.full((4,), -1.0))
+    torch.testing.assert_close(flipped.scores["spearman_signed"], torch.ones(4))
+    torch.testing.assert_close(plain.scores["spearman"], torch.ones(4))           # ABS never sees the sign
+    with pytest.raises(ValueError, match="sign_flip must be"):
+        random_logit(model, x, target, method, sign_flip="yes")
+
+
+def test_adebayo2018_preset_scores_abs_and_signed_side_by_side(tiny_cnn, batch):
+    """The preset's mprt: both Spearman scores, three draws with their spread, the paper's SSIM/HOG settings."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=adebayo2018"])
+    node = cfg.metric.mprt
+    assert (node.explain, node.repeats, node.clip, node.ssim_window, node.hog_cell, node.hog_correlation) == \
+        ("prediction", 3, 99, "gaussian", 0.0535, "spearman")
+    assert cfg.metric.mprt_independent.order == "independent" and cfg.metric.random_logit.sign_flip
+    x, target = batch
+    r = instantiate(node)(tiny_cnn, x, target, methods.gradient_x_input)
+    assert {"spearman", "spearman_signed", "spearman_std", "spearman_signed_std", "ssim", "hog"} <= set(r.scores)
+    assert not torch.equal(r.scores["spearman"], r.scores["spearman_signed"])       # signed maps: not a copy

@@ -2,7 +2,11 @@
 maps and randomization: Quantus re-draws every module that has `reset_parameters`, from the output
 down, each after torch.manual_seed(seed + 1); ours reproduces that with layers = those modules,
 seed = seed + 1 and layer_seed="shared". Quantus takes |map| / max|map| before Spearman, which
-leaves ranks unchanged, so the per-layer Spearman similarities must agree to float precision."""
+leaves ranks unchanged, so the per-layer Spearman similarities must agree to float precision.
+
+Our `spearman` ranks Adebayo et al.'s ABS map sum_c |E_c| of the raw attribution; Quantus ranks |map| of
+what its explain_func returns. So the explain_func handed to Quantus returns sum_c |E_c| (B, 1, H, W):
+both then rank the same map (handing it sum_c E_c would compare Quantus' |sum_c E_c|, another map)."""
 from __future__ import annotations
 
 import warnings
@@ -23,7 +27,7 @@ SEED = 42
 def _explain(method):
     def explain(model, inputs, targets, **_):
         x, t = torch.as_tensor(inputs), torch.as_tensor(targets)
-        return to_map(method(model, x, t), "sum")[:, None].numpy()             # (B, 1, H, W)
+        return to_map(method(model, x, t), "abs_sum")[:, None].numpy()         # (B, 1, H, W) sum_c |E_c|
     return explain
 
 
@@ -50,7 +54,7 @@ def test_per_layer_spearman_agrees_with_quantus(setup, method_name, order):
             explain_func=_explain(method), channel_first=True, device="cpu", batch_size=64)
     layers = [name for name, m in model.named_modules() if hasattr(m, "reset_parameters")]
     assert list(ref)[1:] == (layers[::-1] if order == "top_down" else layers)
-    ours = mprt(model, x, target, method, reduce="sum", layers=layers, seed=SEED + 1, layer_seed="shared",
+    ours = mprt(model, x, target, method, layers=layers, seed=SEED + 1, layer_seed="shared",
                 order={"top_down": "cascading_top_down", "bottom_up": "cascading_bottom_up"}.get(order, order),
                 measures=["spearman"])
     for name in layers:
