@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metrics._check import check_classes, check_finite, check_float, check_target
 from metrics._chunk import chunked
 
 Baseline = Union[float, Literal["black", "mean", "blur", "uniform"], Tensor]
@@ -19,10 +20,10 @@ _ROAD_KERNEL = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 
 FillFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]   # (x_b, keep, b, j) -> fill values
 
 
-def _check_inputs(model_input: Tensor, target: Tensor, attribution: Tensor) -> None:
-    """Shape checks shared by the perturbation metrics."""
-    if model_input.ndim != 4:
-        raise ValueError(f"x must have shape (B, C, H, W), got {tuple(model_input.shape)}")
+def _check_inputs(model_input: Tensor, target: Tensor, attribution: Tensor) -> Tensor:
+    """Shape, dtype and finiteness checks shared by the perturbation metrics; returns target as int64."""
+    if not isinstance(model_input, Tensor) or model_input.ndim != 4:
+        raise ValueError(f"x must have shape (B, C, H, W), got {tuple(getattr(model_input, 'shape', ()))}")
     B, _, H, W = model_input.shape
     if B == 0:
         raise ValueError("x holds no samples (B = 0): pass a batch of at least one image")
@@ -31,17 +32,9 @@ def _check_inputs(model_input: Tensor, target: Tensor, attribution: Tensor) -> N
             f"attribution must be a channel-reduced map of shape {(B, H, W)}, got {tuple(attribution.shape)}; "
             "reduce an attribution (B, C, H, W) with metrics.to_map first"
         )
-    if target.shape != (B,):
-        raise ValueError(f"target must have shape {(B,)}, got {tuple(target.shape)}")
-    if not torch.isfinite(attribution).all():
-        raise ValueError("attribution contains NaN or Inf; a map must be finite to define an order of pixels")
-
-
-def _check_choice(name: str, value: object, options: tuple[str, ...]) -> None:
-    """ValueError naming the argument unless `value` is one of `options`."""
-    if value not in options:
-        listed = ", ".join(repr(o) for o in options[:-1]) + f" or {options[-1]!r}"
-        raise ValueError(f"{name} must be {listed}, got {value!r}")
+    target = check_target(target, B)
+    check_finite("attribution", attribution, "a map must be finite to define an order of pixels")
+    return target
 
 
 def _removal_rank(attribution: Tensor, *, descending: bool, seed: int) -> Tensor:
@@ -63,14 +56,17 @@ def _patch_sums(attribution: Tensor, patch: int) -> Tensor:
     return a.view(B, Hp, patch, Wp, patch).sum(dim=(2, 4))                         # (B, Hp, Wp)
 
 
-def _removed_at(attribution: Tensor, *, steps: int, descending: bool, patch: int, seed: int) -> Tensor:
-    """Step 1..steps at which each pixel is removed: units (pixels or patches) ranked, `steps` equal groups."""
+def _removed_at(attribution: Tensor, *, steps: int, descending: bool, patch: int, seed: int,
+                budget: int | None = None) -> Tensor:
+    """Step 1..steps at which each pixel is removed: units (pixels or patches) ranked, the first `budget`
+    of them (default: all) in `steps` equal groups; units past the budget get steps + 1 (never removed)."""
     B, H, W = attribution.shape
     units = _patch_sums(attribution, patch) if patch > 1 else attribution            # (B, Hu, Wu)
     n = units[0].numel()
+    m = n if budget is None else budget
     rank = _removal_rank(units, descending=descending, seed=seed)                    # (B, n)
-    at = (rank * steps).div(n, rounding_mode="floor") + 1                            # (B, n): step 1..steps
-    at = at.to(torch.int16 if steps < 2 ** 15 else torch.int32)                      # less to gather per chunk
+    at = (rank * steps).div(m, rounding_mode="floor") + 1                            # (B, n): ceil(k m / steps) by k
+    at = at.clamp_max(steps + 1).to(torch.int16 if steps < 2 ** 15 - 1 else torch.int32)   # less to gather per chunk
     if patch > 1:
         at = at.view(B, *units.shape[1:]).repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, :H, :W]
     return at.reshape(B, H * W)                                                      # (B, HW)
@@ -95,9 +91,11 @@ def _baseline_fill(x: Tensor, baseline: Baseline, *, seed: int) -> Tensor:
         except RuntimeError:
             raise ValueError(f"a baseline tensor must broadcast to x's shape {tuple(x.shape)}, "
                              f"got {tuple(baseline.shape)}") from None
+        check_finite("baseline", baseline, "pass finite replacement values")
         return baseline.to(device=x.device, dtype=x.dtype)
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.as_tensor(float(baseline), dtype=x.dtype, device=x.device)
+        value = check_float("baseline", baseline, meaning=" (a constant in the model's input space)")
+        return torch.as_tensor(value, dtype=x.dtype, device=x.device)
     if not isinstance(baseline, str) or baseline not in BASELINES:
         raise ValueError(f"baseline must be a float, a tensor or one of {BASELINES}, got {baseline!r}")
     if baseline == "black":
@@ -148,18 +146,25 @@ def _noisy_linear_imputation(x: Tensor, keep: Tensor, noise: Tensor, *, iteratio
     return torch.where(keep, x, v + noise)
 
 
-def _target_output(model: nn.Module, x: Tensor, target: Tensor, output: str) -> Tensor:
-    """Target logit or softmax probability, (N,)."""
+def _target_output(model: nn.Module, x: Tensor, target: Tensor, output: str, *, check: Tensor | None = None,
+                   top1: bool = False) -> Tensor:
+    """Target logit or softmax probability, (N,); with `top1` also whether the target is the model's
+    prediction (argmax, first index on ties), (N, 2). `check`: all targets, checked against the outputs."""
     out = model(x)
-    out = out.softmax(dim=1) if output == "softmax" else out
-    return out.gather(1, target[:, None]).squeeze(1)
+    if check is not None:
+        check_classes(check, out.shape[1])
+    value = (out.softmax(dim=1) if output == "softmax" else out).gather(1, target[:, None]).squeeze(1)
+    if not top1:
+        return value
+    return torch.stack([value, (out.argmax(dim=1) == target).to(value.dtype)], dim=1)
 
 
 def _perturbation_curves(
     model: nn.Module, x: Tensor, target: Tensor, removed_at: Tensor, fill: FillFn, *,
-    steps: int, insert: bool, output: str, chunk_size: int | None,
+    steps: int, insert: bool, output: str, chunk_size: int | None, top1: bool = False,
 ) -> Tensor:
-    """Target output for every sample at step 0 and at steps 1..steps of every order: (B, 1 + R steps).
+    """Target output for every sample at step 0 and at steps 1..steps of every order: (B, 1 + R steps),
+    or with `top1` (B, 1 + R steps, 2), the second entry 1.0 where the target is still the prediction.
 
     removed_at (R, B, HW) holds R orders; column j = 0 is step 0 (the unperturbed input, or the
     all-baseline input when inserting), j = 1 + r steps + (k - 1) is step k of order r. A pixel
@@ -168,6 +173,7 @@ def _perturbation_curves(
     R, B, n = removed_at.shape
     _, C, H, W = x.shape
     J = 1 + R * steps
+    unchecked = [True]                                                             # targets checked on chunk 1
 
     def forward(i: Tensor) -> Tensor:                                              # i: (N,) flat into (B, J)
         b, j = i.div(J, rounding_mode="floor"), i % J
@@ -176,7 +182,10 @@ def _perturbation_curves(
         at = removed_at[r, b]                                                      # (N, HW)
         keep = (at <= k if insert else at > k).view(-1, 1, H, W)                   # (N, 1, H, W)
         xb = x.index_select(0, b)                                                  # (N, C, H, W)
-        return _target_output(model, torch.where(keep, xb, fill(xb, keep, b, j), out=xb), target[b], output)
+        check, unchecked[0] = (target if unchecked[0] else None), False
+        return _target_output(model, torch.where(keep, xb, fill(xb, keep, b, j), out=xb), target[b], output,
+                              check=check, top1=top1)
 
     with torch.inference_mode():
-        return chunked(forward, B * J, chunk_size, device=x.device, like=x).view(B, J)   # (B, J)
+        y = chunked(forward, B * J, chunk_size, device=x.device, like=x)
+    return y.view(B, J, 2) if top1 else y.view(B, J)                               # (B, J[, 2])

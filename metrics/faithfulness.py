@@ -19,15 +19,18 @@ Shared conventions of the perturbation metrics (helpers in metrics._perturb):
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from metrics._check import check_bool, check_choice, check_float, check_int
 from metrics._chunk import chunked
+from metrics._map import consumes
 from metrics._perturb import (
-    Baseline, _baseline_fill, _check_choice, _check_inputs, _noisy_linear_imputation,
-    _perturbation_curves, _removed_at, _static_fill, _target_output,
+    Baseline, _baseline_fill, _check_inputs, _noisy_linear_imputation, _perturbation_curves, _removed_at,
+    _static_fill, _target_output,
 )
 from metrics._result import Curve, MetricResult
 
@@ -36,28 +39,35 @@ __all__ = ["pixel_flipping", "deletion", "insertion", "road", "faithfulness_corr
 Order = Literal["morf", "lerf", "both"]
 
 
-def _check_steps(x: Tensor, steps: int, patch: int, output: str) -> int:
-    """Validate steps/patch/output; return the number of removal units (pixels or patches)."""
-    _check_choice("output", output, ("logit", "softmax"))
+def _check_options(output: str, seed: int) -> None:
+    check_choice("output", output, ("logit", "softmax"))
+    check_int("seed", seed, 0)
+
+
+def _check_steps(x: Tensor, steps: int, patch: int, max_fraction: float = 1.0) -> tuple[int, int]:
+    """Validate steps/patch/max_fraction; return the number of removal units n (pixels or patches) and
+    the budget m = ceil(max_fraction n) of units removed by the last step."""
     H, W = x.shape[-2:]
-    if not isinstance(patch, int) or not 1 <= patch <= min(H, W):
-        raise ValueError(f"patch must be an integer between 1 and min(H, W) = {min(H, W)}, got {patch!r}")
+    check_int("patch", patch, 1, min(H, W), high_name="min(H, W)")
     n = -(-H // patch) * -(-W // patch)
-    if not 1 <= steps <= n:
-        raise ValueError(f"steps must be between 1 and the number of {'patches' if patch > 1 else 'pixels'} "
-                         f"({n}), got {steps}")
-    return n
+    check_float("max_fraction", max_fraction, 0, 1, low_open=True, meaning=" (the share of units removed by the "
+                "last step)")
+    m = max(1, math.ceil(max_fraction * n - 1e-9))
+    units = "patches" if patch > 1 else "pixels"
+    check_int("steps", steps, 1, m, high_name=f"the number of {units}" if m == n else
+              f"the {units} in max_fraction={max_fraction}")
+    return n, m
 
 
 def _orders(order: str) -> list[str]:
-    _check_choice("order", order, ("morf", "lerf", "both"))
+    check_choice("order", order, ("morf", "lerf", "both"))
     return ["morf", "lerf"] if order == "both" else [order]
 
 
-def _fraction_axis(n: int, steps: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """x_k = ceil(k n / steps) / n: the exact fraction of units removed after k steps, (K,)."""
+def _fraction_axis(n: int, m: int, steps: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """x_k = ceil(k m / steps) / n: the exact fraction of the n units removed after k steps, (K,)."""
     k = torch.arange(steps + 1, device=device, dtype=torch.float64)
-    return (torch.ceil(k * n / steps) / n).to(dtype)
+    return (torch.ceil(k * m / steps) / n).to(dtype)
 
 
 def _curve_results(y: Tensor, orders: list[str], frac: Tensor, steps: int) -> dict[str, Tensor]:
@@ -74,6 +84,7 @@ def pixel_flipping(
     steps: int = 16,
     order: Order = "morf",
     patch: int = 1,
+    max_fraction: float = 1.0,
     baseline: Baseline = 0.0,
     output: Literal["logit", "softmax"] = "logit",
     seed: int = 0,
@@ -82,24 +93,28 @@ def pixel_flipping(
     """Pixel flipping (Bach et al. 2015) and region perturbation (Samek et al. 2017), AUC, AOPC, SRG.
 
     Units (pixels, or patch x patch squares of a fixed grid ranked by the map's sum over them)
-    are removed in `steps` equal groups, most relevant first (MoRF) or least relevant first
-    (LeRF), and replaced by `baseline` (module docstring). f_k is the target output after k
-    groups, f_0 the unperturbed input; x_k = ceil(k n / steps) / n is the exact fraction of
-    units removed. AUC = trapezoid of f_k over x_k (x in [0, 1]); AOPC = mean over k = 0..steps
-    of (f_0 - f_k). order="both" computes both curves and adds SRG = AUC(LeRF) - AUC(MoRF)
-    (symmetric relevance gain, Bluecher et al. 2024), with scores auc_morf, auc_lerf, aopc_morf,
-    aopc_lerf, srg. Logits are the default output: on a near-perfect model the softmax stays
-    saturated at 1 until the object is almost gone, which hides differences between methods.
+    are ranked most relevant first (MoRF) or least relevant first (LeRF); the first
+    m = ceil(max_fraction n) of the n units are removed in `steps` equal groups and replaced by
+    `baseline` (module docstring). f_k is the target output after k groups, f_0 the unperturbed
+    input; x_k = ceil(k m / steps) / n is the exact fraction of units removed.
+    AUC = trapezoid of f_k over x_k (x in [0, max_fraction]); AOPC = 1/(L+1) sum_{k=0..L} (f_0 - f_k),
+    L = steps. Samek et al.'s AOPC removes one region per step for L = 100 steps, 9x9 regions at
+    224 px: 100 of ~620 regions, max_fraction = 0.16 (conf/experiment/samek2017.yaml); the default
+    max_fraction = 1 averages over the removal of the whole image. order="both" computes both
+    curves and adds SRG = AUC(LeRF) - AUC(MoRF) (symmetric relevance gain, Bluecher et al. 2024),
+    scores auc_morf, auc_lerf, aopc_morf, aopc_lerf, srg. Logits are the default output: on a
+    near-perfect model the softmax stays saturated at 1 until the object is almost gone.
     """
-    _check_inputs(x, target, attribution)
+    target = _check_inputs(x, target, attribution)
     orders = _orders(order)
-    n = _check_steps(x, steps, patch, output)
-    removed_at = torch.stack([_removed_at(attribution, steps=steps, descending=o == "morf", patch=patch, seed=seed)
-                              for o in orders])                                   # (R, B, HW)
+    _check_options(output, seed)
+    n, m = _check_steps(x, steps, patch, max_fraction)
+    removed_at = torch.stack([_removed_at(attribution, steps=steps, descending=o == "morf", patch=patch, seed=seed,
+                                          budget=m) for o in orders])             # (R, B, HW)
     fill = _static_fill(_baseline_fill(x, baseline, seed=seed))
     y = _perturbation_curves(model, x, target, removed_at, fill, steps=steps, insert=False, output=output,
                              chunk_size=chunk_size)                               # (B, 1 + R steps)
-    frac = _fraction_axis(n, steps, x.device, y.dtype)                            # (K,)
+    frac = _fraction_axis(n, m, steps, x.device, y.dtype)                         # (K,)
     curves = _curve_results(y, orders, frac, steps)
     auc = {o: torch.trapezoid(c, frac, dim=1) for o, c in curves.items()}
     aopc = {o: (c[:, :1] - c).mean(dim=1) for o, c in curves.items()}
@@ -117,13 +132,14 @@ def pixel_flipping(
 def _deletion_insertion(model: nn.Module, x: Tensor, target: Tensor, attribution: Tensor, *, insert: bool,
                         steps: int, baseline: Baseline, output: str, seed: int,
                         chunk_size: int | None) -> MetricResult:
-    _check_inputs(x, target, attribution)
-    n = _check_steps(x, steps, 1, output)
+    target = _check_inputs(x, target, attribution)
+    _check_options(output, seed)
+    n, _ = _check_steps(x, steps, 1)
     removed_at = _removed_at(attribution, steps=steps, descending=True, patch=1, seed=seed)[None]   # (1, B, HW)
     fill = _static_fill(_baseline_fill(x, baseline, seed=seed))
     y = _perturbation_curves(model, x, target, removed_at, fill, steps=steps, insert=insert, output=output,
                              chunk_size=chunk_size)                               # (B, K)
-    frac = _fraction_axis(n, steps, x.device, y.dtype)
+    frac = _fraction_axis(n, n, steps, x.device, y.dtype)
     return MetricResult(scores={"auc": torch.trapezoid(y, frac, dim=1)}, curves={"curve": Curve(frac, y)},
                         higher_is_better={"auc": insert})
 
@@ -172,19 +188,22 @@ def road(
     over all removed pixels, solved per channel), plus Gaussian noise of std `noise` in the
     input space, one seeded field per step shared by all samples. With every pixel removed the
     system has no data and the image is 0 + noise. Removal order, steps, AUC and SRG as in
-    pixel_flipping (default: both orders, 10 steps, the paper's 10 %..90 % plus both ends). The
+    pixel_flipping (default: both orders, 10 steps, the paper's 10 %..90 % plus both ends).
+    Rong et al. (and Quantus) report accuracy: the curves acc_<order> hold, per sample and step,
+    1.0 where the target is still the model's prediction (argmax) after imputation, else 0.0; their
+    mean over samples is the paper's accuracy curve, and acc_auc_<order> (trapezoid over the
+    fraction removed) averages to that curve's AUC. auc_<order> is the target output's AUC. The
     solver runs `iterations` conjugate-gradient steps (None: 2 max(H, W), error < 1e-4 at 64 px).
     """
-    _check_inputs(x, target, attribution)
+    target = _check_inputs(x, target, attribution)
     orders = _orders(order)
-    n = _check_steps(x, steps, 1, output)
-    if noise < 0:
-        raise ValueError(f"noise must be a non-negative standard deviation, got {noise}")
+    _check_options(output, seed)
+    n, _ = _check_steps(x, steps, 1)
+    noise = check_float("noise", noise, 0, meaning=" (the imputation noise's standard deviation)")
+    its = 2 * max(x.shape[-2:]) if iterations is None else check_int(
+        "iterations", iterations, 0, meaning=" (conjugate-gradient steps; None: 2 max(H, W))")
     removed_at = torch.stack([_removed_at(attribution, steps=steps, descending=o == "morf", patch=1, seed=seed)
                               for o in orders])                                   # (R, B, HW)
-    its = 2 * max(x.shape[-2:]) if iterations is None else iterations
-    if its < 0:
-        raise ValueError(f"iterations must be None or a non-negative integer, got {iterations}")
     g = torch.Generator().manual_seed(seed)
     field = noise * torch.randn((1 + len(orders) * steps, *x.shape[1:]), generator=g, dtype=x.dtype).to(x.device)
 
@@ -192,17 +211,23 @@ def road(
         return _noisy_linear_imputation(xb, keep, field[j], iterations=its)
 
     y = _perturbation_curves(model, x, target, removed_at, fill, steps=steps, insert=False, output=output,
-                             chunk_size=chunk_size)
-    frac = _fraction_axis(n, steps, x.device, y.dtype)
-    curves = _curve_results(y, orders, frac, steps)
-    auc = {o: torch.trapezoid(c, frac, dim=1) for o, c in curves.items()}
-    scores = {f"auc_{o}": auc[o] for o in orders}
-    hib = {f"auc_{o}": o == "lerf" for o in orders}
+                             chunk_size=chunk_size, top1=True)                    # (B, 1 + R steps, 2)
+    frac = _fraction_axis(n, n, steps, x.device, y.dtype)
+    curves = _curve_results(y[..., 0], orders, frac, steps)
+    correct = _curve_results(y[..., 1], orders, frac, steps)
+    scores, hib = {}, {}
+    for o in orders:
+        scores[f"auc_{o}"] = torch.trapezoid(curves[o], frac, dim=1)
+        scores[f"acc_auc_{o}"] = torch.trapezoid(correct[o], frac, dim=1)
+        hib[f"auc_{o}"] = hib[f"acc_auc_{o}"] = o == "lerf"
     if order == "both":
-        scores["srg"], hib["srg"] = auc["lerf"] - auc["morf"], True
-    return MetricResult(scores=scores, curves={o: Curve(frac, c) for o, c in curves.items()}, higher_is_better=hib)
+        scores["srg"], hib["srg"] = scores["auc_lerf"] - scores["auc_morf"], True
+    return MetricResult(scores=scores, higher_is_better=hib,
+                        curves={**{o: Curve(frac, c) for o, c in curves.items()},
+                                **{f"acc_{o}": Curve(frac, c) for o, c in correct.items()}})
 
 
+@consumes("signed")
 def faithfulness_correlation(
     model: nn.Module, x: Tensor, target: Tensor, attribution: Tensor, *,
     subsets: int = 32, fraction: float = 0.05, baseline: Baseline = 0.0,
@@ -210,19 +235,20 @@ def faithfulness_correlation(
 ) -> MetricResult:
     """Faithfulness correlation (Bhatt et al. 2020): Pearson r over random pixel subsets S.
 
-    For `subsets` seeded subsets S of round(fraction H W) pixels (at least 1; the same subsets for
-    every sample; Quantus' default of 224 px of a 224 x 224 image is fraction 0.0045),
-    r = corr_S(sum_{p in S} a_p, f(x) - f(x with S set to `baseline`)). Higher is better; NaN
-    where either side is constant over the subsets (e.g. a constant map).
+    mu_F = corr_S(sum_{i in S} g_i, f(x) - f(x with x_S set to the baseline)), g the attribution.
+    A subset removes whole pixels (all channels), so sum_{i in S} g_i is the signed map's sum over
+    the pixels of S: the metric consumes the signed channel sum a = sum_c g_c (metrics._map), not
+    the run's reduced map; an absolute map would make the correlation blind to counter-evidence.
+    `subsets` seeded subsets S of round(fraction H W) pixels (at least 1; the same subsets for every
+    sample; Quantus' default of 224 px of a 224 x 224 image is fraction 0.0045). Higher is better;
+    NaN where either side is constant over the subsets (e.g. a constant map).
     """
-    _check_inputs(x, target, attribution)
-    _check_choice("output", output, ("logit", "softmax"))
+    target = _check_inputs(x, target, attribution)
+    _check_options(output, seed)
     B, C, H, W = x.shape
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], the share of pixels in each subset, got {fraction}")
+    fraction = check_float("fraction", fraction, 0, 1, low_open=True, meaning=" (the share of pixels in each subset)")
     subset_size = max(1, round(fraction * H * W))
-    if subsets < 2:
-        raise ValueError(f"subsets must be at least 2 to define a correlation, got {subsets}")
+    check_int("subsets", subsets, 2, meaning=" (random subsets; at least 2 define a correlation)")
     g = torch.Generator().manual_seed(seed)
     chosen = torch.rand(subsets, H * W, generator=g).argsort(dim=1)[:, :subset_size].to(x.device)
     drop = torch.zeros(subsets, H * W, dtype=torch.bool, device=x.device).scatter_(1, chosen, True)   # (S, HW)
@@ -234,7 +260,7 @@ def faithfulness_correlation(
         return _target_output(model, torch.where(keep, x[b], fill[b]), target[b], output)
 
     with torch.inference_mode():
-        f0 = _target_output(model, x, target, output)                              # (B,)
+        f0 = _target_output(model, x, target, output, check=target)                # (B,)
         delta = f0[:, None] - chunked(forward, B * subsets, chunk_size, device=x.device, like=x).view(B, subsets)
     a_sum = attribution.reshape(B, 1, H * W).to(delta.dtype).mul(drop.to(delta.dtype)).sum(dim=2)     # (B, S)
     return MetricResult(scores={"pearson": _pearson(a_sum, delta)}, higher_is_better={"pearson": True})
@@ -247,23 +273,27 @@ def _pearson(u: Tensor, v: Tensor) -> Tensor:
     return torch.where(den > 0, (u * v).sum(dim=1) / den, torch.nan)
 
 
+@consumes("signed")
 def infidelity(
     model: nn.Module, x: Tensor, target: Tensor, attribution: Tensor, *,
     perturbations: int = 16, noise_std: float = 0.2, normalize: bool = True,
     output: Literal["logit", "softmax"] = "logit", seed: int = 0, chunk_size: int | None = None,
 ) -> MetricResult:
-    """Infidelity (Yeh et al. 2019): E_I[(I . a - (f(x) - f(x - I)))^2], lower is better.
+    """Infidelity (Yeh et al. 2019): INFD = E_I[(I^T phi - (f(x) - f(x - I)))^2], lower is better.
 
-    I is seeded Gaussian noise of std `noise_std` per pixel, the same in every channel (so the
-    channel-summed map gives exactly I . a of the full attribution) and the same draws for every
-    sample. With `normalize`, a is first scaled by beta = E[I.a Df] / E[(I.a)^2], the least-squares
-    optimal factor (captum's `normalize=True`), so the score ignores the map's scale; beta = 0 when
-    I.a is always 0. Matches captum.metrics.infidelity given the same perturbations.
+    phi is the signed attribution. I is seeded Gaussian noise of std `noise_std` per pixel, the
+    same in every channel and the same draws for every sample, so I^T phi = sum_p I_p sum_c phi_cp:
+    the metric consumes the signed channel sum (metrics._map), which gives I^T phi of the full
+    attribution exactly; the run's reduced map (e.g. abs_sum) would not. With `normalize`, phi is
+    first scaled by beta = E[I.phi Df] / E[(I.phi)^2], the least-squares optimal factor (captum's
+    `normalize=True`), so the score ignores the map's scale; beta = 0 when I.phi is always 0.
+    Matches captum.metrics.infidelity given the same perturbations.
     """
-    _check_inputs(x, target, attribution)
-    _check_choice("output", output, ("logit", "softmax"))
-    if perturbations < 1 or noise_std <= 0:
-        raise ValueError(f"perturbations must be >= 1 and noise_std > 0, got {perturbations} and {noise_std}")
+    target = _check_inputs(x, target, attribution)
+    _check_options(output, seed)
+    check_int("perturbations", perturbations, 1, meaning=" (noise draws per sample)")
+    noise_std = check_float("noise_std", noise_std, 0, low_open=True, meaning=" (the noise's standard deviation)")
+    check_bool("normalize", normalize)
     B, C, H, W = x.shape
     g = torch.Generator().manual_seed(seed)
     noise = (noise_std * torch.randn(perturbations, 1, H, W, generator=g, dtype=x.dtype)).to(x.device)   # (S, 1, H, W)
@@ -273,7 +303,7 @@ def infidelity(
         return _target_output(model, x[b] - noise[s], target[b], output)
 
     with torch.inference_mode():
-        f0 = _target_output(model, x, target, output)
+        f0 = _target_output(model, x, target, output, check=target)
         f = chunked(forward, B * perturbations, chunk_size, device=x.device, like=x)
         delta = f0[:, None] - f.view(B, perturbations)
     dot = (noise.view(1, perturbations, H * W) * attribution.reshape(B, 1, H * W)).sum(dim=2).to(delta.dtype)  # (B, S)

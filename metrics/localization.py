@@ -15,7 +15,10 @@ Mass-based scores (energy_pointing_game, relevance_mass_accuracy,
 attribution_localisation) count only positive mass, as their papers do, so "signed" and
 "positive" give the same number there. Ranking scores are exact under ties: a tie is
 shared fractionally, i.e. the score is the expectation over every order of the tied
-pixels, never the pick of an unstable argsort. An empty mask gives NaN and a warning.
+pixels, never the pick of an unstable argsort. An empty mask gives NaN and a warning; a map
+with a NaN or Inf is refused (ValueError), since a NaN has no rank and would shift every score.
+
+Every metric here ranks or locates pixels and consumes the run's reduced map (metrics._map).
 """
 from __future__ import annotations
 
@@ -29,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metrics._check import check_bool, check_choice, check_finite, check_float, check_int, check_target
 from metrics._chunk import chunked
 from metrics._result import MetricResult
 
 __all__ = [
     "pointing_game", "energy_pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy",
-    "localization_auc", "top_k_intersection", "attribution_localisation", "iou_at_threshold",
+    "localization_auc", "top_k_intersection", "attribution_localisation", "iou_at_threshold", "class_mean",
 ]
 
 Sign = Literal["signed", "positive", "absolute"]
@@ -42,15 +46,17 @@ SIGNS: tuple[str, ...] = ("signed", "positive", "absolute")
 
 
 def _flatten(attribution: Tensor, mask: Tensor, sign: str = "signed") -> tuple[Tensor, Tensor]:
-    """Check shapes and `sign`, read the map as `sign` says, flatten both to (B, HW); warn on empty masks."""
+    """Check shapes, finiteness and `sign`, read the map as `sign` says, flatten both to (B, HW); warn on
+    empty masks."""
     if attribution.ndim != 3 or mask.shape != attribution.shape:
         raise ValueError(
             f"attribution and mask must both have shape (B, H, W); got {tuple(attribution.shape)} and {tuple(mask.shape)}"
         )
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor, got {mask.dtype}; pass mask > 0")
-    if sign not in SIGNS:
-        raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
+    check_choice("sign", sign, SIGNS)
+    check_finite("attribution", attribution, "a map must be finite to rank or locate its pixels (a NaN has no "
+                 "rank); fix the method or drop these samples")
     B = attribution.shape[0]
     a = attribution.reshape(B, -1)
     a = a.clamp(min=0) if sign == "positive" else a.abs() if sign == "absolute" else a
@@ -110,13 +116,16 @@ def pointing_game(
     """Pointing game (Zhang et al. 2016/2018): is the map's maximum on the object?
 
     A point hits when it lies in the mask or closer than `tolerance` pixels (Euclidean,
-    strict, as TorchRay) to a mask pixel; Zhang et al. and TorchRay use 15 px at 224 px.
-    With tied maxima the score is the fraction of maximal pixels that hit, so ties neither
-    help nor hurt and a constant map scores what chance does (the mask's share, at
-    tolerance 0). Empty mask: NaN. `chunk_size` bounds the tied maxima checked at once.
+    strict: |p - q|^2 < tolerance^2, as TorchRay) to a mask pixel; Zhang et al. and TorchRay
+    use 15 px at 224 px. With tied maxima the score is the fraction of maximal pixels that hit
+    (TorchRay takes one maximiser), so ties neither help nor hurt and a constant map scores what
+    chance does (the mask's share, at tolerance 0). Empty mask: NaN (TorchRay skips the pair).
+    Zhang et al. and TorchRay report the mean over classes of each class's hit rate, not the
+    mean over samples: `class_mean(hit, target)` gives it (CLASS_MEAN_SCORES tells a report which
+    scores have one). `chunk_size` bounds the tied maxima checked at once.
     """
-    if not tolerance >= 0 or not math.isfinite(tolerance):
-        raise ValueError(f"tolerance must be a finite number of pixels >= 0, got {tolerance!r}")
+    check_float("tolerance", tolerance, 0, meaning=" (pixels)")
+    check_int("chunk_size", chunk_size, 1)
     a, m = _flatten(attribution, mask, sign)                             # (B, HW)
     is_max = a == a.amax(dim=1, keepdim=True)                            # every tied maximum
     if tolerance == 0:
@@ -145,6 +154,36 @@ def pointing_game(
     return MetricResult(scores={"hit": hit}, higher_is_better={"hit": True})
 
 
+# Scores whose paper reports the mean over classes (class_mean), by the metric's `_target_`.
+CLASS_MEAN_SCORES: dict[str, tuple[str, ...]] = {"metrics.pointing_game": ("hit",),
+                                                 "metrics.localization.pointing_game": ("hit",)}
+
+
+def class_mean(scores: Tensor, target: Tensor) -> Tensor:
+    """Mean over classes of each class's mean score: TorchRay's PointingGame.accuracy, the mean of
+    hits_c / (hits_c + misses_c) over classes c (Zhang et al. 2018).
+
+    scores (N,) over a whole evaluation set (NaN = undefined, skipped as TorchRay skips a pair),
+    target (N,) their classes -> a 0-dim tensor. Classes with no defined score are left out;
+    TorchRay averages over all of a dataset's classes and counts such a class as 0 (the same when
+    every class occurs). NaN when no score is defined. Equals the sample mean when classes are
+    balanced. An aggregation for reports, not a per-sample metric.
+    """
+    if scores.ndim != 1:
+        raise ValueError(f"scores must have shape (N,), got {tuple(scores.shape)}")
+    target = check_target(target, scores.shape[0])
+    if bool((target < 0).any()):
+        raise ValueError(f"target must hold class indices >= 0, got {sorted(set(target[target < 0].tolist()))[:5]}")
+    defined = ~scores.isnan()
+    t, v = target[defined], scores[defined].double()
+    if not t.numel():
+        return torch.tensor(torch.nan, dtype=scores.dtype, device=scores.device)
+    n = torch.bincount(t)                                                # (classes,) defined scores per class
+    total = torch.zeros(n.shape, dtype=torch.float64, device=scores.device).index_add_(0, t, v)
+    present = n > 0
+    return (total[present] / n[present]).mean().to(scores.dtype)
+
+
 def energy_pointing_game(attribution: Tensor, mask: Tensor, *, box: bool = True, sign: Sign = "signed") -> MetricResult:
     """Energy-based pointing game (Wang et al. 2020, Score-CAM): share of the map's energy on the object.
 
@@ -153,6 +192,7 @@ def energy_pointing_game(attribution: Tensor, mask: Tensor, *, box: bool = True,
     the dataset's masks are boxes); box=False uses the mask itself, which equals
     relevance_mass_accuracy. NaN where the mask is empty or the map has no positive energy.
     """
+    check_bool("box", box)
     a, m = _flatten(attribution, mask, sign)
     if box:
         rows, cols = mask.any(dim=2), mask.any(dim=1)                    # (B, H), (B, W)
@@ -187,6 +227,7 @@ def relevance_rank_accuracy(
     fractionally (the expectation over their orders), so a constant map scores K / HW,
     chance. Empty mask: NaN. Memory is bounded by `chunk_size` samples per sort.
     """
+    check_int("chunk_size", chunk_size, 1)
     a, m = _flatten(attribution, mask, sign)
     size = _count(m)                                                      # (B,) K per sample
 
@@ -207,6 +248,7 @@ def localization_auc(attribution: Tensor, mask: Tensor, *, sign: Sign = "signed"
     row is sorted once by the integer key 2 * value + in-mask, and U is read off the sorted
     keys. NaN where the mask is empty or covers every pixel.
     """
+    check_int("chunk_size", chunk_size, 1)
     a, m = _flatten(attribution, mask, sign)
 
     def auc(i: Tensor) -> Tensor:
@@ -335,6 +377,8 @@ def top_k_intersection(
     fraction of H*W (float, rounded up). Ties at the k-th value are shared fractionally.
     Empty mask: NaN.
     """
+    check_bool("concept_influence", concept_influence)
+    check_int("chunk_size", chunk_size, 1)
     a, m = _flatten(attribution, mask, sign)
     B, n = a.shape
     kk = _pixels(k, n, "k")
@@ -376,6 +420,7 @@ def iou_at_threshold(
     Pixels tied at the threshold enter S fractionally (each with the share of the k
     places left for them), so the score is order-free and exact without ties. Empty mask: NaN.
     """
+    check_int("chunk_size", chunk_size, 1)
     a, m = _flatten(attribution, mask, sign)
     B, n = a.shape
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):

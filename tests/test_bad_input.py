@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -248,3 +249,110 @@ def test_bad_checkpoint_is_refused(stored, tmp_path, spoil, capsys):
     _refused(stored, rf"(?s)cached checkpoint {path} cannot be loaded \(.*\); delete it to retrain",
              f"cache_dir={cache}")
     assert "this must never run" not in capsys.readouterr().out
+
+
+# ---- the metrics' own arguments (issue 21): every faithfulness and localization metric, called directly ----
+import metrics  # noqa: E402
+from metrics import (attribution_localisation, deletion, energy_pointing_game, faithfulness_correlation,  # noqa: E402
+                     infidelity, insertion, iou_at_threshold, localization_auc, pixel_flipping, pointing_game,
+                     relevance_mass_accuracy, relevance_rank_accuracy, road)
+from metrics.localization import top_k_intersection  # noqa: E402
+
+PERTURBATION = {"pixel_flipping": pixel_flipping, "deletion": deletion, "insertion": insertion, "road": road}
+MODEL_METRICS = {**PERTURBATION, "faithfulness_correlation": faithfulness_correlation, "infidelity": infidelity}
+LOCALIZATION = {f.__name__: f for f in (pointing_game, energy_pointing_game, relevance_mass_accuracy,
+                                        relevance_rank_accuracy, localization_auc, top_k_intersection,
+                                        attribution_localisation, iou_at_threshold)}
+NOT_AN_INT = r"must be an integer .*got"
+
+# (metric, keyword arguments, the message): wrong types and NaNs used to give raw torch errors, NaN scores, or
+# silent truncation (steps=True was 1 step, steps=4.5 a fractional group size)
+METRIC_ARGUMENT_CASES = [
+    *[(name, {"steps": bad}, rf"steps must be an integer, got {re.escape(repr(bad))} \({type(bad).__name__}\)")
+      for name in PERTURBATION for bad in (4.5, "8", True, 8.0)],
+    ("pixel_flipping", {"patch": 2.0}, r"patch must be an integer, got 2\.0 \(float\)"),
+    ("pixel_flipping", {"max_fraction": math.nan}, r"max_fraction must be a finite number \(the share of units"),
+    ("pixel_flipping", {"max_fraction": 0.0}, r"max_fraction must be in \(0, 1\] .*got 0\.0"),
+    ("pixel_flipping", {"max_fraction": 0.05, "steps": 5},          # a budget of ceil(0.05 * 64) = 4 pixels
+     r"steps must be between 1 and the pixels in max_fraction=0\.05 \(4\), got 5"),
+    ("pixel_flipping", {"baseline": math.nan}, r"baseline must be a finite number \(a constant in the model's input"),
+    ("deletion", {"baseline": math.inf}, r"baseline must be a finite number"),
+    ("insertion", {"baseline": torch.full((1, 3, 1, 1), math.nan)}, r"baseline contains NaN or Inf"),
+    ("faithfulness_correlation", {"baseline": math.nan}, r"baseline must be a finite number"),
+    ("road", {"noise": math.nan}, r"noise must be a finite number \(the imputation noise's standard deviation\)"),
+    ("road", {"noise": "0.1"}, r"noise must be a number .*got '0\.1' \(str\)"),
+    ("road", {"iterations": 2.5}, r"iterations must be an integer \(conjugate-gradient steps"),
+    ("road", {"iterations": -1}, r"iterations must be >= 0"),
+    ("infidelity", {"noise_std": math.nan}, r"noise_std must be a finite number"),
+    ("infidelity", {"noise_std": math.inf}, r"noise_std must be a finite number"),
+    ("infidelity", {"perturbations": 4.5}, r"perturbations must be an integer \(noise draws per sample\)"),
+    ("infidelity", {"normalize": "yes"}, r"normalize must be true or false, got 'yes'"),
+    ("faithfulness_correlation", {"subsets": "8"}, r"subsets must be an integer \(random subsets"),
+    ("faithfulness_correlation", {"fraction": math.nan}, r"fraction must be a finite number \(the share of pixels"),
+    *[(name, {"seed": bad}, r"seed must be (an integer|>= 0), got") for name in MODEL_METRICS for bad in (1.5, -1)],
+    *[(name, {"output": "probability"}, r"output must be 'logit' or 'softmax', got 'probability'")
+      for name in MODEL_METRICS],
+    ("pointing_game", {"tolerance": math.nan}, r"tolerance must be a finite number \(pixels\), got nan"),
+    ("pointing_game", {"tolerance": "15"}, r"tolerance must be a number \(pixels\), got '15' \(str\)"),
+    ("energy_pointing_game", {"box": "no"}, r"box must be true or false, got 'no'"),
+    ("top_k_intersection", {"k": math.nan}, r"k as a float is a fraction of the pixels and must lie in \(0, 1\]"),
+    ("top_k_intersection", {"concept_influence": 1}, r"concept_influence must be true or false, got 1"),
+    ("iou_at_threshold", {"fraction": math.nan}, r"fraction as a float is a fraction of the pixels"),
+    *[(name, {"sign": "abs"}, r"sign must be 'signed', 'positive' or 'absolute', got 'abs'") for name in LOCALIZATION],
+    *[(name, {"chunk_size": bad}, r"chunk_size must be") for name in
+      ("pointing_game", "relevance_rank_accuracy", "localization_auc", "top_k_intersection", "iou_at_threshold")
+      for bad in (0, 2.5)],
+]
+
+
+def _call(name, kwargs, model, x, target, attribution=None):
+    """One metric on the tiny batch (a seeded map, a 3x3 mask), with `kwargs` over a few cheap defaults."""
+    a = torch.rand(x.shape[0], *x.shape[2:], generator=torch.Generator().manual_seed(0)) \
+        if attribution is None else attribution
+    if name in LOCALIZATION:
+        m = torch.zeros_like(a, dtype=torch.bool)
+        m[:, 2:5, 2:5] = True
+        return LOCALIZATION[name](a, m, **kwargs)
+    return MODEL_METRICS[name](model, x, target, a, **{**({"steps": 4} if name in PERTURBATION else {}), **kwargs})
+
+
+@pytest.mark.parametrize("case", range(len(METRIC_ARGUMENT_CASES)),
+                         ids=[f"{n}-{next(iter(k))}={k[next(iter(k))]!r}" for n, k, _ in METRIC_ARGUMENT_CASES])
+def test_bad_metric_argument_is_refused(tiny_cnn, batch, case):
+    name, kwargs, match = METRIC_ARGUMENT_CASES[case]
+    x, target = batch
+    with pytest.raises(ValueError, match=match):
+        _call(name, kwargs, tiny_cnn, x, target)
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_METRICS))
+def test_bad_target_is_refused_by_every_model_metric(tiny_cnn, batch, name):
+    """A float target, or a class the model does not have (tiny_cnn has 3), used to give a raw gather error
+    (or, on CUDA, a device-side assert); an int32 target scores as int64 does."""
+    x, target = batch
+    with pytest.raises(ValueError, match=r"target must be an integer tensor of class indices, shape \(5,\), got a "
+                                         r"torch\.float32 tensor"):
+        _call(name, {}, tiny_cnn, x, target.float())
+    for bad, shown in ((torch.tensor([0, 1, 3, 0, 1]), r"\[3\]"), (torch.tensor([0, -1, 2, 0, 1]), r"\[-1\]")):
+        with pytest.raises(ValueError, match=rf"target must hold class indices in 0\.\.2 \(the model has 3 outputs\), "
+                                             rf"got {shown}"):
+            _call(name, {}, tiny_cnn, x, bad)
+    with pytest.raises(ValueError, match=r"target must have shape \(5,\), got \(5, 1\)"):
+        _call(name, {}, tiny_cnn, x, target[:, None])
+    ok, as_int32 = _call(name, {}, tiny_cnn, x, target), _call(name, {}, tiny_cnn, x, target.int())
+    for key, v in ok.scores.items():
+        torch.testing.assert_close(as_int32.scores[key], v, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_METRICS) + sorted(LOCALIZATION))
+def test_map_with_a_nan_is_refused_by_every_metric(tiny_cnn, batch, name):
+    x, target = batch
+    a = torch.rand(5, 8, 8)
+    a[3, 4, 4] = math.nan
+    with pytest.raises(ValueError, match=r"attribution contains NaN or Inf; a map must be finite"):
+        _call(name, {}, tiny_cnn, x, target, attribution=a)
+
+
+def test_every_metric_of_the_families_is_covered():
+    assert set(metrics.faithfulness.__all__) == set(MODEL_METRICS)
+    assert set(metrics.localization.__all__) - {"class_mean"} == set(LOCALIZATION)

@@ -1,15 +1,22 @@
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from metrics import pixel_flipping
+from metrics import pixel_flipping, to_map
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
 from metrics._chunk import CHUNK_BYTES, auto_chunk_size
 
 
-def pixel_flipping_reference(model, x, target, attribution, *, steps, order="morf", baseline=0.0, seed=0):
-    """Per-sample, per-step loop straight from the definition: slow, obviously right."""
+def pixel_flipping_reference(model, x, target, attribution, *, steps, order="morf", baseline=0.0, seed=0, budget=None):
+    """Per-sample, per-step loop straight from the definition: slow, obviously right. `budget`: the
+    pixels removed by the last step (Samek et al.'s L regions), all of them by default."""
     B, C, H, W = x.shape
     n = H * W
+    m = n if budget is None else budget
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     curves = []
     for b in range(B):
@@ -20,7 +27,7 @@ def pixel_flipping_reference(model, x, target, attribution, *, steps, order="mor
         keyed = sorted(range(n), key=lambda p: ((-a[p].item() if order == "morf" else a[p].item()), tie[p].item()))
         ys = []
         for k in range(steps + 1):
-            removed = keyed[: -(-k * n // steps)]                    # ceil(k n / steps) pixels
+            removed = keyed[: -(-k * m // steps)]                    # ceil(k m / steps) pixels
             xk = x[b].clone().reshape(C, n)
             xk[:, removed] = baseline
             ys.append(model(xk.reshape(1, C, H, W))[0, target[b]].item())
@@ -309,7 +316,7 @@ def test_road_curves(tiny_cnn, batch):
     x, target = batch
     a = torch.randn(5, 8, 8, generator=torch.Generator().manual_seed(5))
     r = road(tiny_cnn, x, target, a, steps=4, chunk_size=6)
-    assert set(r.scores) == {"auc_morf", "auc_lerf", "srg"} and r.higher_is_better["srg"]
+    assert set(r.scores) == {"auc_morf", "auc_lerf", "acc_auc_morf", "acc_auc_lerf", "srg"} and r.higher_is_better["srg"]
     torch.testing.assert_close(r.curves["morf"].y[:, 0], tiny_cnn(x).gather(1, target[:, None])[:, 0])
     torch.testing.assert_close(r.scores["srg"], r.scores["auc_lerf"] - r.scores["auc_morf"])
     # every pixel removed: no data left, the image is 0 + noise, the same for every sample
@@ -404,18 +411,156 @@ def test_new_metrics_are_batch_and_chunk_invariant(tiny_cnn, batch, name):
 
 
 @pytest.mark.parametrize("fn,kwargs,message", [
-    (pixel_flipping, {"patch": 0}, "patch must be an integer between 1 and"),
+    (pixel_flipping, {"patch": 0}, r"patch must be between 1 and min\(H, W\) \(8\), got 0"),
     (pixel_flipping, {"patch": 2, "steps": 17}, r"steps must be between 1 and the number of patches \(16\)"),
     (pixel_flipping, {"baseline": "white"}, "baseline must be a float, a tensor or one of"),
     (pixel_flipping, {"baseline": torch.zeros(2, 3, 8, 8)}, "a baseline tensor must broadcast to x's shape"),
     (insertion, {"output": "prob"}, "output must be 'logit' or 'softmax'"),
-    (road, {"noise": -1.0}, "noise must be a non-negative"),
+    (road, {"noise": -1.0}, r"noise must be >= 0 \(the imputation noise's standard deviation\), got -1.0"),
     (road, {"order": "random"}, "order must be 'morf', 'lerf' or 'both'"),
     (faithfulness_correlation, {"fraction": 1.5}, r"fraction must be in \(0, 1\]"),
-    (faithfulness_correlation, {"subsets": 1}, "subsets must be at least 2"),
-    (infidelity, {"noise_std": 0.0}, "noise_std > 0"),
+    (faithfulness_correlation, {"subsets": 1}, r"subsets must be >= 2 \(random subsets; at least 2 define"),
+    (infidelity, {"noise_std": 0.0}, "noise_std must be > 0"),
 ])
 def test_new_bad_options(tiny_cnn, batch, fn, kwargs, message):
     x, target = batch
     with pytest.raises(ValueError, match=message):
         fn(tiny_cnn, x, target, torch.zeros(5, 8, 8), **kwargs)
+
+
+# ---- issue 17: AOPC over Samek et al.'s removal budget, ROAD's accuracy, the map each metric consumes -----
+
+def test_aopc_over_a_removal_budget_hand_computed(pixel_sum):
+    # Samek et al. 2017: AOPC = 1/(L+1) sum_{k=0..L} (f_0 - f_k) over the first L regions, not the whole image.
+    # f = pixel sum of 1..16 (4x4), map = x, max_fraction 1/4: the 4 largest go one per step (L = 4):
+    # f_k = 136, 120, 105, 91, 78 -> AOPC = (0 + 16 + 31 + 45 + 58) / 5 = 30
+    x = torch.arange(1.0, 17.0).reshape(1, 1, 4, 4)
+    r = pixel_flipping(pixel_sum, x, torch.tensor([0]), x[:, 0], steps=4, max_fraction=0.25)
+    torch.testing.assert_close(r.curves["curve"].y, torch.tensor([[136.0, 120.0, 105.0, 91.0, 78.0]]))
+    torch.testing.assert_close(r.curves["curve"].x, torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]) / 16)
+    assert r.scores["aopc"].item() == pytest.approx(30.0)
+    # AUC over x in [0, 1/4]: (1/16) (128 + 112.5 + 98 + 84.5) = 423 / 16
+    assert r.scores["auc"].item() == pytest.approx(423 / 16)
+    # the whole image (the default) averages over f_k = 136, 78, 36, 10, 0 instead: AOPC = 420 / 5
+    assert pixel_flipping(pixel_sum, x, torch.tensor([0]), x[:, 0], steps=4).scores["aopc"].item() == pytest.approx(84.0)
+    # a budget of ceil(0.3 * 16) = 5 pixels in 2 steps: ceil(5/2) = 3 go first (16, 15, 14), then 13 and 12
+    r = pixel_flipping(pixel_sum, x, torch.tensor([0]), x[:, 0], steps=2, max_fraction=0.3)
+    torch.testing.assert_close(r.curves["curve"].y, torch.tensor([[136.0, 91.0, 66.0]]))
+    torch.testing.assert_close(r.curves["curve"].x, torch.tensor([0.0, 3 / 16, 5 / 16]))
+    assert r.scores["aopc"].item() == pytest.approx((0 + 45 + 70) / 3)
+
+
+@pytest.mark.parametrize("steps,max_fraction,order", [(5, 0.16, "morf"), (3, 0.5, "lerf"), (10, 10 / 64, "morf")])
+def test_removal_budget_matches_reference(tiny_cnn, batch, steps, max_fraction, order):
+    x, target = batch
+    attribution = torch.randint(0, 4, (5, 8, 8), generator=torch.Generator().manual_seed(steps)).float()   # ties
+    fast = pixel_flipping(tiny_cnn, x, target, attribution, steps=steps, order=order, max_fraction=max_fraction,
+                          chunk_size=6)
+    budget = math.ceil(max_fraction * 64 - 1e-9)
+    slow = pixel_flipping_reference(tiny_cnn, x, target, attribution, steps=steps, order=order, budget=budget)
+    torch.testing.assert_close(fast.curves["curve"].y, slow, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.scores["aopc"], (slow[:, :1] - slow).mean(dim=1), atol=1e-5, rtol=1e-5)
+    # regions: the budget counts patches, one 2x2 region per step over the first quarter of 16 regions
+    region = pixel_flipping(tiny_cnn, x, target, attribution, steps=4, patch=2, max_fraction=0.25)
+    torch.testing.assert_close(region.curves["curve"].x, torch.arange(5.0) / 16)
+
+
+def test_samek2017_experiment_is_the_papers_aopc(tiny_cnn):
+    """experiment=samek2017: one region per step over ~16 % of the regions (L = 100 of ~620 at 224 px)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=samek2017"])
+    pf = cfg.metric.pixel_flipping
+    H = cfg.dataset.size
+    regions = math.ceil(H / pf.patch) ** 2
+    budget = math.ceil(pf.max_fraction * regions - 1e-9)
+    assert pf.steps == budget                                              # one region per step
+    assert abs(budget / regions - 100 / (224 / 9) ** 2) < 0.01             # Samek et al.'s share of the image
+    assert pf.baseline == "uniform" and pf.order in ("morf", "both")
+    metric = instantiate(pf)
+    x = torch.randn(1, 3, H, H, generator=torch.Generator().manual_seed(0))
+    r = metric(tiny_cnn, x, torch.tensor([0]), torch.rand(1, H, H))
+    assert r.curves["morf"].y.shape == (1, budget + 1)
+
+
+class ThresholdModel(torch.nn.Module):
+    """Logits (t, pixel sum): the prediction is class 1 while the pixel sum exceeds t."""
+
+    def __init__(self, t):
+        super().__init__()
+        self.t = t
+
+    def forward(self, x):
+        s = x.flatten(1).sum(dim=1)
+        return torch.stack([torch.full_like(s, self.t), s], dim=1)
+
+
+def test_road_accuracy_hand_computed():
+    # 1x4 image [1, 10, 3, 5], map = x. ROAD's imputation on one row: a removed pixel is the mean of its
+    # in-image row neighbours (weights 1/6 each; the diagonals fall outside the image).
+    # MoRF removes 10, 5, 3, 1: pixel sums 19; 1+2+3+5 = 11; 1+2+3+3 = 9; all = 1: 4; nothing left: 0.
+    # LeRF removes 1, 3, 5, 10: 19; 10+10+3+5 = 28; 10+10+7.5+5 = 32.5; all = 10: 40; 0.
+    # With t = 10 the target class 1 is predicted while the sum exceeds 10.
+    x = torch.tensor([1.0, 10.0, 3.0, 5.0]).view(1, 1, 1, 4)
+    r = road(ThresholdModel(10.0), x, torch.tensor([1]), x[:, 0], steps=4, noise=0.0)
+    torch.testing.assert_close(r.curves["morf"].y, torch.tensor([[19.0, 11.0, 9.0, 4.0, 0.0]]))
+    torch.testing.assert_close(r.curves["lerf"].y, torch.tensor([[19.0, 28.0, 32.5, 40.0, 0.0]]))
+    torch.testing.assert_close(r.curves["acc_morf"].y, torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(r.curves["acc_lerf"].y, torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]]))
+    assert r.scores["acc_auc_morf"].item() == pytest.approx(0.25 * (1 + 0.5))            # trapezoid over x
+    assert r.scores["acc_auc_lerf"].item() == pytest.approx(0.25 * (1 + 1 + 1 + 0.5))
+    assert r.scores["auc_morf"].item() == pytest.approx(0.25 * (15 + 10 + 6.5 + 2))
+    assert r.higher_is_better["acc_auc_morf"] is False and r.higher_is_better["acc_auc_lerf"] is True
+    # class 0 as the target: correct exactly where class 1 is not (a tie at the sum = t goes to class 0)
+    r0 = road(ThresholdModel(10.0), x, torch.tensor([0]), x[:, 0], steps=4, noise=0.0, order="morf")
+    torch.testing.assert_close(r0.curves["acc_morf"].y, torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0]]))
+
+
+def test_road_accuracy_is_the_argmax_on_the_imputed_images(tiny_cnn, batch):
+    """The 0/1 curves are argmax(model(imputed)) == target at every step; their sample mean is the
+    paper's accuracy curve. Checked against the model's own predictions on the images the metric built."""
+    x, target = batch
+    a = torch.randn(5, 8, 8, generator=torch.Generator().manual_seed(5))
+    r = road(tiny_cnn, x, target, a, steps=4, order="morf", chunk_size=7)
+    images = []
+    hook = tiny_cnn.register_forward_hook(lambda m, i, o: images.append((i[0].clone(), o.argmax(dim=1))))
+    try:
+        road(tiny_cnn, x, target, a, steps=4, order="morf", chunk_size=1)          # one image per pass
+    finally:
+        hook.remove()
+    predicted = torch.stack([p[0] for _, p in images]).view(5, 5)               # (B, K), sample-major
+    torch.testing.assert_close(r.curves["acc_morf"].y, (predicted == target[:, None]).float())
+    assert r.curves["acc_morf"].y[:, 0].tolist() == (tiny_cnn(x).argmax(dim=1) == target).float().tolist()
+
+
+def test_signed_metrics_consume_the_signed_map_whatever_the_run_reduces(pixel_sum):
+    """Issue 17: infidelity's I^T phi and faithfulness correlation's sum over S take the signed attribution.
+    Under the run's default reduce=abs_sum the runner hands each metric metric_input(raw, consumed(metric),
+    reduce): these two must get the channel sum, the ranking metrics the reduced map."""
+    from metrics import consumed, metric_input
+
+    assert consumed(infidelity) == consumed(faithfulness_correlation) == "signed"
+    for fn in (pixel_flipping, deletion, insertion, road):
+        assert consumed(fn) == "reduced", fn.__name__
+    # f_0 = the sum over channels and pixels: removing or perturbing pixel p changes it by sum_c x_cp
+    x = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    t = torch.zeros(3, dtype=torch.long)
+    # faithfulness correlation: raw = x, whose channel sum is exactly each pixel's drop: r = 1 (Bhatt et al.)
+    a = metric_input(x, consumed(faithfulness_correlation), "abs_sum")
+    torch.testing.assert_close(a, x.sum(dim=1))
+    r = faithfulness_correlation(pixel_sum, x, t, a, subsets=20, fraction=5 / 36).scores["pearson"]
+    torch.testing.assert_close(r, torch.ones(3))
+    assert (faithfulness_correlation(pixel_sum, x, t, x.abs().sum(dim=1), subsets=20, fraction=5 / 36)
+            .scores["pearson"] < 0.9).all()                                   # the abs map is not faithful
+    # infidelity: the gradient of f_0 is 1 in every channel; raw (3, -1, 1) per pixel sums to it, so
+    # I^T phi = 3 sum_p I_p = f(x) - f(x - I) and INFD = 0 (Yeh et al.); |.| would give 5 sum_p I_p
+    raw = torch.tensor([3.0, -1.0, 1.0]).view(1, 3, 1, 1).expand(3, 3, 6, 6)
+    a = metric_input(raw, consumed(infidelity), "abs_sum")
+    score = infidelity(pixel_sum, x, t, a, normalize=False, noise_std=0.1).scores["infidelity"]
+    torch.testing.assert_close(score, torch.zeros(3), atol=1e-8, rtol=0)
+    noise = 0.1 * torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(0))   # as infidelity draws it
+    expected = ((5 - 3) * noise.sum(dim=(1, 2, 3))).square().mean()               # E[(I^T |phi| - 3 sum I)^2]
+    abs_score = infidelity(pixel_sum, x, t, to_map(raw, "abs_sum"), normalize=False, noise_std=0.1)
+    torch.testing.assert_close(abs_score.scores["infidelity"], expected.expand(3), rtol=1e-4, atol=1e-6)

@@ -133,7 +133,7 @@ def test_sign_option():
     assert localization_auc(b, MASK23, sign="absolute").scores["auc"].item() == 1.0
     # positive part: inside {0, 0} vs outside {0, 0.1, 0, 0}: 6 ties of 8 pairs count half, 2 losses -> 3/8
     assert localization_auc(b, MASK23, sign="positive").scores["auc"].item() == pytest.approx(3 / 8)
-    with pytest.raises(ValueError, match="sign must be one of"):
+    with pytest.raises(ValueError, match="sign must be 'signed', 'positive' or 'absolute', got 'abs'"):
         localization_auc(b, MASK23, sign="abs")
 
 
@@ -274,8 +274,8 @@ def _sklearn_auc(a, m):
 
 def test_auc_keys_in_every_encoding_match_sklearn():
     """Each way a map becomes sort keys gives sklearn's AUC: int32 keys (non-negative and signed maps,
-    rows rescaled by their smallest power of two), int64 keys (a row spanning more than 2^126, or
-    inf), dense ranks (float64), float16, and -0.0 tied with 0.0."""
+    rows rescaled by their smallest power of two), int64 keys (a row spanning more than 2^126), dense
+    ranks (float64), float16, and -0.0 tied with 0.0. (Maps with an Inf are refused, issue 21.)"""
     g = torch.Generator().manual_seed(3)
     m = torch.rand(6, 7, 8, generator=g) > 0.6
     signed = torch.randn(6, 7, 8, generator=g) * 1e3
@@ -285,9 +285,7 @@ def test_auc_keys_in_every_encoding_match_sklearn():
     signed[2, 0, 0] = 1e-40                                             # a subnormal: no rescaling for that row
     spanning = signed.clone()
     spanning[3, 0, :2] = torch.tensor([1e-30, 1e30])                    # 2^199 apart: int64 keys
-    infinite = signed.clone()
-    infinite[4, 1, 1] = -math.inf
-    for a in (signed, signed.abs(), spanning, infinite, signed.double(), signed.half(), signed.bfloat16()):
+    for a in (signed, signed.abs(), spanning, signed.double(), signed.half(), signed.bfloat16()):
         got = localization_auc(a, m).scores["auc"]                       # in the map's dtype
         torch.testing.assert_close(got, _sklearn_auc(a, m).to(a.dtype), atol=1e-6, rtol=0,
                                    msg=lambda e: f"{a.dtype}: {e}")
@@ -334,3 +332,62 @@ def test_k_and_fraction_are_checked():
     for bad in (0.0, 1.5, True):
         with pytest.raises(ValueError, match="fraction"):
             iou_at_threshold(a, MASK23, fraction=bad)
+
+
+# ---- issue 17: the pointing game's class mean (TorchRay); issue 21: maps with NaN or Inf are refused -----
+
+def torchray_accuracy(hits, classes, num_classes):
+    """TorchRay's PointingGame bookkeeping, written from its definition: per class, hits and misses are
+    counted (a skipped pair counts neither), class accuracy = hits / max(hits + misses, 1), and
+    accuracy = the mean of the class accuracies over all num_classes classes."""
+    h, miss = [0.0] * num_classes, [0.0] * num_classes
+    for hit, c in zip(hits, classes):
+        if math.isnan(hit):
+            continue                                                  # TorchRay: 0 = skipped
+        h[c] += hit
+        miss[c] += 1 - hit
+    return sum(h[c] / max(h[c] + miss[c], 1) for c in range(num_classes)) / num_classes
+
+
+def test_class_mean_is_torchrays_pointing_game_accuracy():
+    from metrics import class_mean
+    from metrics.localization import CLASS_MEAN_SCORES
+
+    # class 0: 2 of 3 hits, class 1: 1 of 1 (its NaN pair skipped), class 2: 0 of 1 -> (2/3 + 1 + 0) / 3 = 5/9,
+    # while the sample mean over the 5 defined pairs is 3/5
+    hits = torch.tensor([1.0, 1.0, 0.0, 1.0, math.nan, 0.0])
+    target = torch.tensor([0, 0, 0, 1, 1, 2])
+    assert class_mean(hits, target).item() == pytest.approx(5 / 9)
+    assert class_mean(hits, target).item() == pytest.approx(torchray_accuracy(hits.tolist(), target.tolist(), 3))
+    assert hits.nanmean().item() == pytest.approx(3 / 5)
+    # random pointing-game results over 7 classes, every class present: TorchRay's number, fractional ties too
+    g = torch.Generator().manual_seed(0)
+    target = torch.cat([torch.arange(7), torch.randint(0, 7, (93,), generator=g)])
+    hits = (torch.rand(100, generator=g) > 0.4).float()
+    hits[::9] = 0.5                                                   # tied maxima, half of them on the object
+    hits[::13] = math.nan                                             # empty masks
+    expected = torchray_accuracy(hits.tolist(), target.tolist(), 7)
+    assert class_mean(hits, target).item() == pytest.approx(expected, abs=1e-6)
+    assert class_mean(hits, target.int()).item() == pytest.approx(expected, abs=1e-6)
+    # a class with no defined score is left out (TorchRay would count it as 0); nothing defined: NaN
+    assert class_mean(torch.tensor([1.0, math.nan]), torch.tensor([0, 1])).item() == 1.0
+    assert math.isnan(class_mean(torch.tensor([math.nan]), torch.tensor([3])).item())
+    with pytest.raises(ValueError, match="target must be an integer tensor"):
+        class_mean(hits, target.float())
+    with pytest.raises(ValueError, match=r"target must hold class indices >= 0, got \[-1\]"):
+        class_mean(torch.ones(2), torch.tensor([0, -1]))
+    assert CLASS_MEAN_SCORES["metrics.pointing_game"] == ("hit",)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_maps_with_nan_or_inf_are_refused(name, bad):
+    """Issue 21: an all-NaN map scored rank accuracy, top-k and IoU 0 and AUC 0.5, and one NaN pixel moved
+    scores silently; a map must be finite (as the faithfulness metrics require)."""
+    m = _mask([[1, 1, 0], [0, 0, 0]])
+    one = torch.tensor([[[3.0, 1.0, 0.0], [2.0, 0.5, 0.0]]])
+    one[0, 1, 0] = bad
+    for a in (one, torch.full((1, 2, 3), bad), torch.cat([torch.rand(1, 2, 3), one])):
+        with pytest.raises(ValueError, match=r"attribution contains NaN or Inf; a map must be finite to rank or "
+                                             r"locate its pixels"):
+            ALL[name](a, m if len(a) == 1 else m.expand(2, 2, 3))
