@@ -40,8 +40,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from bench import store
-from bench.checks import (autocast, check_model, check_name, check_options, check_targets,
-                          error_text, instantiate_checked, need_bytes, scan, stream)
+from bench.checks import (autocast, check_cache_dir, check_model, check_name, check_names, check_options,
+                          check_targets, error_text, instantiate_checked, need_bytes, scan, stream)
 from bench.zoo import cache_key, load_model
 from bench.zoo.sources import sha256
 from metrics import MetricResult, consumed, metric_input
@@ -61,6 +61,56 @@ CONFIG_ERRORS = (ValueError, TypeError, LookupError, AttributeError, NotImplemen
 
 def _digest(obj: Any, n: int = 8) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+PLUMBING = ("results_dir", "cache_dir", "report", "gallery", "allowed_targets", "run_tag")   # where a run writes
+                                                                                        # and reports, not what it computes
+
+
+def identity(cfg: DictConfig, *, tag: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A run's identity (DESIGN: "A run has an identity ... and its own folder").
+
+    tag: `run_tag`, else `tag` (the CLI passes the experiment's name), else "default"; config: a digest of
+    everything that determines the run's numbers (the resolved config less PLUMBING); name: `<tag>-<config>`,
+    the run's folder below results/<dataset>/<model>/, so runs of different configurations never share a
+    folder; group: `<tag>-<digest>` of the same without dataset and model, which the report shows side by side
+    (the models of one experiment); overrides: the command line's values (sweeps included), for the record.
+    """
+    job = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in PLUMBING}
+    tag = str(cfg.get("run_tag") or tag or "default")
+    check_name("run_tag", tag)
+    config = _digest(job)
+    group = f"{tag}-{_digest({k: v for k, v in job.items() if k not in ('dataset', 'model')})}"
+    return {"tag": tag, "name": f"{tag}-{config}", "config": config, "group": group, "overrides": list(overrides)}
+
+
+def _differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """Dotted keys at which two resolved configs differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))]
+    return [] if a == b else [where or "(root)"]
+
+
+def _check_folder_identity(out_dir: Path, ident: dict[str, Any], job: dict[str, Any]) -> None:
+    """Refuse a folder whose manifest records a run of another configuration: a folder is never reused across
+    configurations (its cells and manifest would mix two runs)."""
+    path = out_dir / "manifest.json"
+    if not path.exists():
+        return
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        recorded = previous.get("identity", {}).get("config")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path} cannot be read ({e}); remove the folder {str(out_dir)!r} or run into another one") \
+            from e
+    if recorded != ident["config"]:
+        old = {k: v for k, v in (previous.get("config") or {}).items() if k not in PLUMBING}
+        diff = _differences(old, {k: v for k, v in job.items() if k not in PLUMBING})
+        raise ValueError(f"results folder {str(out_dir)!r} holds run {previous.get('run_id')!r} of another configuration "
+                         f"(it differs in {', '.join(diff[:6]) or 'its identity'}{', ...' if len(diff) > 6 else ''}); a "
+                         "folder is never reused across configurations: let `python -m bench` pick the run's folder, "
+                         "or pass another out_dir")
 
 
 def _versions() -> dict[str, str | None]:
@@ -238,13 +288,17 @@ def _label_randomized_inputs(cfg: DictConfig, metrics: dict[str, Any], device: t
 
 
 # ---- the run ---------------------------------------------------------------------------------------
-def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
+def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+        ) -> dict[str, Any]:
     """Run one (dataset, model) job of the experiment `cfg` and write its cells and manifest into `out_dir`.
 
-    Cells already stored under the same key (a hash of dataset config and sample ids, model
-    config and checkpoint hash, method and metric config, reduction, seed, batch size and suite
-    version) are skipped, so an interrupted run resumes where it stopped and a changed parameter
-    recomputes only its cells. Failed samples are recorded per cell and in the manifest.
+    `out_dir` is the run's own folder: one that holds a run of another configuration is refused (the CLI
+    names it results/<dataset>/<model>/<identity name>, see `identity`; `tag` and `overrides` as there).
+
+    Cells already stored under the same key (a hash of dataset config, sample ids and content digest
+    (datasets read from files), model config and checkpoint hash, method and metric config, reduction,
+    seed, batch size and suite version) are skipped, so an interrupted run resumes where it stopped and
+    a changed parameter or file recomputes only its cells. Failed samples are recorded per cell and in the manifest.
     Returns the manifest.
     """
     started = time.perf_counter()
@@ -255,9 +309,15 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
             raise ValueError(f"no {group} selected: pass {group}=[name,...] with names from conf/{group}/")
         for name in cfg[group]:
             check_name(group, name)
+    check_names(cfg)                                               # dataset.name, model.name: file names, what runs
     check_targets(cfg)
+    ident = identity(cfg, tag=tag, overrides=overrides)
+    job = OmegaConf.to_container(cfg, resolve=True)
+    _check_folder_identity(out_dir, ident, job)
     store.check_writable(out_dir)
-    store.remove_parts(out_dir)                                    # a killed run's unfinished cells
+    if "train" in cfg.model:                                       # the trained model is cached there
+        check_cache_dir(cfg.cache_dir)
+    store.remove_parts(out_dir)                                    # killed runs' leftovers, never a live run's
     torch.manual_seed(cfg.seed)
     dataset = instantiate_checked("dataset", cfg.dataset)
     methods = {name: instantiate_checked(f"method.{name}", node) for name, node in cfg.method.items()}
@@ -290,24 +350,35 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
             if v not in (False, "float32")}                        # in the cell keys only when switched on,
                                                                    # so default runs keep their stored cells
 
-    job = OmegaConf.to_container(cfg, resolve=True)
-    run_id = f"{names['dataset']}-{names['model']}-{_digest(job)}"
+    run_id = f"{names['dataset']}-{names['model']}-{ident['name']}"
+    # datasets read from files key cells by their bytes (bench/data/folder.py); generated ones by their config
+    content = dataset.content_digest(cache_dir=cfg.get("cache_dir")) if hasattr(dataset, "content_digest") else None
+    try:
+        previous = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))["keys"].get("content")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        previous = None
+    if content and previous and previous != content:
+        log.warning("%s: the data changed since the previous run in %s (content digest %s -> %s): its cells are "
+                    "computed again", names["dataset"], out_dir, previous, content)
     base = {"dataset": job["dataset"], "sample_ids": data["sample_ids"], "model": cache_key(cfg.model, cfg.dataset),
             "checkpoint": _checkpoint_hash(model, model_info), "reduce": cfg.reduce, "seed": cfg.seed,
-            "batch_size": cfg.batch_size, "suite": _suite_version(), "format": FORMAT, **fast}
+            "batch_size": cfg.batch_size, "suite": _suite_version(), "format": FORMAT, **fast,
+            **({"content": content} if content else {})}
     method_keys = {m: _digest({**base, "method": job["method"][m]}) for m in methods}
     keys = {(m, k): _digest({**base, "method": job["method"][m], "metric": job["metric"][k]})
             for m in methods for k in metrics}
     paths = {mk: store.cell_paths(out_dir, *mk, key) for mk, key in keys.items()}
-    todo = {m: [k for k in metrics if not paths[m, k][0].exists()] for m in methods}
+    todo = {m: [k for k in metrics if not store.stored_cell(*paths[m, k], n_samples=data["n"])] for m in methods}
+    reused = _reuse_stored_cells(out_dir, paths, todo, data["n"])
     n_todo = sum(map(len, todo.values()))
-    log.info("%s: %d samples on %s, model accuracy %.4f; %d of %d cells already stored (skipped), %d to compute",
-             run_id, data["n"], device, model_info["evaluated_accuracy"], len(keys) - n_todo, len(keys), n_todo)
+    log.info("%s: %d samples on %s, model accuracy %.4f; %d of %d cells already stored (skipped; %d of them copied "
+             "from runs beside this one), %d to compute", run_id, data["n"], device, model_info["evaluated_accuracy"],
+             len(keys) - n_todo, len(keys), reused, n_todo)
 
     timings: dict[str, float] = {}
     retries: list[dict[str, Any]] = []
     lost: list[dict[str, Any]] = []                                # failures of cells with no scored sample
-    interrupted = False
+    interrupted, write_error = False, None
     if precision != "float32" and device.type == "cpu":
         log.warning("precision=%s on CPU: autocast is meant for GPUs; on a CPU without %s units it is much "
                     "slower (48x for pixel flipping on the suite's reference CPU)", precision, precision)
@@ -321,13 +392,16 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
                     lost += _run_method(method_name, method, model, dataset, {k: metrics[k] for k in todo[method_name]},
                                         {k: paths[method_name, k] for k in todo[method_name]}, cfg, device, extra,
                                         out_dir / "maps" if cfg.get("cache_maps", False) else None,
-                                        method_keys[method_name], timings, retries, {"run_id": run_id, **names})
+                                        method_keys[method_name], timings, retries, {"run_id": run_id, **names},
+                                        n_samples=data["n"])
         except KeyboardInterrupt:
             interrupted = True
+        except OSError as e:                                       # a full disk: keep the manifest of what completed
+            write_error = e
 
     cells, meta, failures = [], {}, [pd.DataFrame(lost, columns=store.FAILURE_COLUMNS)]
     for (method_name, metric_name), (scores_path, curves_path) in paths.items():
-        if scores_path.exists():
+        if store.verify_cell(scores_path, curves_path, n_samples=data["n"]) is None:
             meta.update({(metric_name, s): hib for s, hib in store.read_metadata(scores_path)["higher_is_better"].items()})
             failures.append(store.read_failures(scores_path))
             cells.append({"method": method_name, "metric": metric_name, "key": keys[method_name, metric_name],
@@ -335,18 +409,16 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
                           "curves": str(curves_path.relative_to(out_dir)) if curves_path.exists() else None})
     failed = pd.concat([f for f in failures if len(f)], ignore_index=True) if any(map(len, failures)) else \
         pd.DataFrame(columns=store.FAILURE_COLUMNS)
-    if len(failed):
-        store.write_table(failed.assign(run_id=run_id, **names), out_dir / "failures.parquet")
-    else:
-        (out_dir / "failures.parquet").unlink(missing_ok=True)
     manifest = {
-        "run_id": run_id, **names, "status": "interrupted" if interrupted else "complete",
+        "run_id": run_id, **names, "identity": ident,
+        "status": "failed" if write_error else "interrupted" if interrupted else "complete",
+        **({"error": store.write_error_text(out_dir, write_error)} if write_error else {}),
         "n_samples": data["n"], "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or None,
         "seed": cfg.seed, "reduce": cfg.reduce, "deterministic": bool(cfg.get("deterministic", False)),
         "precision": precision, "channels_last": channels_last,
         "keys": {"sample_ids": data["sample_ids"], "checkpoint": base["checkpoint"], "suite": base["suite"],
-                 "format": FORMAT},
+                 "format": FORMAT, "content": content},
         "config": job, "versions": _versions(), "git_commit": _git_commit(),
         "model_info": model_info, "cells": cells, "skipped": len(keys) - n_todo, "failures": _summarise(failed),
         "retries": retries,
@@ -355,7 +427,19 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
         "timings": {**{k: round(v, 3) for k, v in timings.items()}, "total": round(time.perf_counter() - started, 2)},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    store.write_json(manifest, out_dir / "manifest.json")
+    try:
+        if len(failed):
+            store.write_table(failed.assign(run_id=run_id, **names), out_dir / "failures.parquet")
+        else:
+            (out_dir / "failures.parquet").unlink(missing_ok=True)
+        store.write_json(manifest, out_dir / "manifest.json")
+    except OSError as e:
+        raise ValueError(f"{store.write_error_text(out_dir, write_error or e)}; the manifest could not be written "
+                         f"either ({e.strerror or e}): free space and run the same command again") from e
+    if write_error:
+        raise ValueError(f"{manifest['error']}: {len(cells)} of {len(keys)} cells are stored and listed in "
+                         f"{out_dir / 'manifest.json'} (status 'failed'); free space or set results_dir to another "
+                         "disk, then run the same command again to resume") from write_error
     if interrupted:
         log.warning("%s interrupted: %d of %d cells stored; run the same command again to resume", run_id,
                     len(cells), len(keys))
@@ -363,6 +447,27 @@ def run(cfg: DictConfig, *, out_dir: str | Path) -> dict[str, Any]:
     log.info("%s done in %.1f s: %d cells (%d skipped as already stored), %d failed samples -> %s", run_id,
              manifest["timings"]["total"], len(cells), len(keys) - n_todo, len(failed), out_dir)
     return manifest
+
+
+def _reuse_stored_cells(out_dir: Path, paths: dict[tuple[str, str], tuple[Path, Path]], todo: dict[str, list[str]],
+                        n_samples: int) -> int:
+    """Copy into this run the cells that a run folder beside it (results/<dataset>/<model>/*) stored under the
+    same key, verified whole (the key hashes everything that determines a cell), and drop them from `todo`: a
+    run of a changed configuration gets its own folder yet recomputes only the cells the change touches."""
+    copied = 0
+    for method_name, metric_names in todo.items():
+        for metric_name in list(metric_names):
+            scores, curves = paths[method_name, metric_name]
+            for other in sorted(out_dir.parent.glob(f"*/cells/{scores.name}")):
+                if other.parent.parent == out_dir or not store.stored_cell(
+                        other, other.with_name(curves.name), n_samples=n_samples):
+                    continue
+                store.copy_cell(other, other.with_name(curves.name), scores, curves)
+                if store.stored_cell(scores, curves, n_samples=n_samples):
+                    metric_names.remove(metric_name)
+                    copied += 1
+                    break
+    return copied
 
 
 def _probe(model: nn.Module, dataset: Any, methods: dict, metrics: dict, todo: dict[str, list[str]], reduce: str,
@@ -401,14 +506,21 @@ def _probe(model: nn.Module, dataset: Any, methods: dict, metrics: dict, todo: d
 def _run_method(method_name: str, method: Callable[..., Tensor], model: nn.Module, dataset: Any, metrics: dict,
                 paths: dict[str, tuple[Path, Path]], cfg: DictConfig, device: torch.device, extra: dict[str, Any],
                 maps_dir: Path | None, method_key: str, timings: dict[str, float], retries: list[dict[str, Any]],
-                keys: dict[str, str]) -> list[dict[str, Any]]:
+                keys: dict[str, str], *, n_samples: int) -> list[dict[str, Any]]:
     """Stream the dataset through one method and its todo metrics; commit each cell at the end.
 
-    Returns the failures of cells that scored no sample (those cells are not stored, so a rerun retries them).
+    Each cell is claimed first (store.CellWriter.claim: a cell another process computes is waited
+    for, and skipped when that process stored it). Returns the failures of cells that scored no
+    sample (those cells are not stored, so a rerun retries them).
     """
-    writers = {m: store.CellWriter(*paths[m], **keys, method=method_name, metric=m) for m in metrics}
+    writers: dict[str, store.CellWriter] = {}
     try:
-        for start, batch in stream(dataset, cfg.batch_size, device):
+        for m in sorted(metrics, key=lambda m: paths[m][0].name):  # one lock order for all processes: no deadlock
+            writer = store.CellWriter(*paths[m], n_samples=n_samples, **keys, method=method_name, metric=m)
+            if writer.claim():
+                writers[m] = writer
+        metrics = {m: f for m, f in metrics.items() if m in writers}
+        for start, batch in stream(dataset, cfg.batch_size, device) if writers else ():
             t0 = time.perf_counter()
             cached = store.read_maps(store.map_path(maps_dir, method_name, method_key, start)) if maps_dir else None
             if cached is not None and cached[0].shape == batch["x"].shape:

@@ -9,9 +9,14 @@ crops the centre (torchvision's evaluation transform; a cropped-out object gives
 empty mask, scored NaN). Images are resized bilinearly with antialiasing (PIL), masks
 by nearest neighbour (PIL); a box becomes the pixels of the original image whose centres
 lie inside it, and is then resized as a mask, so boxes and PNG masks of one object agree.
+Files are read as bench/data/_images.py says: PNG or JPEG, inside the dataset's root (symlinks
+followed only there), under PIL's pixel limit, decoded in full; a bad file is a ValueError naming
+it, never skipped (a silently smaller sample set would change every mean). 16-bit grey images are
+scaled by 65535. `content_digest()` hashes the files' bytes for the runner's cell keys.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -25,12 +30,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from bench.data._images import Box, file_hashes, load_image, open_file, resolve_roots, rgb_resized, xml_objects
 from bench.data._index import item_index
-
-try:                                                     # refuses entity expansion in untrusted XML
-    from defusedxml.ElementTree import parse as _parse_xml
-except ImportError:                                      # expat >= 2.4.1 limits entity amplification
-    from xml.etree.ElementTree import parse as _parse_xml
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)                     # the normalisation of torchvision's ImageNet weights
@@ -41,7 +42,6 @@ VOC_CLASSES: tuple[str, ...] = (
 )                                                        # VOC's class indices 1..20, in order
 SPLITS = ("train", "val", "test")
 Resize = Literal["stretch", "centre_crop"]
-Box = tuple[float, float, float, float]                   # x0, y0, x1, y1: pixel edges of the original image
 
 
 @dataclass(frozen=True)
@@ -81,22 +81,6 @@ def _box_mask(boxes: Sequence[Box], w: int, h: int) -> np.ndarray:
     return (iny[:, :, None] & inx[:, None, :]).any(axis=0)                      # (h, w)
 
 
-def _xml_objects(path: Path, origin: int) -> list[tuple[str, Box]]:
-    """(name, box) of every <object> of a Pascal VOC-format XML file; corners are inclusive pixel
-    indices counted from `origin` (1 in the VOC devkit, 0 in ImageNet's files), turned into edges."""
-    try:
-        objects = _parse_xml(path).getroot().findall("object")
-        out = []
-        for obj in objects:
-            box = obj.find("bndbox")
-            xmin, ymin, xmax, ymax = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-            out.append((obj.findtext("name").strip(), (xmin - origin, ymin - origin, xmax - origin + 1, ymax - origin + 1)))
-    except Exception as e:                                   # noqa: BLE001 - any malformed file
-        raise ValueError(f"cannot read boxes from {path} ({type(e).__name__}: {e}); expected Pascal VOC XML "
-                         "with <object><name>..</name><bndbox><xmin>..</xmin>...</bndbox></object>") from e
-    return out
-
-
 def _digits_ids(stems: Sequence[str], pattern: str) -> list[int]:
     """Stable ids: the integer `pattern` captures in each file stem when all parse and are unique, else positions."""
     found = [re.search(pattern, s) for s in stems]
@@ -134,6 +118,7 @@ class _Files(Dataset[dict[str, Tensor]]):
         self.image_shape = (3, size, size)
         self._limit = n_samples
         self._items: list[_Item] = []
+        self._roots: tuple[Path, ...] = ()                # what may be read: see bench/data/_images.py
         self._store: dict[str, Tensor] | None = None
 
     def _take(self, items: list[_Item]) -> None:
@@ -146,21 +131,32 @@ class _Files(Dataset[dict[str, Tensor]]):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def content_digest(self, *, cache_dir: str | Path | None = None) -> str:
+        """sha256 over every item's image and mask bytes, target, sample_id and boxes: the runner puts it in
+        every cell key, so replacing a file under the same name recomputes its cells. File hashes are cached
+        under cache_dir/content/ by (size, mtime_ns, ctime_ns, inode): a second run reads no unchanged file."""
+        paths = sorted({p for it in self._items for p in (it.image, it.mask) if p is not None})
+        hashes = file_hashes(paths, self._roots, cache_dir)
+        h = hashlib.sha256()
+        for it in self._items:
+            h.update(json.dumps([hashes[it.image], hashes.get(it.mask), it.target, it.sample_id, it.value,
+                                 it.boxes]).encode())
+        return h.hexdigest()[:16]
+
     def _load(self, item: _Item) -> tuple[Tensor, Tensor]:
-        """One item: image uint8 (3, S, S), mask bool (S, S)."""
-        with Image.open(item.image) as f:
-            image = f.convert("RGB")
+        """One item: image (3, S, S) uint8 (float32 in [0, 1] from a 16-bit file), mask bool (S, S)."""
+        image = load_image(item.image, self._roots)
         w, h = image.size
         (W, H), (left, top) = _geometry(w, h, self.size, self.resize)
         crop = (left, top, left + self.size, top + self.size)
-        pixels = np.asarray(image.resize((W, H), Image.BILINEAR).crop(crop))                 # (S, S, 3)
+        pixels = rgb_resized(image, (W, H), crop, item.image)                                   # (S, S, 3)
         if item.mask is not None:
-            with Image.open(item.mask) as f:
-                if f.size != (w, h):
-                    raise ValueError(f"mask {item.mask} is {f.size[0]}x{f.size[1]} but its image {item.image} "
-                                     f"is {w}x{h}; a mask must have its image's size")
-                m = np.asarray(f)
-                m = m[..., :-1] if f.mode in ("LA", "RGBA", "La", "RGBa") else m                  # drop alpha
+            f = load_image(item.mask, self._roots, "mask")
+            if f.size != (w, h):
+                raise ValueError(f"mask {item.mask} is {f.size[0]}x{f.size[1]} but its image {item.image} "
+                                 f"is {w}x{h}; a mask must have its image's size")
+            m = np.asarray(f)
+            m = m[..., :-1] if f.mode in ("LA", "RGBA", "La", "RGBa") else m                      # drop alpha
             m = (m != 0) if item.value is None else (m == item.value)
             m = m.any(axis=2) if m.ndim == 3 else m                                              # (h, w)
         else:
@@ -169,15 +165,18 @@ class _Files(Dataset[dict[str, Tensor]]):
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1), torch.from_numpy(m)
 
     def _normalise(self, image: Tensor) -> Tensor:
-        """uint8 (..., 3, H, W) -> float32, (image / 255 - mean) / std."""
+        """uint8 (..., 3, H, W) or float32 in [0, 1] -> float32, (image in [0, 1] - mean) / std."""
         mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
-        return (image.to(torch.float32) / 255.0 - mean) / std
+        return ((image.to(torch.float32) / 255.0 if image.dtype == torch.uint8 else image) - mean) / std
 
     def _all(self) -> dict[str, Tensor]:
         if self._store is None:
             loaded = [self._load(item) for item in self._items]        # file reads: one item at a time
+            images = [image for image, _ in loaded]
+            if len({image.dtype for image in images}) > 1:             # some 16-bit files: all as float in [0, 1]
+                images = [image.to(torch.float32) / 255.0 if image.dtype == torch.uint8 else image for image in images]
             self._store = {
-                "image": torch.stack([image for image, _ in loaded]),                     # (N, 3, S, S) uint8
+                "image": torch.stack(images),                           # (N, 3, S, S) uint8 (float32: 16-bit files)
                 "mask": torch.stack([mask for _, mask in loaded]),                        # (N, S, S) bool
                 "target": torch.tensor([it.target for it in self._items], dtype=torch.int64),
                 "sample_id": torch.tensor([it.sample_id for it in self._items], dtype=torch.int64),
@@ -228,6 +227,7 @@ class Folder(_Files):
     ) -> None:
         super().__init__(name=name, split=split, n_samples=n_samples, size=size, resize=resize, mean=mean, std=std)
         self.root = _root(root, name)
+        self._roots = resolve_roots(self.root)
         split_dirs = [self.root / s for s in SPLITS if (self.root / s / "images").is_dir()]
         if split_dirs:
             base = self.root / split
@@ -257,7 +257,7 @@ class Folder(_Files):
                  for c, files in enumerate(per_class) if k < len(files)]          # interleaved classes
         self.ground_truth = self._kind(base, ground_truth)
         if self.ground_truth == "coco":
-            boxes = self._coco(base / "annotations.json")
+            boxes = self._coco(base / "annotations.json", self._roots)
         items, missing = [], []
         for i, (c, path) in enumerate(order[:n_samples]):
             rel = path.relative_to(base / "images").as_posix()
@@ -268,7 +268,7 @@ class Folder(_Files):
             elif self.ground_truth == "voc":
                 xml = base / "annotations" / self.classes[c] / f"{path.stem}.xml"
                 ok = xml.is_file()
-                items.append(_Item(path, c, i, boxes=tuple(b for _, b in _xml_objects(xml, 1)) if ok else ()))
+                items.append(_Item(path, c, i, boxes=tuple(b for _, b in xml_objects(xml, 1, self._roots)) if ok else ()))
                 ok = ok and bool(items[-1].boxes)
             else:
                 items.append(_Item(path, c, i, boxes=tuple(boxes.get(rel, ()))))
@@ -295,10 +295,12 @@ class Folder(_Files):
         return found[0]
 
     @staticmethod
-    def _coco(path: Path) -> dict[str, list[Box]]:
+    def _coco(path: Path, roots: Sequence[Path]) -> dict[str, list[Box]]:
         """file_name -> boxes as edges, from a COCO-style JSON (bbox = [x, y, width, height], 0-based)."""
+        with open_file(path, roots) as f:
+            text = f.read()
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
             names = {im["id"]: im["file_name"] for im in data["images"]}
             out: dict[str, list[Box]] = {}
             for ann in data["annotations"]:
@@ -334,6 +336,7 @@ class VOC(_Files):
 
         super().__init__(name=name, split=split, n_samples=n_samples, size=size, resize=resize, mean=mean, std=std)
         self.root = _root(root, name)
+        self._roots = resolve_roots(self.root)
         if task not in ("segmentation", "detection"):
             raise ValueError(f"task must be 'segmentation' or 'detection', got {task!r}")
         self.year, self.task = str(year), task
@@ -355,16 +358,16 @@ class VOC(_Files):
                 missing.append(Path(image).name)
                 continue
             if task == "segmentation":
-                with Image.open(target) as f:
-                    if f.mode not in ("P", "L"):
-                        raise ValueError(f"{target} is a {f.mode} image; VOC masks are palette PNGs of class indices")
-                    counts = np.bincount(np.asarray(f).ravel(), minlength=256)[1:len(VOC_CLASSES) + 1]
+                f = load_image(Path(target), self._roots, "mask")
+                if f.mode not in ("P", "L"):
+                    raise ValueError(f"{target} is a {f.mode} image; VOC masks are palette PNGs of class indices")
+                counts = np.bincount(np.asarray(f).ravel(), minlength=256)[1:len(VOC_CLASSES) + 1]
                 if not counts.any():
                     raise ValueError(f"{target} labels no object pixel; cannot choose the image's class")
                 c = int(counts.argmax())                                     # first maximum: lower index wins ties
                 items.append(_Item(Path(image), c, sample_id, mask=Path(target), value=c + 1))
             else:
-                objects = [(n, b) for n, b in _xml_objects(Path(target), 1) if n in VOC_CLASSES]
+                objects = [(n, b) for n, b in xml_objects(Path(target), 1, self._roots) if n in VOC_CLASSES]
                 if not objects:
                     raise ValueError(f"{target} has no object of VOC's 20 classes; cannot choose the image's class")
                 areas = [(b[2] - b[0]) * (b[3] - b[1]) for _, b in objects]
@@ -402,6 +405,7 @@ class ImageNetVal(_Files):
         super().__init__(name=name, split=split, n_samples=n_samples, size=size, resize=resize, mean=mean, std=std)
         self.root = _root(root, name)
         image_dir, xml_dir, synset_file = self.root / images, self.root / annotations, self.root / synsets
+        self._roots = resolve_roots(self.root, image_dir, xml_dir)      # images=/annotations= may lie elsewhere
         for path, key in ((image_dir, "images"), (xml_dir, "annotations")):
             if not path.is_dir():
                 raise ValueError(f"no folder {str(path)!r}; set dataset.{key}= to its path relative to root")
@@ -418,7 +422,7 @@ class ImageNetVal(_Files):
             if xml.stem not in files:
                 missing.append(xml.stem)
                 continue
-            objects = _xml_objects(xml, 0)
+            objects = xml_objects(xml, 0, self._roots)
             if not objects:
                 raise ValueError(f"{xml} has no <object>; cannot tell the image's class")
             synset = objects[0][0]

@@ -3,6 +3,9 @@ classes checked against values worked out by hand from the box / mask geometry."
 from __future__ import annotations
 
 import json
+import logging
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from bench.data import VOC, Folder, ImageNetVal, write_example
+from bench.report import load
+from bench.run import run
 from bench.zoo import load_model
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -242,3 +247,185 @@ def test_zoo_trains_and_evaluates_on_a_folder(tmp_path):
                                            "model=small_cnn", "model.train.epochs=1", "model.train.n_train=100"])
     model, info = load_model(cfg.model, cfg.dataset, cache_dir=tmp_path / "cache")
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2) and not info["cached"]
+
+
+# ---- bad files and 16-bit images (bench/data/_images.py) -------------------------------------------
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:60])                       # header and part of the pixel data
+
+
+def _escape(path: Path) -> None:
+    outside = path.parents[3] / "elsewhere.png"                    # next to the dataset root, not inside it
+    _png(outside, _image(99))
+    path.unlink()
+    path.symlink_to(outside)
+
+
+BAD_FILES = {   # case: (what to do to images/a_class/0.png or its mask, PIL pixel limit, the message)
+    "truncated": (_truncate, None, r"cannot read image .*a_class/0.png: PNG data is truncated or corrupt .* "
+                                   r"replace or remove the file"),
+    "not_an_image": (lambda p: p.write_bytes(b"%!PS-Adobe-3.0 EPSF\n" + bytes(200)), None,
+                     r"cannot read image .*a_class/0.png: not a PNG or JPEG image"),
+    "directory": (lambda p: (p.unlink(), p.mkdir()), None, r"a_class/0.png is a directory, not a regular file; remove"),
+    "symlink_outside": (_escape, None, r"a_class/0.png resolves \(through a symlink\) to .*elsewhere.png, which lies "
+                                       r"outside the dataset root .*copy the file into the root"),
+    "broken_symlink": (lambda p: (p.unlink(), p.symlink_to(p.parent / "gone.png")), None,
+                       r"a_class/0.png does not exist \(a broken symlink\)"),
+    "bomb_pil_refuses": (lambda p: None, 100, r"image .*a_class/0.png is too large to decode safely \(.*"
+                                              r"decompression bomb.*\); downscale it"),
+    "bomb_over_limit": (lambda p: None, 500, r"image .*a_class/0.png is 40x20 = 800 pixels, more than "
+                                             r"PIL.Image.MAX_IMAGE_PIXELS = 500 .*downscale it"),
+    "mask_truncated": (lambda p: _truncate(p.parents[2] / "masks" / "a_class" / "0.png"), None,
+                       r"cannot read mask .*masks/a_class/0.png: PNG data is truncated"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_folder_bad_image_files_are_refused_by_name(tmp_path, monkeypatch, case):
+    # each ended in a raw traceback (struct.error, UnidentifiedImageError, IsADirectoryError,
+    # DecompressionBombError) or, for the symlink, read a file outside the root
+    spoil, limit, message = BAD_FILES[case]
+    root = _folder(tmp_path / "data", "masks")
+    spoil(root / "images" / "a_class" / "0.png")
+    if limit is not None:
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    ds = Folder(root=str(root), size=20)
+    with pytest.raises(ValueError, match=message):
+        ds.tensors()
+    with pytest.raises(ValueError, match=message):
+        ds[0]                                                       # the runner's path: one item at a time
+    if limit is None:
+        assert ds[1]["target"] == 1                                 # the other files are fine
+
+
+def test_folder_follows_a_symlink_inside_the_root(tmp_path):
+    root = _folder(tmp_path, "masks")
+    _png(root / "shared" / "x.png", _image(77))
+    link = root / "images" / "a_class" / "0.png"
+    link.unlink()
+    link.symlink_to(Path("..") / ".." / "shared" / "x.png")        # relative, stays inside the root
+    x = Folder(root=str(root), size=20, mean=[0, 0, 0], std=[1, 1, 1])[0]["x"]
+    torch.testing.assert_close(x[2], torch.full((20, 20), 77 / 255))
+
+
+def test_folder_16_bit_images_are_scaled_by_their_bit_depth(tmp_path):
+    # row i holds 3000 i + 7 (up to 57007): the image is stretched only across, so each row keeps its value;
+    # read as 8-bit, 99.6 % of such a file's pixels were clipped to 255
+    root = _folder(tmp_path, "masks")
+    rows = (3000 * np.arange(20) + 7).astype(np.uint16)
+    Image.fromarray(np.repeat(rows[:, None], 40, axis=1)).save(root / "images" / "a_class" / "0.png")
+    assert Image.open(root / "images" / "a_class" / "0.png").mode == "I;16"
+    ds = Folder(root=str(root), size=20, mean=[0, 0, 0], std=[1, 1, 1])
+    expected = torch.from_numpy(rows / 65535).float()[None, :, None].expand(3, 20, 20)
+    torch.testing.assert_close(ds.tensors()["x"][0], expected)
+    torch.testing.assert_close(ds[0]["x"], expected)
+    torch.testing.assert_close(ds.tensors()["x"][2, 2], torch.full((20, 20), 11 / 255))   # 8-bit a_class/1 as before
+
+
+def test_16_bit_mode_i_is_scaled_and_checked():
+    # older Pillow reads 16-bit grey PNGs as mode "I" (int32); values beyond 16 bits cannot come from a PNG
+    from bench.data._images import rgb_resized
+
+    v = np.array([[0, 65535], [32768, 1]], dtype=np.int32)
+    out = rgb_resized(Image.fromarray(v, "I"), (2, 2), (0, 0, 2, 2), Path("x.png"))
+    np.testing.assert_allclose(out[..., 0], v / 65535, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"x.png has I values in 0..70000, outside the 16-bit range"):
+        rgb_resized(Image.fromarray(np.array([[0, 70000]], dtype=np.int32), "I"), (2, 1), (0, 0, 2, 1), Path("x.png"))
+
+
+# ---- the content digest: cells keyed by the files' bytes -------------------------------------------
+def test_content_digest_follows_the_bytes_and_caches_file_hashes(tmp_path, monkeypatch):
+    import bench.data._images as images
+
+    root, cache = write_example(tmp_path / "data", "masks"), tmp_path / "cache"
+    monkeypatch.setattr(images, "RACY_NS", 50_000_000)              # files older than 50 ms are cached
+    time.sleep(0.1)
+    read = []
+    sha = images._sha256
+    monkeypatch.setattr(images, "_sha256", lambda f: read.append(f.name) or sha(f))
+    first = Folder(root=str(root)).content_digest(cache_dir=cache)
+    assert len(read) == 12                                          # 6 images, 6 masks
+    assert Folder(root=str(root)).content_digest(cache_dir=cache) == first and len(read) == 12   # none re-read
+    assert Folder(root=str(root)).content_digest() == first and len(read) == 24                  # no cache: all
+    assert Folder(root=str(root), n_samples=3).content_digest(cache_dir=cache) != first         # other samples
+
+    # a mask rewritten with other bytes of the same size, its mtime put back (as `cp -p` does): the ctime changed
+    mask = root / "masks" / "apple" / "000.png"
+    before, st = mask.read_bytes(), mask.stat()
+    m = np.asarray(Image.open(mask)).copy()
+    m[0, 0] = 255 - m[0, 0]
+    Image.fromarray(m).save(mask)
+    if len(mask.read_bytes()) == len(before):
+        os.utime(mask, ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed = Folder(root=str(root)).content_digest(cache_dir=cache)
+    assert changed != first and len(read) == 25                     # that one file read again
+    mask.write_bytes(before)
+    assert Folder(root=str(root)).content_digest(cache_dir=cache) == first   # same bytes, same digest
+
+    (cache / "content").mkdir(exist_ok=True)
+    for f in (cache / "content").iterdir():
+        f.write_text("{not json")                                   # a damaged cache is ignored, then rewritten
+    assert Folder(root=str(root)).content_digest(cache_dir=cache) == first
+
+
+def _cells(out: Path) -> dict[str, float]:
+    """sample_id, method -> pointing-game hit, from whatever run folders the runner made below `out`."""
+    s = load(out).scores
+    return {(int(r.sample_id), r.method): float(r.value) for r in s[s.score == "hit"].itertuples()}
+
+
+def test_run_recomputes_cells_when_folder_files_change(tmp_path, caplog):
+    # the hostile probe: files replaced under the same names gave the old cells (pointing game 0.333, fresh 1.0)
+    write_example(tmp_path / "data" / "train", "masks", per_class=4)
+    test = write_example(tmp_path / "data" / "test", "masks", seed=1)
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.size=32", "dataset.n_samples=null",
+            "model=small_cnn", "model.net.width=4", "model.train.epochs=1", "model.train.n_train=8",
+            "model.train.n_test=6", "method=[random,edge]", "metric=[pointing_game]", "batch_size=4",
+            f"cache_dir={tmp_path / 'cache'}"])
+    torch.set_num_threads(1)
+    first = run(cfg, out_dir=tmp_path / "out")
+    old = _cells(tmp_path / "out")
+
+    mask = test / "masks" / "apple" / "000.png"
+    Image.fromarray(255 - np.asarray(Image.open(mask))).save(mask)        # sample 0: object and background swap
+    image = np.asarray(Image.open(test / "images" / "pear" / "001.png"))
+    inside = np.asarray(Image.open(test / "masks" / "pear" / "001.png")) > 0
+    Image.fromarray(np.where(inside[..., None], image, 128).astype(np.uint8)).save(test / "images" / "pear" / "001.png")
+    with caplog.at_level(logging.INFO, logger="bench.run"):
+        again = run(cfg, out_dir=tmp_path / "out")
+    fresh = run(cfg, out_dir=tmp_path / "fresh")
+    assert _cells(tmp_path / "out") == _cells(tmp_path / "fresh")          # the fresh scores, not the old ones
+    assert _cells(tmp_path / "fresh")[0, "random"] == 1.0 - old[0, "random"]    # its one maximum: in or out
+    assert _cells(tmp_path / "fresh")[1, "edge"] != old[1, "edge"]          # the edges now lie in the object
+    assert first["skipped"] == again["skipped"] == 0 and "data changed since the previous run" in caplog.text
+    manifest = json.loads(next((tmp_path / "out").rglob("manifest.json")).read_text())
+    assert manifest["keys"]["content"] == again["keys"]["content"] == fresh["keys"]["content"]
+    assert first["keys"]["content"] != again["keys"]["content"]
+    assert run(cfg, out_dir=tmp_path / "out")["skipped"] == 2              # unchanged data: cells reused
+
+
+def test_run_refuses_a_truncated_image_by_name(tmp_path):
+    root = write_example(tmp_path / "data", "masks")
+    _truncate(root / "images" / "pear" / "003.png")
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["dataset=folder", f"dataset.root={root}", "dataset.size=32",
+                                           "method=[random]", "metric=[pointing_game]", f"cache_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"cannot read image .*pear/003.png: PNG data is truncated"):
+        run(cfg, out_dir=tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["voc", "imagenet_val"])
+def test_content_digest_of_voc_and_imagenet_follows_image_bytes(tmp_path, kind):
+    root = write_example(tmp_path / "data", kind)
+    make = (lambda **kw: VOC(root=str(root), split="val", **kw)) if kind == "voc" else \
+        (lambda **kw: ImageNetVal(root=str(root), **kw))
+    first = make().content_digest()
+    image = sorted(p for p in root.rglob("*") if p.suffix in (".jpg", ".JPEG"))[-1]
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image, format="JPEG")
+    assert make().content_digest() != first
+    if kind == "imagenet_val":                                      # a configured folder may lie outside the root
+        outside = tmp_path / "elsewhere"
+        (root / "images").rename(outside)
+        assert make(images=str(outside)).tensors()["x"].shape == (9, 3, 224, 224)
