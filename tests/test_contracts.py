@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from bench.run import _call_metric, check_targets
-from metrics import randomization_layers, to_map
+from metrics import consumed, metric_input, randomization_layers
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -55,7 +55,7 @@ def test_metric_contract(name, tiny_cnn, batch):
     method = instantiate(_compose("method=[saliency]").method.saliency)
     mask = torch.zeros(5, 8, 8, dtype=torch.bool)
     mask[:, 2:6, 2:6] = True
-    attribution = to_map(method(tiny_cnn, x, target), "abs_sum")
+    attribution = metric_input(method(tiny_cnn, x, target), consumed(metric), "abs_sum")   # what the runner hands it
     inputs = {"model": tiny_cnn, "x": x, "target": target, "attribution": attribution, "mask": mask,
               "method": method, "reduce": "abs_sum", "label_randomized_model": copy.deepcopy(tiny_cnn)}
     state = copy.deepcopy(tiny_cnn.state_dict())

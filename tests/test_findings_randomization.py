@@ -1,7 +1,8 @@
 """Adebayo et al. 2018's sanity checks reproduced on the session's trained small_cnn (`trained`):
-model parameter randomization, random logit and data randomization, on the first 64 test images
-with absolute-sum maps (the runner's default reduction). Margins are explained where asserted;
-the measured values are in the comments."""
+model parameter randomization, random logit and data randomization, on the first 64 test images.
+The tests consume the raw attribution: `spearman` ranks Adebayo et al.'s ABS map sum_c |E_c| (what
+the runner's former default abs_sum map gave), `spearman_signed` the signed map sum_c E_c. Margins are
+explained where asserted; the measured values are in the comments."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,7 +23,6 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 pytestmark = pytest.mark.slow
 N = 64                                   # images; per-sample Spearman of two unrelated 64x64 maps has sd ~ 1/64
-REDUCE = "abs_sum"
 GRADIENT_FAMILY = ["saliency", "gradient_x_input", "integrated_gradients"]
 
 
@@ -43,7 +43,7 @@ def data(trained):
 def cascading(data):
     """Cascading top-down MPRT (output layer first) of saliency, gradient and guided backprop."""
     model, x, target, methods = data
-    return {n: mprt(model, x, target, methods[n], reduce=REDUCE, measures=["spearman"])
+    return {n: mprt(model, x, target, methods[n], measures=["spearman"])
             for n in ("saliency", "gradient", "guided_backprop")}
 
 
@@ -62,16 +62,16 @@ def test_edge_is_identical_under_every_randomization(data, data_run):
     """The Sobel edge map ignores the model: every measure is exactly 1 at every stage of every test."""
     model, x, target, methods = data
     edge = methods["edge"]
-    results = {order: mprt(model, x, target, edge, reduce=REDUCE, order=order)
+    results = {order: mprt(model, x, target, edge, order=order)
                for order in ("cascading_top_down", "cascading_bottom_up", "independent")}
-    results["smprt"] = smprt(model, x, target, edge, reduce=REDUCE, samples=2)
-    results["random_logit"] = random_logit(model, x, target, edge, reduce=REDUCE)
-    results["data_randomization"] = data_randomization(model, x, target, edge, model, reduce=REDUCE)
+    results["smprt"] = smprt(model, x, target, edge, samples=2)
+    results["random_logit"] = random_logit(model, x, target, edge)
+    results["data_randomization"] = data_randomization(model, x, target, edge, model)
     for name, r in results.items():
         assert len(r.scores) >= 5
         for score, v in r.scores.items():
             assert (v == 1.0).all(), (name, score, v)
-    assert (emprt(model, x, target, edge, reduce=REDUCE).scores["emprt"] == 0.0).all()   # no rise in entropy
+    assert (emprt(model, x, target, edge).scores["emprt"] == 0.0).all()   # no rise in entropy
     scores = data_run[2].scores
     stored = scores[scores.method == "edge"]
     assert len(stored) == 5 * 32 and (stored.value == 1.0).all()                 # through the runner too
@@ -104,13 +104,13 @@ def test_random_logit_of_random_maps(data):
     model, x, target, methods = data
     # the shipped `random` control is seeded per image, not per class: it is class-blind and
     # fails the test exactly as edge does (similarity 1)
-    assert (random_logit(model, x, target, methods["random"], reduce=REDUCE).scores["spearman"] == 1.0).all()
+    assert (random_logit(model, x, target, methods["random"]).scores["spearman"] == 1.0).all()
 
     def random_per_class(model, x, target):                   # an independent uniform map per (image, class)
         maps = torch.stack([random_map(model, x, target, seed=c) for c in range(6)])   # (K, B, C, H, W)
         return maps[target, torch.arange(len(target))]
 
-    s = random_logit(model, x, target, random_per_class, reduce=REDUCE).scores["spearman"]
+    s = random_logit(model, x, target, random_per_class).scores["spearman"]
     # two independent maps of n = 4096 pixels: Spearman ~ N(0, 1/sqrt(n - 1) = 0.016) per sample,
     # its mean over 64 samples sd 0.002; 5 sd margins
     assert s.abs().max() < 0.08 and s.mean().abs() < 0.01, s
