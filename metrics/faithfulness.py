@@ -2,6 +2,12 @@
 
 Shared conventions of the perturbation metrics (helpers in metrics._perturb):
 - A pixel is removed in all channels at once; steps are whole pixels, or whole patches.
+- The map each consumes (metrics._map): infidelity and faithfulness correlation take the signed
+  channel sum (their formulas are of the signed attribution: I^T phi, a subset's sum); ROAD ranks
+  by the signed sum as its authors' code does; pixel flipping / region perturbation and
+  deletion / insertion rank by the run's reduced map: Samek et al.'s heatmaps differ per method
+  (LRP's signed channel sum, sensitivity's gradient norm) and Petsiuk et al.'s saliency maps are
+  single-channel, so the run's `reduce` (in its manifest) is their map.
 - Ties in the ranking are broken by a seeded random permutation of positions, the same for
   every map, never by the sort's accident: a constant map removes pixels in a random order.
 - A sample's score depends on that sample alone: maps are never normalised across the
@@ -176,6 +182,7 @@ def insertion(
                                output=output, seed=seed, chunk_size=chunk_size)
 
 
+@consumes("signed")
 def road(
     model: nn.Module, x: Tensor, target: Tensor, attribution: Tensor, *,
     steps: int = 10, order: Order = "both", noise: float = 0.01, output: Literal["logit", "softmax"] = "logit",
@@ -194,6 +201,9 @@ def road(
     mean over samples is the paper's accuracy curve, and acc_auc_<order> (trapezoid over the
     fraction removed) averages to that curve's AUC. auc_<order> is the target output's AUC. The
     solver runs `iterations` conjugate-gradient steps (None: 2 max(H, W), error < 1e-4 at 64 px).
+    Pixels are ranked by the signed channel sum (consumes "signed"), as the authors' code does
+    (road_evaluation's rescale_channel: np.sum over channels, then a monotone min-max rescaling),
+    whatever the run's reduce; their 1e-4 random jitter of ties is our seeded tie permutation.
     """
     target = _check_inputs(x, target, attribution)
     orders = _orders(order)

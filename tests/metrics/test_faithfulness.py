@@ -541,8 +541,8 @@ def test_signed_metrics_consume_the_signed_map_whatever_the_run_reduces(pixel_su
     reduce): these two must get the channel sum, the ranking metrics the reduced map."""
     from metrics import consumed, metric_input
 
-    assert consumed(infidelity) == consumed(faithfulness_correlation) == "signed"
-    for fn in (pixel_flipping, deletion, insertion, road):
+    assert consumed(infidelity) == consumed(faithfulness_correlation) == consumed(road) == "signed"
+    for fn in (pixel_flipping, deletion, insertion):
         assert consumed(fn) == "reduced", fn.__name__
     # f_0 = the sum over channels and pixels: removing or perturbing pixel p changes it by sum_c x_cp
     x = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(0))
@@ -564,3 +564,21 @@ def test_signed_metrics_consume_the_signed_map_whatever_the_run_reduces(pixel_su
     expected = ((5 - 3) * noise.sum(dim=(1, 2, 3))).square().mean()               # E[(I^T |phi| - 3 sum I)^2]
     abs_score = infidelity(pixel_sum, x, t, to_map(raw, "abs_sum"), normalize=False, noise_std=0.1)
     torch.testing.assert_close(abs_score.scores["infidelity"], expected.expand(3), rtol=1e-4, atol=1e-6)
+
+
+def test_road_ranks_by_the_signed_channel_sum():
+    """Rong et al.'s code ranks pixels by np.sum of the attribution over channels (signed). A raw attribution
+    whose signed sum is [1, 10, 3, 5] (the hand-computed case above) but whose absolute sum puts pixel 2 first:
+    through the runner's metric_input under reduce=abs_sum, ROAD must still give the signed ranking's curve."""
+    from metrics import consumed, metric_input
+
+    x = torch.tensor([[1.0, 10.0, 3.0, 5.0], [0.0, 0.0, 0.0, 0.0]]).view(1, 2, 1, 4)     # channel 1 is empty
+    raw = torch.tensor([[1.0, 10.0, 23.0, 5.0], [0.0, 0.0, -20.0, 0.0]]).view(1, 2, 1, 4)
+    a = metric_input(raw, consumed(road), "abs_sum")
+    torch.testing.assert_close(a, torch.tensor([[[1.0, 10.0, 3.0, 5.0]]]))
+    r = road(ThresholdModel(10.0), x, torch.tensor([1]), a, steps=4, noise=0.0, order="morf")
+    torch.testing.assert_close(r.curves["morf"].y, torch.tensor([[19.0, 11.0, 9.0, 4.0, 0.0]]))
+    # the absolute map would remove pixel 2 (|23| + |-20|) first: 1 + 10 + (10 + 5) / 2 + 5 = 23.5
+    absolute = road(ThresholdModel(10.0), x, torch.tensor([1]), to_map(raw, "abs_sum"), steps=4, noise=0.0,
+                    order="morf")
+    assert absolute.curves["morf"].y[0, 1].item() == pytest.approx(23.5)
