@@ -10,7 +10,7 @@ decompression-bomb limit, read at each call), and fully, so a truncated or corru
 here. Every refusal is a ValueError naming the file and what to do; nothing is skipped.
 
 `file_hashes` gives the sha256 of each file's bytes, cached by the file's (size, mtime_ns,
-ctime_ns, inode) in one JSON file per dataset under the cache folder: an unchanged file is not
+ctime_ns, inode) in one JSON file per dataset root under the cache folder: an unchanged file is not
 read again, and a file rewritten under the same name (even `cp -p`, which keeps the mtime, but
 cannot keep the ctime) is. A file changed less than RACY_NS before it was hashed is not cached
 (git's "racy clean" rule: a second write within the clock's granularity could keep its times).
@@ -59,6 +59,7 @@ def inside(path: Path, roots: Sequence[Path]) -> Path:
 
 
 def _checked(path: Path, roots: Sequence[Path]) -> tuple[Path, os.stat_result]:
+    """`inside`, with the resolved file's stat (only stat, never open: a FIFO cannot block here)."""
     try:
         real = Path(path).resolve(strict=True)
         st = real.stat()

@@ -269,6 +269,7 @@ BAD_FILES = {   # case: (what to do to images/a_class/0.png or its mask, PIL pix
     "directory": (lambda p: (p.unlink(), p.mkdir()), None, r"a_class/0.png is a directory, not a regular file; remove"),
     "symlink_outside": (_escape, None, r"a_class/0.png resolves \(through a symlink\) to .*elsewhere.png, which lies "
                                        r"outside the dataset root .*copy the file into the root"),
+    "fifo": (lambda p: (p.unlink(), os.mkfifo(p)), None, r"a_class/0.png is a FIFO, not a regular file"),  # blocked
     "broken_symlink": (lambda p: (p.unlink(), p.symlink_to(p.parent / "gone.png")), None,
                        r"a_class/0.png does not exist \(a broken symlink\)"),
     "bomb_pil_refuses": (lambda p: None, 100, r"image .*a_class/0.png is too large to decode safely \(.*"
