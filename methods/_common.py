@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Iterator, Literal, Union
+import inspect
+import math
+import types
+from numbers import Integral, Real
+import typing
+from typing import Any, Callable, Iterator, Literal, Union
 
 import torch
 from torch import Tensor, nn
 
 from metrics._perturb import gaussian_blur                    # one blur for methods and metrics
 
-Baseline = Union[float, Literal["zeros", "mean", "blur", "uniform"]]
+Baseline = Union[float, Literal["zeros", "min", "mean", "blur", "uniform"]]
+BASELINES: tuple[str, ...] = ("zeros", "min", "mean", "blur", "uniform")
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 
@@ -43,11 +49,53 @@ def _restored(model: nn.Module | None) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def _accepts(hint: Any, value: object) -> str | None:
+    """None if `value` fits the annotation `hint`, else what it should be (bools are not numbers here)."""
+    if hint is Any or hint is inspect.Parameter.empty:
+        return None
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        ok = any(value == c and type(value) is type(c) for c in choices)
+        return None if ok else "one of " + ", ".join(map(repr, choices))
+    if origin is Union or origin is types.UnionType:
+        wants = [_accepts(arm, value) for arm in typing.get_args(hint)]
+        return None if None in wants else " or ".join(wants)
+    if hint is type(None):
+        return None if value is None else "null"
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, Integral) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "a finite number"
+    return None                                                       # other types: the method checks them
+
+
+def _checked_options(fn: Callable[..., Tensor]) -> Callable[[dict], None]:
+    """A check of a method's keyword options against their annotations: steps=4.5, '8', True or a NaN
+    noise raise one ValueError naming the method, the option, what it takes and what it got."""
+    hints = typing.get_type_hints(fn)
+    params = {name: hints.get(name, Any) for name, p in inspect.signature(fn).parameters.items()
+              if p.kind is p.KEYWORD_ONLY}
+
+    def check(options: dict) -> None:
+        for name, value in options.items():
+            wanted = _accepts(params[name], value) if name in params else None
+            if wanted is not None:
+                raise ValueError(f"{fn.__name__}: {name} must be {wanted}, got {value!r}")
+    return check
+
+
 def attribution_method(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Wrap a method: check (x, target), enable gradients, restore the model on exit, detach the result."""
+    """Wrap a method: check (x, target) and the options' types, enable gradients, restore the model
+    on exit, detach the result."""
+    check_options = _checked_options(fn)
 
     @functools.wraps(fn)
     def wrapper(model: nn.Module, x: Tensor, target: Tensor, *args, **options) -> Tensor:
+        check_options(options)
         if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
             raise ValueError(f"{fn.__name__}: x must be a float tensor (B, C, H, W), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
@@ -78,8 +126,8 @@ def score(model: nn.Module, x: Tensor, target: Tensor, output: Literal["logit", 
 
 def generator(seed: int) -> torch.Generator:
     """A CPU generator: draws are made on the CPU, then moved, so CPU and GPU see the same numbers."""
-    if not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, Integral):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     return torch.Generator().manual_seed(seed)
 
 
@@ -89,30 +137,55 @@ def value_range(x: Tensor) -> Tensor:
 
 
 def baseline_for(x: Tensor, baseline: Baseline, *, seed: int = 0, blur_sigma: float = 5.0) -> Tensor:
-    """One reference input per sample, (B, C, H, W).
+    """One reference input per sample, (B, C, H, W), in the normalised input space.
 
-    A number: that constant (in the normalised space). zeros: 0. mean: each channel
-    at the sample's mean colour. blur: the sample blurred with `blur_sigma` pixels
-    (Sturmfels et al. 2020). uniform: U(min, max) of the sample's own range, the
-    pattern drawn once from `seed` and shared by every sample (batch-invariant).
+    A number: that constant; 0.0 (= zeros) is the dataset's mean colour, mid-grey, not black.
+    zeros: 0, the same as 0.0. min: each channel at the image's own minimum, the data's "black"
+    (for an image that has black pixels, exactly the normalised black -mean_c / std_c; it moves
+    with a constant input shift, so IG from it is input invariant, as Kindermans et al. 2019's
+    black-image reference). mean: each channel at the sample's mean colour. blur: the sample
+    blurred with `blur_sigma` pixels (Sturmfels et al. 2020). uniform: U(min, max) of the
+    sample's own range, the pattern drawn once from `seed` and shared by every sample.
     """
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+    if isinstance(baseline, Real) and not isinstance(baseline, bool):
+        check_finite("baseline", baseline)
         return torch.full_like(x, float(baseline))
     if baseline == "zeros":
         return torch.zeros_like(x)
+    if baseline == "min":
+        return x.amin(dim=(2, 3), keepdim=True).expand_as(x).clone()
     if baseline == "mean":
         return x.mean(dim=(2, 3), keepdim=True).expand_as(x).clone()
     if baseline == "blur":
-        if blur_sigma <= 0:
-            raise ValueError(f"blur_sigma must be positive (pixels), got {blur_sigma}")
+        check_positive("blur_sigma", blur_sigma, "pixels")
         return gaussian_blur(x, blur_sigma)
     if baseline == "uniform":
         u = torch.rand(x.shape[1:], generator=generator(seed)).to(device=x.device, dtype=x.dtype)   # (C, H, W)
         return x.amin(dim=(1, 2, 3), keepdim=True) + value_range(x) * u
-    raise ValueError(f"baseline must be a number or one of 'zeros', 'mean', 'blur', 'uniform', got {baseline!r}")
+    raise ValueError(f"baseline must be a number or one of {', '.join(map(repr, BASELINES))}, got {baseline!r}")
 
 
-def check_positive(name: str, value: float) -> None:
-    """ValueError unless value > 0."""
+def check_count(name: str, value: object, minimum: int = 1) -> None:
+    """ValueError unless value is an integer >= minimum (not a bool, a float such as 4.5 or 4.0, or a string)."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_finite(name: str, value: object, unit: str = "") -> None:
+    """ValueError unless value is a finite real number (not a bool, a string, NaN or inf)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number{f' ({unit})' if unit else ''}, got {value!r}")
+
+
+def check_positive(name: str, value: object, unit: str = "") -> None:
+    """ValueError unless value is a finite number > 0."""
+    check_finite(name, value, unit)
     if not value > 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+        raise ValueError(f"{name} must be positive{f' ({unit})' if unit else ''}, got {value!r}")
+
+
+def check_nonnegative(name: str, value: object, unit: str = "") -> None:
+    """ValueError unless value is a finite number >= 0."""
+    check_finite(name, value, unit)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0{f' ({unit})' if unit else ''}, got {value!r}")

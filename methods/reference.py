@@ -42,15 +42,17 @@ def integrated_gradients(
 
     IG_i = (x_i - x'_i) * integral_0^1 d f_target(x' + a (x - x')) / d x_i da, the
     integral approximated with `steps` nodes of `rule`; completeness: sum_i IG_i
-    = f(x) - f(x') up to that approximation. `baseline`: a number (0.0 = the
-    dataset's mean colour for `shapes`), zeros, mean, blur or uniform (see
-    methods._common.baseline_for; uniform is drawn from `seed`). `internal_batch_size`:
+    = f(x) - f(x') up to that approximation. `baseline`: a number in the normalised space
+    (0.0 = zeros = the normalisation's mean colour, mid-grey: not black), min (each channel's
+    minimum in the image: the data's black, as Sundararajan et al.'s black image; it moves with
+    a constant input shift, so IG from it is input invariant, Kindermans et al. 2019), mean, blur
+    or uniform (see methods._common.baseline_for; uniform is drawn from `seed`). `internal_batch_size`:
     images per forward/backward pass, at least one node for the whole batch; None sizes it from
     the memory budget of metrics._chunk (on CPU 64-image passes ran 1.3-1.4x faster than 256);
     out of memory, it is retried once at half the size.
     """
     if steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps}")
+        raise ValueError(f"integrated_gradients: steps must be a positive integer, got {steps}")
     ref = baseline_for(x, baseline, seed=seed, blur_sigma=blur_sigma)
     ig = captum.attr.IntegratedGradients(model)
     return retry_smaller(lambda size: ig.attribute(x.requires_grad_(), baselines=ref, target=target, n_steps=steps,
@@ -59,7 +61,7 @@ def integrated_gradients(
                          name="internal_batch_size")                                             # (B, C, H, W)
 
 
-def _references(x: Tensor, k: Tensor, baseline: Literal["uniform", "zeros", "mean", "blur"], pattern: Tensor,
+def _references(x: Tensor, k: Tensor, baseline: Literal["uniform", "zeros", "min", "mean", "blur"], pattern: Tensor,
                 blur_sigma: float) -> Tensor:
     """References for draws k: (K', B, C, H, W); uniform ones rescale the shared pattern to each sample's range."""
     if baseline == "uniform":
@@ -70,41 +72,46 @@ def _references(x: Tensor, k: Tensor, baseline: Literal["uniform", "zeros", "mea
 def _check_draws(samples: int, baseline: str) -> None:
     if samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples}")
-    if baseline not in ("uniform", "zeros", "mean", "blur"):
-        raise ValueError(f"baseline must be one of 'uniform', 'zeros', 'mean', 'blur', got {baseline!r}")
+    if baseline not in ("uniform", "zeros", "min", "mean", "blur"):
+        raise ValueError(f"baseline must be one of 'uniform', 'zeros', 'min', 'mean', 'blur', got {baseline!r}")
 
 
 @attribution_method
 def expected_gradients(
     model: nn.Module, x: Tensor, target: Tensor, *,
     samples: int = 32,
-    baseline: Literal["uniform", "zeros", "mean", "blur"] = "uniform",
+    baseline: Literal["uniform", "zeros", "min", "mean", "blur"] = "uniform",
     noise: float = 0.0,
     blur_sigma: float = 5.0,
     seed: int = 0,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Expected Gradients (Erion et al. 2021) / GradientSHAP (Lundberg & Lee 2017).
+    """Expected Gradients (Erion et al. 2021); with noise > 0, GradientSHAP (Lundberg & Lee 2017; captum).
 
-    EG_i = mean_k (x_i - x'_k,i) * d f_target(x'_k + a_k (x - x'_k) + sigma e_k) / d x_i,
-    a_k ~ U(0, 1), e_k ~ N(0, I), sigma = noise * (max - min) of the sample (noise = 0:
-    expected gradients; > 0: captum's GradientShap). The references x'_k are uniform
-    noise over the sample's range (no training set reaches a method), or one fixed
-    zeros/mean/blur reference. Draws come from `seed` and are shared by all samples.
+    GS_i = mean_k (x~_k,i - x'_k,i) * d f_target(x'_k + a_k (x~_k - x'_k)) / d x_i, with
+    x~_k = x + sigma e_k the noisy input (e_k ~ N(0, I), sigma = noise * (max - min) of the
+    sample), a_k ~ U(0, 1), x'_k a reference: captum's GradientShap (NoiseTunnel adds the noise
+    to the input, then InputBaselineXGradient interpolates and multiplies by x~ - x'), so
+    E[sum_i GS_i] ~ E f(x~) - E f(x'). noise = 0 is expected gradients. The references are
+    uniform noise over the sample's range (no training set reaches a method; captum draws them
+    from a given set), or one fixed zeros/min/mean/blur reference. Draws (patterns, a, e, in that
+    order) come from `seed` and are shared by all samples; sigma is per sample, captum's stdevs one.
     """
     _check_draws(samples, baseline)
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0 (a fraction of the input range), got {noise}")
     g = generator(seed)
     pattern = torch.rand(samples, *x.shape[1:], generator=g).to(x)                # (K, C, H, W)
     alpha = torch.rand(samples, generator=g).to(x)                                # (K,)
-    eps = torch.randn(samples, *x.shape[1:], generator=g).to(x) * noise           # (K, C, H, W)
-    sigma = value_range(x)
+    eps = torch.randn(samples, *x.shape[1:], generator=g).to(x)                   # (K, C, H, W)
+    sigma = noise * value_range(x)                                                # (B, 1, 1, 1)
 
     def contributions(k: Tensor) -> Tensor:                                       # k: (K',) draw indices
         ref = _references(x, k, baseline, pattern, blur_sigma)                     # (K', B, C, H, W)
-        a = alpha[k].view(-1, 1, 1, 1, 1)
-        point = ref + a * (x[None] - ref) + sigma[None] * eps[k][:, None]
+        noisy = x[None] + sigma[None] * eps[k][:, None]                            # (K', B, C, H, W)
+        point = ref + alpha[k].view(-1, 1, 1, 1, 1) * (noisy - ref)
         grad = input_gradient(model, point.flatten(0, 1), target.repeat(len(k))).view_as(ref)
-        return ((x[None] - ref) * grad).sum(0, keepdim=True)                      # (1, B, C, H, W)
+        return ((noisy - ref) * grad).sum(0, keepdim=True)                        # (1, B, C, H, W)
 
     return chunked(contributions, samples, draws_per_pass(chunk_size, x), device=x.device).sum(0) / samples
 
@@ -130,7 +137,7 @@ def deeplift(
 def deeplift_shap(
     model: nn.Module, x: Tensor, target: Tensor, *,
     samples: int = 16,
-    baseline: Literal["uniform", "zeros", "mean", "blur"] = "uniform",
+    baseline: Literal["uniform", "zeros", "min", "mean", "blur"] = "uniform",
     blur_sigma: float = 5.0,
     seed: int = 0,
     chunk_size: int | None = None,

@@ -183,8 +183,13 @@ def test_linear_model_closed_forms(linear_batch):
     torch.testing.assert_close(methods.deeplift(model, x, target, baseline="mean"), w * (x - mean))
     torch.testing.assert_close(methods.deeplift(model, x, target, baseline=0.5), w * (x - 0.5))
     torch.testing.assert_close(methods.expected_gradients(model, x, target, samples=5, baseline="zeros"), w * x)
+    # GradientSHAP (noise 0.2): the reference is subtracted from the noisy input, w * (x + sigma mean_k e_k - x')
+    from methods._common import generator, value_range
+    g = generator(0)
+    torch.rand(5, *x.shape[1:], generator=g), torch.rand(5, generator=g)              # patterns, then a
+    e_mean = torch.randn(5, *x.shape[1:], generator=g).mean(dim=0)                   # then e
     torch.testing.assert_close(methods.expected_gradients(model, x, target, samples=5, baseline="mean", noise=0.2),
-                               w * (x - mean))
+                               w * (x + 0.2 * value_range(x) * e_mean - mean))
 
 
 def test_linear_model_uniform_references(linear_batch):
