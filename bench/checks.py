@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import inspect
 import operator
+import os
 import re
+import tempfile
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
 from metrics import REDUCTIONS
 
 ALLOWED_TARGETS = ("methods.", "metrics.", "bench.", "torchvision.models.")
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}   # autocast dtypes
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
@@ -30,6 +35,7 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+_NAME_MAX = 100                   # a name is part of longer file names ("<model>-<key>.pt"); 255 bytes is the usual limit
 
 
 def error_text(e: BaseException) -> str:
@@ -37,22 +43,129 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+# ---- `_target_`s: the object they name, not the string ---------------------------------------------
+class _Refused(Exception):
+    """Why a `_target_` names code outside the allowed packages."""
+
+
+def _allowed_prefixes(cfg: DictConfig) -> tuple[str, ...]:
+    extra = cfg.get("allowed_targets") or []
+    if not isinstance(extra, (list, tuple, ListConfig)) or not all(
+            isinstance(p, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\.?", p) for p in extra):
+        raise ValueError(f"allowed_targets must be a list of package prefixes such as [mypkg.], got "
+                         f"{OmegaConf.to_container(extra) if isinstance(extra, ListConfig) else extra!r}")
+    # a prefix ends at a package boundary: "mypkg." allows mypkg.Net, never mypkg_evil.Net
+    return tuple(p if p.endswith(".") else p + "." for p in (*ALLOWED_TARGETS, *extra))
+
+
+def _inside(name: str, prefixes: tuple[str, ...]) -> bool:
+    return (name + ".").startswith(prefixes)
+
+
+def _on_the_way(name: str, prefixes: tuple[str, ...]) -> bool:
+    """A package above an allowed one (torchvision for torchvision.models.): importing it is needed to get there."""
+    return any(p.startswith(name + ".") for p in prefixes)
+
+
+def resolve_target(target: str, prefixes: tuple[str, ...]) -> Any:
+    """The object a `_target_` names, found as Hydra finds it (module by module, attribute by attribute),
+    checking every step: a module must lie in (or above) the allowed packages, any other object must be
+    defined in them (its `__module__`). Returns None when the target cannot be found (instantiate then
+    says so); raises _Refused before importing or returning anything outside the allowed packages."""
+    parts = target.split(".")
+    if not all(parts):
+        return None
+    if not _inside(target, prefixes):
+        raise _Refused("it is outside the allowed packages")
+    if any(p.startswith("__") for p in parts):
+        raise _Refused("it goes through a dunder attribute")
+    try:
+        obj: Any = importlib.import_module(parts[0])            # parts[0] is in or above an allowed package
+    except Exception:                                           # noqa: BLE001 - instantiate reports it
+        return None
+    for i in range(1, len(parts)):
+        path = ".".join(parts[:i + 1])
+        try:
+            obj = getattr(obj, parts[i])
+        except AttributeError:
+            if not inspect.ismodule(obj):
+                return None
+            try:                                                # a submodule not yet imported: `path` is in or
+                obj = importlib.import_module(path)             # above an allowed package, as `target` is
+            except Exception:                                   # noqa: BLE001 - instantiate reports it
+                return None
+        if inspect.ismodule(obj):
+            if not (_inside(obj.__name__, prefixes) or _on_the_way(obj.__name__, prefixes)):
+                raise _Refused(f"{path} is the module {obj.__name__}, which lies outside the allowed packages")
+            continue
+        module = getattr(obj, "__module__", None)
+        if not isinstance(module, str) or not _inside(module, prefixes):
+            what = getattr(obj, "__qualname__", type(obj).__qualname__)
+            raise _Refused(f"{path} is {what} from {module or 'no module'!s}, imported into "
+                           f"{'.'.join(parts[:i])} but defined outside the allowed packages")
+    if inspect.ismodule(obj):
+        raise _Refused("it is a module, not a class or function")
+    return obj
+
+
+def _target_nodes(cfg: Any, where: str, seen: set[int], depth: int = 0) -> Iterator[tuple[str, Any]]:
+    """(config key, node) of every dict node in `cfg`, interpolations resolved as instantiate resolves them."""
+    if id(cfg) in seen or depth > 64:
+        return
+    seen.add(id(cfg))
+    if isinstance(cfg, DictConfig):
+        yield where, cfg
+        keys = [k for k in cfg.keys() if k != "_target_"]
+        if not where and "hydra" in keys:                       # Hydra's own node (present when composed with
+            keys.remove("hydra")                                # return_hydra_config): its plugins are Hydra's;
+            callbacks = OmegaConf.select(cfg, "hydra.callbacks", default=None)   # callbacks are user code
+            if isinstance(callbacks, DictConfig):
+                yield from _target_nodes(callbacks, "hydra.callbacks", seen, depth + 1)
+    elif isinstance(cfg, ListConfig):
+        keys = range(len(cfg))
+    else:
+        return
+    for k in keys:
+        try:
+            child = cfg[k]                                      # resolves ${...}, oc.create included
+        except Exception:                                       # noqa: BLE001 - missing (???) or unresolvable:
+            continue                                            # not a node instantiate could build
+        yield from _target_nodes(child, f"{where}.{k}" if where else str(k), seen, depth + 1)
+
+
 def check_targets(cfg: DictConfig) -> None:
-    """Refuse any `_target_` outside the suite's packages and the user's `allowed_targets`, before importing it."""
-    allowed = ALLOWED_TARGETS + tuple(cfg.get("allowed_targets") or ())
-    for group in ("dataset", "model", "method", "metric"):
-        container = OmegaConf.to_container(cfg[group], resolve=False)
-        stack = [(group, container)]
-        while stack:
-            where, node = stack.pop()
-            if isinstance(node, dict):
-                target = node.get("_target_")
-                if target is not None and not str(target).startswith(allowed):
-                    raise ValueError(
-                        f"{where}._target_={target!r} (conf/{group}/...yaml) is not an allowed target; "
-                        f"allowed prefixes are {list(allowed)}: add yours to `allowed_targets`"
-                    )
-                stack += [(f"{where}.{k}", v) for k, v in node.items()]
+    """Refuse any `_target_` (nested ones, in every group and anywhere else in the config) that names an
+    object not defined in the suite's packages, torchvision.models or the user's `allowed_targets`.
+
+    The object is resolved as Hydra resolves it, step by step, so `bench.run.os.system` (a module
+    imported into an allowed one) and `bench.checks.instantiate` (a function imported into one) are
+    refused by what they are, not allowed by their prefix; nothing outside the allowed packages is
+    imported or called.
+    """
+    prefixes = _allowed_prefixes(cfg)
+    for where, node in _target_nodes(cfg, "", set()):
+        if "_target_" not in node:
+            continue
+        key = f"{where}._target_" if where else "_target_"
+        try:
+            target = node["_target_"]
+        except Exception as e:                                  # noqa: BLE001 - an interpolation that fails
+            raise ValueError(f"{key} cannot be resolved ({type(e).__name__}: {str(e).splitlines()[0]}): give the "
+                             "target as a plain "
+                             "dotted path, e.g. methods.saliency") from e
+        reason = None
+        if not isinstance(target, str):
+            reason = f"it is a {type(target).__name__}, not a dotted path"
+        else:
+            try:
+                resolve_target(target, prefixes)
+            except _Refused as e:
+                reason = str(e)
+        if reason:
+            raise ValueError(
+                f"{key}={target!r} is not an allowed target: {reason}. A `_target_` must name a class or function "
+                f"defined in {sorted(prefixes)}; if it is your own code, add yours to `allowed_targets` "
+                "(e.g. 'allowed_targets=[mypkg.]'), which lets its package's own objects in, never what it imports")
 
 
 def is_int(v: Any) -> bool:
@@ -111,10 +224,75 @@ def instantiate_checked(where: str, node: DictConfig) -> Any:
     return obj
 
 
-def check_name(group: str, name: str) -> None:
-    """Names become file names: no path separators, no leading dot."""
-    if not _NAME.fullmatch(str(name)):
-        raise ValueError(f"{group} name {name!r} cannot be used in a file name: use letters, digits and _ . + -")
+def check_name(group: str, name: Any) -> None:
+    """Names become file and folder names: one path component of letters, digits and _ . + -, not
+    starting with a dot, at most 100 characters; anything else (a slash, '..', a missing name) is refused."""
+    if not isinstance(name, (str, int)) or isinstance(name, bool) or not _NAME.fullmatch(str(name)) or \
+            len(str(name)) > _NAME_MAX:
+        raise ValueError(f"{group} name {name!r} cannot be used in a file name: it becomes part of result and cache "
+                         f"paths, so use one path component of letters, digits and _ . + - (not starting with a dot, "
+                         f"at most {_NAME_MAX} characters)")
+
+
+def check_names(cfg: DictConfig) -> None:
+    """dataset.name and model.name: safe file names, and the model's name naming the network that runs."""
+    for group in ("dataset", "model"):
+        node = cfg.get(group)
+        name = node.get("name") if isinstance(node, DictConfig) else None
+        if name is None:
+            raise ValueError(f"{group}.name is missing: every conf/{group}/*.yaml sets it; pass {group}.name=...")
+        check_name(group, name)
+    check_model_name(cfg.model)
+
+
+def check_model_name(model_cfg: DictConfig) -> None:
+    """model.name labels every result row, so it must name the network that runs. A name that is a zoo
+    entry (conf/model/<name>.yaml) must run that entry's network: the same `_target_` and the same string
+    options (arch, activation; sizes may differ), so `model=torchvision model.net.arch=vgg11` needs a name
+    of its own. Any other name is a free label, except that where `net.arch` picks the network (torchvision,
+    timm) it must contain the arch."""
+    name, net = str(model_cfg.name), model_cfg.get("net")
+    if not isinstance(net, DictConfig):
+        return
+    arch = net.get("arch")
+    entry = CONF / "model" / f"{name}.yaml"
+    if not entry.is_file():
+        if isinstance(arch, str) and arch.lower() not in name.lower():
+            raise ValueError(f"model.name={name!r} does not name the network that runs: model.net.arch={arch!r} "
+                             f"picks it, and the name labels every result. To run another network set "
+                             f"model.net.arch=<name>; to label this one use a name that contains {arch!r}")
+        return
+    ref = OmegaConf.load(entry).get("net")
+    if not isinstance(ref, DictConfig):
+        return
+    differ = []
+    for k in ref:
+        want = ref._get_node(k)._value()                        # unresolved: a literal of the entry's YAML
+        if k != "checkpoint" and isinstance(want, str) and want != "???" and "${" not in want \
+                and net.get(k) != want:
+            differ.append(f"model.net.{k}={net.get(k)!r} (conf/model/{name}.yaml: {want!r})")
+    if differ:
+        own = f"{name}_{arch}" if isinstance(arch, str) and arch != ref.get("arch") else f"my_{name}"
+        raise ValueError(f"model.name={name!r} is the zoo entry conf/model/{name}.yaml, but this run's network differs "
+                         f"from it: {'; '.join(differ)}. The name labels every result: give this network its own, "
+                         f"e.g. model.name={own}, or run the entry as it is with model={name}")
+
+
+def check_cache_dir(cache_dir: Any) -> Path:
+    """Refuse, before any work, a cache_dir (where zoo models are cached) that cannot be created or written,
+    so a trained model is never lost for want of a place to keep it. Returns the folder."""
+    if not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir):
+        raise ValueError(f"cache_dir must be a folder path, got {cache_dir!r}: pass cache_dir=PATH")
+    path = Path(cache_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"cache_dir {str(path)!r} is not writable ({e.strerror or e}); trained zoo models are kept "
+                         "there: set cache_dir to a folder you can write to (or the SALIENCY_BENCH_CACHE variable)") from e
+    return path
 
 
 def collate(items: list[Any], ids_hint: range, expect: dict[str, tuple] | None) -> dict[str, Tensor]:

@@ -1,4 +1,9 @@
-"""Train zoo models on a dataset the suite generates, and cache them keyed by what determines them."""
+"""Train zoo models on a dataset the suite generates, and cache them keyed by what determines them.
+
+A cached model `<name>-<key>.pt` has its sha256 beside it in `<name>-<key>.pt.sha256` (sha256sum's
+format), written before the file itself is renamed into place; load_model checks it on every load,
+and a file whose bytes changed (or that has no recorded digest) is retrained with a warning naming it.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,6 +11,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from bench.checks import check_cache_dir, check_name
 from bench.zoo.sources import checkpoint_digest, expected_normalization, sha256
 
 CACHE_FORMAT = 1          # bump when the checkpoint layout or the training code changes its result
+
+
+class CacheIntegrityWarning(UserWarning):
+    """A cached zoo model failed its sha256 check (or has none) and is retrained."""
 
 
 def cache_key(model_cfg: DictConfig, dataset_cfg: DictConfig) -> str:
@@ -107,7 +118,7 @@ def _check_outputs(model: nn.Module, dataset: Any, name: str) -> None:
 
 
 def load_model(model_cfg: DictConfig, dataset_cfg: DictConfig, *, cache_dir: str | Path,
-               device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+               device: torch.device | str = "cpu", retrain: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """The zoo model of `model_cfg` for `dataset_cfg`: with a `train` section trained on the dataset
     (loaded from the cache, or trained and cached); without one used as built (torchvision or timm
     weights, a user's checkpoint, or random initialisation seeded by `seed`).
@@ -115,12 +126,16 @@ def load_model(model_cfg: DictConfig, dataset_cfg: DictConfig, *, cache_dir: str
     Returns the model in eval mode on `device` and its info for the manifest: source (train,
     cache, torchvision, timm, checkpoint or init), checkpoint path and sha256, n_parameters, the
     input normalisation, accuracy and training time where trained. Checkpoints are read with
-    `weights_only=True`: a file cannot run code.
+    `weights_only=True`: a file cannot run code. A cached file is used only when its sha256 matches
+    the one recorded when it was written; otherwise it is retrained with a CacheIntegrityWarning, or,
+    with `retrain=False` (a report reloading a run), refused.
     """
     device = torch.device(device)
     dataset = instantiate(dataset_cfg, n_samples=1)
     normalization = _normalization(model_cfg, dataset)             # before anything is downloaded
     t = model_cfg.get("train")
+    if t is not None:
+        check_name("model", model_cfg.get("name"))                 # part of the cache file's name
     with torch.random.fork_rng(devices=[]):                         # seeded init, global RNG left alone
         torch.manual_seed(t.seed if t is not None else model_cfg.get("seed", 0))
         try:
@@ -140,13 +155,23 @@ def load_model(model_cfg: DictConfig, dataset_cfg: DictConfig, *, cache_dir: str
                               "sha256": origin.get("sha256") if origin else None}
     path = Path(cache_dir).expanduser() / f"{model_cfg.name}-{key}.pt"
     if path.exists():
-        try:
-            checkpoint = torch.load(path, map_location=device, weights_only=True)
-            model.load_state_dict(checkpoint["state_dict"])
-        except Exception as e:                                     # noqa: BLE001 - any unreadable file
-            raise ValueError(f"cached checkpoint {path} cannot be loaded ({e}); delete it to retrain") from e
-        return model.eval(), {**common, **checkpoint["info"], "source": "cache", "checkpoint": str(path),
-                              "sha256": sha256(path), "cached": True}
+        digest, problem = _verify(path)
+        if problem is None:
+            try:
+                checkpoint = torch.load(path, map_location=device, weights_only=True)
+                model.load_state_dict(checkpoint["state_dict"])
+            except Exception as e:                                 # noqa: BLE001 - any unreadable file
+                raise ValueError(f"cached checkpoint {path} cannot be loaded ({e}); delete it to retrain") from e
+            return model.eval(), {**common, **checkpoint["info"], "source": "cache", "checkpoint": str(path),
+                                  "sha256": digest, "sha256_verified": True, "cached": True}
+        if not retrain:
+            raise ValueError(f"cached model {path} {problem}: it cannot be trusted and is not retrained here; "
+                             "re-run the experiment (python -m bench) to retrain it")
+        warnings.warn(f"cached model {path} {problem}; retraining it", CacheIntegrityWarning, stacklevel=2)
+    elif not retrain:
+        raise ValueError(f"model {model_cfg.name} is not in the cache ({path}) and is not trained here; re-run the "
+                         "experiment (python -m bench) to train it, or pass the cache_dir where it was cached")
+    check_cache_dir(path.parent)                                    # before training, not after
 
     x, target = _split(dataset_cfg, "train", t.n_train, device)
     permute = bool(t.get("permute_labels", False))
@@ -164,8 +189,44 @@ def load_model(model_cfg: DictConfig, dataset_cfg: DictConfig, *, cache_dir: str
     }
     print(f"trained {model_cfg.name}: {info['train_seconds']:.0f} s, "
           f"train accuracy {info['train_accuracy']:.4f}, test accuracy {info['test_accuracy']:.4f} (n={t.n_test})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-        torch.save({"state_dict": model.state_dict(), "info": info}, f)
-    os.replace(f.name, path)                                        # atomic: never a half-written cache
-    return model.eval(), {**info, "source": "train", "checkpoint": str(path), "sha256": sha256(path), "cached": False}
+    digest = _save(path, {"state_dict": model.state_dict(), "info": info})
+    return model.eval(), {**info, "source": "train", "checkpoint": str(path), "sha256": digest, "cached": False}
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _verify(path: Path) -> tuple[str, str | None]:
+    """(sha256 of the file, None) when it matches the digest recorded at writing, else (sha256, what is wrong)."""
+    actual = sha256(path)
+    try:
+        recorded = _digest_path(path).read_text(encoding="ascii").split()[0]
+    except (OSError, IndexError, UnicodeDecodeError):
+        return actual, f"has no recorded sha256 ({_digest_path(path).name} is missing or unreadable)"
+    if recorded != actual:
+        return actual, (f"does not match the sha256 recorded when it was written (recorded {recorded[:16]}..., "
+                        f"file {actual[:16]}...): its bytes changed on disk")
+    return actual, None
+
+
+def _save(path: Path, checkpoint: dict[str, Any]) -> str:
+    """Write `checkpoint` to `path` and its sha256 beside it, each atomically (temporary file + rename); the
+    digest goes first, so a crash between the two leaves a mismatch (retrained), never an unchecked file."""
+    tmp = []
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            tmp.append(f.name)
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = sha256(f.name)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="ascii") as g:
+            tmp.append(g.name)
+            g.write(f"{digest}  {path.name}\n")                    # sha256sum -c reads this format
+        os.replace(g.name, _digest_path(path))
+        os.replace(f.name, path)
+    finally:
+        for name in tmp:
+            Path(name).unlink(missing_ok=True)
+    return digest

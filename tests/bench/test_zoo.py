@@ -267,3 +267,68 @@ def test_checkpoint_errors_say_what_to_do(tmp_path):
     with pytest.raises(ValueError, match=r"model checkpoint outputs shape \(1, 10\) for one input, but the dataset "
                                          r"has 6 classes"):
         _checkpoint(tmp_path, good, "model.net.module.num_classes=10")
+
+
+# ---- the cache's integrity -----------------------------------------------------------------------
+_TINY_TRAIN = ("model=small_cnn", "model.train.n_train=12", "model.train.n_test=6", "model.train.epochs=1",
+               "model.net.width=4")
+
+
+def _flip_inside_a_tensor(path: Path, tensor: torch.Tensor) -> None:
+    """Invert 4 bytes in the middle of `tensor`'s stored data (found by its exact bytes in the file)."""
+    raw = bytearray(path.read_bytes())
+    at = raw.find(tensor.detach().contiguous().numpy().tobytes())
+    assert at > 0
+    at += tensor.numel() * tensor.element_size() // 2
+    raw[at:at + 4] = bytes(b ^ 0xFF for b in raw[at:at + 4])
+    path.write_bytes(bytes(raw))
+
+
+def test_the_cache_records_its_sha256_beside_each_file(tmp_path):
+    cfg = _cfg(*_TINY_TRAIN)
+    _, info = load_model(cfg.model, cfg.dataset, cache_dir=tmp_path)
+    path = Path(info["checkpoint"])
+    digest, name = (tmp_path / f"{path.name}.sha256").read_text().split()
+    assert name == path.name and digest == _sha(path) == info["sha256"]      # sha256sum -c reads it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, f"{path.name}.sha256"]   # no temporary left
+    _, cached = load_model(cfg.model, cfg.dataset, cache_dir=tmp_path)
+    assert cached["source"] == "cache" and cached["sha256_verified"] is True and cached["sha256"] == digest
+
+
+def test_a_cached_file_with_flipped_bytes_is_retrained_with_a_warning(tmp_path):
+    """The bytes of one weight change on disk: the file is not loaded, it is retrained (the same seeded
+    training, so the same weights come back) and the accuracy reported is the retrained model's."""
+    from bench.zoo.train import CacheIntegrityWarning
+    cfg = _cfg(*_TINY_TRAIN)
+    model, info = load_model(cfg.model, cfg.dataset, cache_dir=tmp_path)
+    path = Path(info["checkpoint"])
+    weight = model.features.block1.conv.weight
+    _flip_inside_a_tensor(path, weight)
+    tampered = torch.load(path, weights_only=True)["state_dict"]["features.block1.conv.weight"]
+    assert not torch.equal(tampered, weight)                                # the flip hit the tensor's data
+    with pytest.warns(CacheIntegrityWarning, match=rf"cached model {path} does not match the sha256 recorded when "
+                                                   rf"it was written .*its bytes changed on disk; retraining it"):
+        again, retrained = load_model(cfg.model, cfg.dataset, cache_dir=tmp_path)
+    assert retrained["source"] == "train" and retrained["cached"] is False
+    assert retrained["test_accuracy"] == info["test_accuracy"] and retrained["sha256"] == _sha(path)
+    assert torch.equal(again.features.block1.conv.weight, weight)
+    assert load_model(cfg.model, cfg.dataset, cache_dir=tmp_path)[1]["source"] == "cache"   # whole again
+
+
+def test_a_cached_file_without_its_digest_is_retrained_or_refused(tmp_path):
+    from bench.zoo.train import CacheIntegrityWarning
+    cfg = _cfg(*_TINY_TRAIN)
+    model, info = load_model(cfg.model, cfg.dataset, cache_dir=tmp_path)
+    path = Path(info["checkpoint"])
+    _flip_inside_a_tensor(path, torch.load(path, weights_only=True)["state_dict"]["classifier.fc1.weight"])
+    with pytest.raises(ValueError, match=rf"^cached model {path} does not match the sha256 .*: it cannot be trusted "
+                                         r"and is not retrained here; re-run the experiment"):
+        load_model(cfg.model, cfg.dataset, cache_dir=tmp_path, retrain=False)   # a report reloading a run
+    (tmp_path / f"{path.name}.sha256").unlink()                              # e.g. cached by an older suite
+    with pytest.warns(CacheIntegrityWarning, match=rf"cached model {path} has no recorded sha256 "
+                                                   rf"\({path.name}.sha256 is missing or unreadable\); retraining it"):
+        again, retrained = load_model(cfg.model, cfg.dataset, cache_dir=tmp_path)
+    assert retrained["source"] == "train" and retrained["sha256"] == _sha(path)   # (train_seconds differ)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"^model small_cnn is not in the cache .* and is not trained here"):
+        load_model(cfg.model, cfg.dataset, cache_dir=tmp_path / "elsewhere", retrain=False)
