@@ -133,10 +133,10 @@ def mprt_grid(model: nn.Module, x: Tensor, target: Tensor, methods: dict[str, Ca
     similarity to the original map by `metrics.similarities` (absolute maps, `constant` rule), i.e. what
     `mprt` with the same arguments scores. One pass over the stages serves every method.
     """
-    maps: dict[str, list[Tensor]] = {}
+    maps: dict[str, list[Tensor]] = {}                                  # raw attributions (G, C, H, W), as mprt
     for name, method in methods.items():
         try:
-            maps[name] = [to_map(method(model, x, target), reduce).detach()]           # (G, H, W)
+            maps[name] = [method(model, x, target).detach()]
         except Exception as e:                                         # noqa: BLE001
             log.warning("mprt grid: %s failed: %s: %s", name, type(e).__name__, e)
     labels = []
@@ -144,13 +144,13 @@ def mprt_grid(model: nn.Module, x: Tensor, target: Tensor, methods: dict[str, Ca
         labels.append(layer)
         for name in list(maps):
             try:
-                maps[name].append(to_map(methods[name](randomized, x, target), reduce).detach())
+                maps[name].append(methods[name](randomized, x, target).detach())
             except Exception as e:                                     # noqa: BLE001
                 log.warning("mprt grid: %s failed at %s: %s: %s", name, layer, type(e).__name__, e)
                 del maps[name]
-    stacked = {name: torch.stack(m) for name, m in maps.items()}                      # (S + 1, G, H, W)
     rho = {name: torch.stack([similarities(m[0], s, measures=["spearman"], constant=constant)["spearman"]
-                              for s in m[1:]]) for name, m in stacked.items()}         # (S, G)
+                              for s in m[1:]]) for name, m in maps.items()}            # (S, G), of sum_c |E_c|
+    stacked = {name: torch.stack([to_map(a, reduce) for a in m]) for name, m in maps.items()}   # (S + 1, G, H, W)
     return MprtGrid(stages.get("order", "cascading_top_down"), labels, stacked, rho)
 
 

@@ -80,7 +80,7 @@ def test_grid_stages_are_the_models_mprt_scores(tiny_cnn, batch, order):
     kwargs = {"order": order, "seed": 3, "layers": ["conv1", "conv2", "fc"]}
     before = {k: v.clone() for k, v in tiny_cnn.state_dict().items()}
     grid = mprt_grid(tiny_cnn, x, target, {"saliency": saliency}, reduce="sum", **kwargs)
-    expected = mprt(tiny_cnn, x, target, saliency, reduce="sum", measures=["spearman"], **kwargs)
+    expected = mprt(tiny_cnn, x, target, saliency, measures=["spearman"], **kwargs)
     assert grid.labels == (["conv1", "conv2", "fc"] if order == "cascading_bottom_up" else ["fc", "conv2", "conv1"])
     assert grid.maps["saliency"].shape == (4, 5, 8, 8)
     for k, layer in enumerate(grid.labels):
