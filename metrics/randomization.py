@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from metrics._chunk import chunked
-from metrics._map import Reduce, consumes, to_map
+from metrics._map import consumes
 from metrics._result import Curve, MetricResult
 from metrics._similarity import (SIMILARITIES, Constant, Correlation, Window, hog, hog_similarity, similarities,
                                  spearman, ssim, top_k_overlap)
@@ -69,16 +69,6 @@ def _raw_original(model: nn.Module, x: Tensor, target: Tensor, method: Method, a
     if attribution is None or (explain == "prediction" and not torch.equal(explained, target)):
         attribution = method(model, x, explained)                                   # (B, C, H, W)
     return attribution
-
-
-def _original_map(model: nn.Module, x: Tensor, target: Tensor, method: Method, attribution: Tensor | None,
-                  reduce: Reduce) -> Tensor:
-    """The original map (B, H, W) reduced by `reduce` (input_invariance's form)."""
-    B, C, H, W = x.shape
-    original = to_map(method(model, x, target), reduce) if attribution is None else attribution
-    if original.shape != (B, H, W):
-        raise ValueError(f"attribution must have shape {(B, H, W)}, got {tuple(original.shape)}")
-    return original
 
 
 def _mean_std(draws: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -522,8 +512,10 @@ def _compensated(model: nn.Module, name: str, x: Tensor, shift: float) -> nn.Mod
         else:
             first.bias = nn.Parameter(bias - shift * weight.sum(dim=1), requires_grad=first.weight.requires_grad)
         first.weight = nn.Parameter(weight.clone(), requires_grad=first.weight.requires_grad)
-        expected, got = model(x), shifted(x + shift)
-    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * (1.0 + expected.abs().max().item())):
+        with torch.autocast(x.device.type, enabled=False):                       # checked at the model's precision
+            expected, got = model(x), shifted(x + shift)
+    tol = max(1e-4, 100 * torch.finfo(expected.dtype).eps)
+    if not torch.allclose(got, expected, rtol=tol, atol=tol * (1.0 + expected.abs().max().item())):
         raise ValueError(f"input_invariance: the compensated copy of {type(model).__name__} does not reproduce "
                          f"model(x) (max difference {(got - expected).abs().max().item():.3g}); `layer` ({name!r}) "
                          "must be the layer that reads the input, with nothing but a batch norm between it and "
