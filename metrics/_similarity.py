@@ -212,7 +212,9 @@ def top_k_overlap(a: Tensor, b: Tensor, *, fraction: float = 0.1) -> Tensor:
     Ties at the k-th value are taken in expectation over uniform tie-breaking, independently in
     each map: E|A & B| = sum_p P(p in A) P(p in B). So two sparse maps with disjoint supports smaller
     than k score about k / n, not the overlap of one shared permutation of their zeros. Chance
-    (independent maps): `fraction`.
+    (independent maps): `fraction`. Identical maps score 1 unless their k-th value is tied (then
+    two independent tie-breaks overlap in expectation only: a map that cannot rank its top k
+    does not get credit for it).
     """
     B = a.shape[0]
     a, b = a.reshape(B, -1), b.reshape(B, -1)
