@@ -7,6 +7,7 @@ import hashlib
 import math
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import bench.store
 from bench.data import Shapes
 from bench.run import run
 from bench.zoo import ResNet
+from bench.zoo.sources import sha256
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["model=small_cnn", "model.net.width=4", "model.train.epochs=1", "model.train.n_train=96",
@@ -54,9 +56,13 @@ def _refused(stored, match: str, *overrides: str, cfg=None, out: Path | None = N
     """Run with the bad input into the stored folder: ValueError matching `match`, every stored byte kept."""
     cache, stored_out = stored
     before = _snapshot(stored_out)
+    # a run folder belongs to one configuration (the runner refuses another one's folder before anything else),
+    # so a bad configuration runs into a fresh folder beside the stored run, which must keep every byte
+    fresh = Path(tempfile.mkdtemp(dir=stored_out.parent, prefix="bad-"))
     with pytest.raises(ValueError, match=match):
-        run(cfg if cfg is not None else _cfg(cache, *overrides), out_dir=out or stored_out)
+        run(cfg if cfg is not None else _cfg(cache, *overrides), out_dir=out or fresh)
     assert _snapshot(stored_out) == before
+    assert not (fresh / "manifest.json").exists()                  # a refused run commits nothing
 
 
 # ---- options and parameters: each case is (overrides, the message it must give) -------------------
@@ -75,6 +81,11 @@ CONFIG_CASES = {
     "negative_steps": (["metric.pixel_flipping.steps=-1"],
                        r"metric\.pixel_flipping \(with method saliency\): ValueError: steps must be between 1 and "
                        r"the number of pixels.*got -1.*conf/metric/pixel_flipping\.yaml"),
+    "steps_not_an_integer": (["metric.pixel_flipping.steps=4.5"],
+                             r"metric\.pixel_flipping \(with method saliency\): ValueError: steps must be an integer, "
+                             r"got 4\.5 \(float\)"),
+    "nan_baseline": (["metric.pixel_flipping.baseline=nan"],
+                     r"metric\.pixel_flipping .*baseline must be a finite number .*got nan"),
     "unknown_baseline": (["metric.pixel_flipping.baseline=grey"],
                          r"metric\.pixel_flipping .*baseline must be .*got 'grey'"),
     "fraction_above_one": (["metric=[pixel_flipping,iou_at_threshold]", "metric.iou_at_threshold.fraction=1.5"],
@@ -246,6 +257,9 @@ def test_bad_checkpoint_is_refused(stored, tmp_path, spoil, capsys):
         torch.save({**checkpoint, "info": Payload()}, path)
     else:
         torch.save({"state_dict": ResNet(width=4).state_dict(), "info": {}}, path)
+    # its sha256 recorded as if the zoo had written it (a file whose digest does not match is retrained with a
+    # CacheIntegrityWarning instead, tests/bench/test_zoo.py): the file itself must be refused, not unpickled
+    path.with_name(path.name + ".sha256").write_text(sha256(path), encoding="ascii")
     _refused(stored, rf"(?s)cached checkpoint {path} cannot be loaded \(.*\); delete it to retrain",
              f"cache_dir={cache}")
     assert "this must never run" not in capsys.readouterr().out
