@@ -332,3 +332,27 @@ def test_a_cached_file_without_its_digest_is_retrained_or_refused(tmp_path):
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match=r"^model small_cnn is not in the cache .* and is not trained here"):
         load_model(cfg.model, cfg.dataset, cache_dir=tmp_path / "elsewhere", retrain=False)
+
+
+def test_a_run_on_a_tampered_cache_retrains_and_reports_what_it_measured(tmp_path):
+    """The issue's case: flipped bytes in a cached model's weight once gave accuracy 0.17 in the log, the
+    cached 0.986 in the manifest and a pixel-flipping AUC of -8279, with exit 0. Now the run retrains
+    (same seeded recipe: the same weights), and its manifest and scores are those of a whole model."""
+    from bench.report import load
+    from bench.run import run
+    from bench.zoo.train import CacheIntegrityWarning
+    cfg = _cfg(*_TINY_TRAIN, "model.train.n_train=48", "dataset.n_samples=6", "batch_size=6", "method=[saliency]",
+               "metric=[pixel_flipping]", "metric.pixel_flipping.steps=4", f"cache_dir={tmp_path / 'cache'}")
+    first = run(cfg, out_dir=tmp_path / "first")
+    path = Path(first["model_info"]["checkpoint"])
+    state = torch.load(path, weights_only=True)["state_dict"]
+    _flip_inside_a_tensor(path, state["features.block1.conv.weight"])
+    with pytest.warns(CacheIntegrityWarning, match=rf"cached model {path} does not match the sha256"):
+        second = run(cfg, out_dir=tmp_path / "second")
+    info = second["model_info"]
+    assert first["model_info"]["source"] == "train" and info["source"] == "train"
+    assert info["sha256"] == _sha(path) and info["sha256"][:16] == second["keys"]["checkpoint"]
+    assert info["test_accuracy"] == first["model_info"]["test_accuracy"]
+    assert info["evaluated_accuracy"] == first["model_info"]["evaluated_accuracy"]
+    scores = [load(tmp_path / d).scores.sort_values(["score", "sample_id"]).value.to_numpy() for d in ("first", "second")]
+    assert len(scores[0]) == 2 * 6 and (scores[0] == scores[1]).all()
