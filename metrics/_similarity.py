@@ -241,14 +241,22 @@ def _check_clip(clip: float | None) -> None:
         raise ValueError(f"clip must be a percentile in (0, 100] (Adebayo et al.: 99) or None, got {clip!r}")
 
 
+def _percentile(v: Tensor, q: float) -> Tensor:
+    """q-th percentile of each row of (B, n), linear interpolation (numpy's default); float64, no size limit."""
+    n = v.shape[1]
+    pos = q / 100 * (n - 1)
+    lo = v.kthvalue(int(pos) + 1, dim=1).values.double()
+    hi = v.kthvalue(min(int(pos) + 2, n), dim=1).values.double()
+    return lo + (pos - int(pos)) * (hi - lo)
+
+
 def _maps(e: Tensor, clip: float | None) -> tuple[Tensor, Tensor]:
     """Adebayo et al.'s ABS map sum_c |E_c| and signed map sum_c E_c (B, H, W), clipped as their code does."""
     g, s = e.abs().sum(dim=1), e.sum(dim=1)
     if clip is not None:
         B = e.shape[0]
-        q = clip / 100
-        top = torch.quantile(g.reshape(B, -1).double(), q, dim=1).to(g.dtype)[:, None, None]
-        span = torch.quantile(s.reshape(B, -1).double(), q, dim=1).abs().to(s.dtype)[:, None, None]
+        top = _percentile(g.reshape(B, -1), clip).to(g.dtype)[:, None, None]
+        span = _percentile(s.reshape(B, -1), clip).abs().to(s.dtype)[:, None, None]
         g, s = torch.minimum(g, top), torch.maximum(torch.minimum(s, span), -3 * span)
     return g, s
 
