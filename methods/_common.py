@@ -76,7 +76,10 @@ def _accepts(hint: Any, value: object) -> str | None:
 def _checked_options(fn: Callable[..., Tensor]) -> Callable[[dict], None]:
     """A check of a method's keyword options against their annotations: steps=4.5, '8', True or a NaN
     noise raise one ValueError naming the method, the option, what it takes and what it got."""
-    hints = typing.get_type_hints(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except (NameError, TypeError):                                    # unresolvable annotations: the method checks
+        hints = {}
     params = {name: hints.get(name, Any) for name, p in inspect.signature(fn).parameters.items()
               if p.kind is p.KEYWORD_ONLY}
 
