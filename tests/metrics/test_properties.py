@@ -4,6 +4,7 @@ models never raise, never leave the documented range, and give NaN exactly where
 Examples are derandomized, so the suite stays deterministic."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -155,6 +156,27 @@ def test_probability_curves_stay_in_range_and_are_never_nan(data):
             # x: the exact fraction of pixels perturbed, from 0 to 1 (README: AUC on [0, 1])
             assert _in(curve.y, 0, 1) and curve.x[0] == 0 and curve.x[-1] == 1 and (curve.x.diff() >= 0).all()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@settings(derandomize=True, deadline=None, max_examples=10)
+@given(model_inputs(), st.floats(0.01, 1.0))
+def test_road_accuracy_and_removal_budget_properties(data, max_fraction):
+    """ROAD's accuracy curves are 0/1 with step 0 the model's own verdict on x, their AUC on [0, 1]; pixel
+    flipping under a removal budget stops at ceil(max_fraction n) of n pixels, one budget share per step."""
+    model, x, target, a, steps = data
+    n = x.shape[-1] * x.shape[-2]
+    correct = (model(x).argmax(dim=1) == target).float()
+    road = metrics.road(model, x, target, a, steps=min(steps, 5), iterations=20)
+    for o in ("morf", "lerf"):
+        acc = road.curves[f"acc_{o}"].y
+        assert set(acc.unique().tolist()) <= {0.0, 1.0} and torch.equal(acc[:, 0], correct)
+        assert _in(road.scores[f"acc_auc_{o}"], 0, 1) and not road.scores[f"acc_auc_{o}"].isnan().any()
+    budget = max(1, math.ceil(max_fraction * n - 1e-9))                   # ceil(max_fraction n) pixels
+    steps = min(steps, budget)
+    pf = metrics.pixel_flipping(model, x, target, a, steps=steps, max_fraction=max_fraction, output="softmax")
+    frac = pf.curves["curve"].x
+    assert frac[0] == 0 and frac[-1].item() == pytest.approx(budget / n) and (frac.diff() > 0).all()
+    assert _in(pf.scores["aopc"], -1, 1) and _in(pf.scores["auc"], 0, budget / n)
 
 
 @settings(derandomize=True, deadline=None, max_examples=6)
