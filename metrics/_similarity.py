@@ -285,7 +285,6 @@ def similarities(
     hog_cell: float = 8,
     hog_correlation: Correlation = "pearson",
     reference: dict | None = None,
-    seed: int | None = None,
 ) -> dict[str, Tensor]:
     """Similarity of two attributions per sample under each measure, all from the same pair.
 
@@ -300,7 +299,7 @@ def similarities(
     A measure whose map is constant in exactly one of a, b scores 0 ("no structure in common";
     `constant="nan"` gives NaN), constant in both NaN; a map with NaN or inf gives NaN. `reference`:
     a dict passed with the same `a` to every call comparing it (MPRT's stages, repeats) keeps a's
-    side of each measure. `seed` is ignored (ties no longer need one); kept for old callers.
+    side of each measure.
     """
     a, b = _as_attribution(a, "a"), _as_attribution(b, "b")
     if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
