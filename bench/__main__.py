@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from bench.run import run
+from bench.run import identity, run
 
 log = logging.getLogger("bench")
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -40,8 +40,11 @@ def unknown_choice(argv: list[str]) -> str | None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    tag, overrides = hydra_cfg.runtime.choices.get("experiment"), list(hydra_cfg.overrides.task)
     try:
-        run(cfg, out_dir=HydraConfig.get().runtime.output_dir)
+        out_dir = Path(hydra_cfg.runtime.output_dir) / identity(cfg, tag=tag, overrides=overrides)["name"]
+        run(cfg, out_dir=out_dir, tag=tag, overrides=overrides)
     except ValueError as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

@@ -152,13 +152,13 @@ def workload(name: str, model: nn.Module, d: dict[str, Tensor], impl: str) -> tu
         return (lambda: _quantus_call(metric, model, d, softmax=False)), STEPS
     if name == "mprt":
         if impl == "ours":
-            return (lambda: mprt(model, d["x"], d["target"], methods.saliency, reduce="abs_sum", layers=layers,
+            return (lambda: mprt(model, d["x"], d["target"], methods.saliency, layers=layers,
                                  layer_seed="shared", measures=["spearman"])), 0
         metric = quantus.MPRT(layer_order="top_down", abs=True, normalise=True, disable_warnings=True)
         return (lambda: _quantus_call(metric, model, d, explain_func=_explainer(methods.saliency), batch_size=64)), 0
     if name == "random_logit":
         if impl == "ours":
-            return (lambda: random_logit(model, d["x"], d["target"], methods.saliency, reduce="abs_sum",
+            return (lambda: random_logit(model, d["x"], d["target"], methods.saliency,
                                          measures=["ssim"])), 0
         with torch.no_grad():
             classes = model(d["x"][:1]).shape[1]
@@ -192,16 +192,15 @@ def _grid(model: nn.Module, d: dict[str, Tensor], impl: str) -> Callable[[], Any
         metrics_["mprt"] = functools.partial(metrics_["mprt"], layers=layers)
     batches = list(zip(*(d[k].split(cfg.batch_size) for k in ("x", "target", "mask"))))
     if impl == "ours":
-        from bench.run import _call_metric
+        from bench.run import _call_metric, _inputs
 
         def run() -> None:
             for method in methods_.values():
                 for xb, tb, mb in batches:
-                    a = to_map(method(model, xb, tb), cfg.reduce)
-                    inputs = {"model": model, "x": xb, "target": tb, "attribution": a, "mask": mb, "method": method,
-                              "reduce": cfg.reduce}
+                    a = method(model, xb, tb)                       # raw; each metric gets the form it consumes
                     for metric in metrics_.values():
-                        _call_metric(metric, inputs)
+                        _call_metric(metric, _inputs(metric, model, {"x": xb, "target": tb, "mask": mb}, a, method,
+                                                     cfg.reduce, {}))
         return run
     quantus, size = _quantus(), d["x"].shape[-1]
     pf = cfg.metric.get("pixel_flipping", {})

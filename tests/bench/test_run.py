@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -91,8 +92,18 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())            # nothing else recomputed
     after = load(out).scores.sort_values(["method", "metric", "score", "sample_id"]).reset_index(drop=True)
     assert after.equals(before)                                               # same numbers, no duplicate rows
-    # a changed option is a new cell, not a silent reuse
-    manifest = run(_cfg(tmp_path, "metric.pixel_flipping.steps=2"), out_dir=out)
+    # a changed option never shares the folder (its manifest would replace this run's) and is a new cell
+    with pytest.raises(ValueError, match=r"holds run 'shapes-small_cnn-default-\w+' of another configuration \(it "
+                                         r"differs in metric\.pixel_flipping\.steps\); a folder is never reused"):
+        run(_cfg(tmp_path, "metric.pixel_flipping.steps=2"), out_dir=out)
+    assert load(out).scores.sort_values(["method", "metric", "score", "sample_id"]).reset_index(drop=True).equals(before)
+    manifest = run(_cfg(tmp_path, "metric.pixel_flipping.steps=2"), out_dir=tmp_path / "other")
+    assert manifest["skipped"] == 6                         # the cells the change does not touch: copied, verified
+    other = load(tmp_path / "other").scores
+    assert other.run_id.eq(manifest["run_id"]).all() and len(other) == len(before)
+    same = ["method", "metric", "score", "sample_id", "value"]
+    unchanged = before[before.metric != "pixel_flipping"][same].reset_index(drop=True)
+    assert other[other.metric != "pixel_flipping"][same].sort_values(same[:4]).reset_index(drop=True).equals(unchanged)
     pf = [c for c in manifest["cells"] if c["metric"] == "pixel_flipping"]
     assert all(c["key"] not in {p.name.split("__")[2].split(".")[0] for p in kept} for c in pf)
 
@@ -109,10 +120,36 @@ def test_hydra_app_runs_and_reports(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "results/shapes/small_cnn/manifest.json").exists()
+    assert len(list((tmp_path / "results/shapes/small_cnn").glob("default-*/manifest.json"))) == 1
     report = tmp_path / "results/report"
     assert (report / "leaderboard.md").exists() and (report / "curves_pixel_flipping_curve.png").exists()
     assert "| saliency |" in proc.stdout and "| random |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_runs_of_different_configurations_get_their_own_folders_and_report_groups(tmp_path):
+    """A sweep over anything but dataset/model, and a later experiment into the same results_dir, never share a
+    folder, a manifest or a leaderboard table: each run has an identity (tag + configuration) and the report
+    shows one group per identity, the earlier runs' rows unchanged."""
+    results = tmp_path / "results"
+    base = [sys.executable, "-m", "bench", "--multirun", *TINY, "method=[saliency,random]", "metric=[pixel_flipping,pointing_game]",
+            f"results_dir={results}", f"cache_dir={tmp_path / 'cache'}", "gallery=false"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for extra in (["reduce=sum,abs_sum"], ["run_tag=second"]):
+        proc = subprocess.run(base + extra, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    folders = sorted(p.parent.name for p in (results / "shapes/small_cnn").glob("*/manifest.json"))
+    assert len(folders) == 3 and sum(f.startswith("default-") for f in folders) == 2 and folders[2].startswith("second-")
+    manifests = [load(results / "shapes/small_cnn" / f).manifests[0] for f in folders]
+    assert sorted(o for m in manifests[:2] for o in m["identity"]["overrides"] if o.startswith("reduce=")) == \
+        ["reduce=abs_sum", "reduce=sum"]
+    assert len({m["identity"]["group"] for m in manifests}) == 3 and len({m["run_id"] for m in manifests}) == 3
+    index = (results / "report/index.md").read_text()
+    assert all(m["identity"]["group"] in index for m in manifests) and "reduce=sum" in index
+    assert not (results / "report/leaderboard.md").exists()                  # no table mixing the three runs
+    for m in manifests:
+        board = pd.read_csv(results / "report" / m["identity"]["group"] / "leaderboard.csv")
+        assert set(board.method) == {"saliency", "random"} and (board.n + board.n_nan).eq(10).all()
 
 
 def test_channels_last_and_reduced_precision_agree_with_full_precision(tmp_path, caplog):
