@@ -35,7 +35,7 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
-_NAME_MAX = 100                   # a name is part of longer file names ("<model>-<key>.pt"); 255 bytes is the usual limit
+_NAME_MAX = 100                   # names go into longer file names ("<model>-<key>.pt"), usually limited to 255 bytes
 
 
 def error_text(e: BaseException) -> str:
@@ -44,6 +44,9 @@ def error_text(e: BaseException) -> str:
 
 
 # ---- `_target_`s: the object they name, not the string ---------------------------------------------
+_PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\.?")    # mypkg. or mypkg.sub
+
+
 class _Refused(Exception):
     """Why a `_target_` names code outside the allowed packages."""
 
@@ -51,7 +54,7 @@ class _Refused(Exception):
 def _allowed_prefixes(cfg: DictConfig) -> tuple[str, ...]:
     extra = cfg.get("allowed_targets") or []
     if not isinstance(extra, (list, tuple, ListConfig)) or not all(
-            isinstance(p, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\.?", p) for p in extra):
+            isinstance(p, str) and _PREFIX.fullmatch(p) for p in extra):
         raise ValueError(f"allowed_targets must be a list of package prefixes such as [mypkg.], got "
                          f"{OmegaConf.to_container(extra) if isinstance(extra, ListConfig) else extra!r}")
     # a prefix ends at a package boundary: "mypkg." allows mypkg.Net, never mypkg_evil.Net
@@ -291,7 +294,7 @@ def check_cache_dir(cache_dir: Any) -> Path:
         os.unlink(probe)
     except OSError as e:
         raise ValueError(f"cache_dir {str(path)!r} is not writable ({e.strerror or e}); trained zoo models are kept "
-                         "there: set cache_dir to a folder you can write to (or the SALIENCY_BENCH_CACHE variable)") from e
+                         "there: set cache_dir (or SALIENCY_BENCH_CACHE) to a folder you can write to") from e
     return path
 
 

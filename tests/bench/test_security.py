@@ -64,8 +64,8 @@ def _load(payload: Path) -> dict[str, list[str]]:
                        "+dataset.evil.weights_only=false"],
         "pandas.read_pickle": ["+metric.pointing_game.x._target_=bench.report.pd.read_pickle",
                                f"+metric.pointing_game.x.filepath_or_buffer={payload}"],
-        "methods.cam.torch.load": ["+method.saliency.x._target_=methods.cam.torch.load", f"+method.saliency.x.f={payload}",
-                                   "+method.saliency.x.weights_only=false"],
+        "methods.cam.torch.load": ["+method.saliency.x._target_=methods.cam.torch.load",
+                                   f"+method.saliency.x.f={payload}", "+method.saliency.x.weights_only=false"],
         "model.net nested": ["+model.net.extra._target_=bench.zoo.train.torch.load", f"+model.net.extra.f={payload}",
                              "+model.net.extra.weights_only=false"],
     }
@@ -96,6 +96,8 @@ ALIASES = {   # target -> what the message says it is
     "bench.zoo.SmallCNN.register_forward_hook": r"bench.zoo.SmallCNN.register_forward_hook is .* from "
                                                 r"torch.nn.modules.module",
     "bench.zoo": r"it is a module, not a class or function",
+    "torchvision.models._api.load_state_dict_from_url": r"torchvision.models._api.load_state_dict_from_url is "
+                                                        r"load_state_dict_from_url from torch.hub, imported into",
 }
 
 
@@ -132,6 +134,10 @@ def test_targets_anywhere_in_the_config_are_checked():
 def test_the_suites_own_targets_and_unknown_names_pass_to_instantiate():
     check_targets(_cfg("model=torchvision", "method=[saliency,grad_cam]"))
     check_targets(_cfg("model=checkpoint"))                               # nested module._target_ in the suite
+    from bench.checks import ALLOWED_TARGETS, resolve_target
+    import torchvision.models
+    assert resolve_target("torchvision.models.resnet18", ALLOWED_TARGETS) is torchvision.models.resnet18
+    assert resolve_target("torchvision.models.get_model", ALLOWED_TARGETS) is torchvision.models.get_model
     check_targets(_cfg("method=[saliency]", "method.saliency._target_=methods.no_such_method"))   # instantiate says so
     check_targets(_cfg("method=[saliency]", "method.saliency._target_=methods.gradient.torch.load"))
     # ... and there it fails as Hydra's lookup does: `methods.gradient` is the function, it has no `torch`
@@ -233,7 +239,8 @@ def test_an_arch_entry_run_with_another_arch_needs_its_own_name():
     """`model=torchvision model.net.arch=vgg11` would label vgg11's rows `torchvision`, like resnet18's."""
     with pytest.raises(ValueError, match=r"^model.name='torchvision' is the zoo entry conf/model/torchvision.yaml, but "
                                          r"this run's network differs from it: model.net.arch='vgg11' "
-                                         r"\(conf/model/torchvision.yaml: 'resnet18'\).*e.g. model.name=torchvision_vgg11"):
+                                         r"\(conf/model/torchvision.yaml: 'resnet18'\).*"
+                                         r"e.g. model.name=torchvision_vgg11"):
         check_names(_cfg("model=torchvision", "model.net.arch=vgg11"))
     check_names(_cfg("model=torchvision", "model.net.arch=vgg11", "model.name=torchvision_vgg11"))
     check_names(_cfg("model=timm", "model.net.arch=vit_tiny_patch16_224", "model.name=timm_vit_tiny_patch16_224"))
@@ -277,8 +284,9 @@ def test_an_unwritable_cache_dir_is_refused_before_any_work(tmp_path, monkeypatc
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
     cache = blocker / "cache"
-    _refused(_cfg(*TINY, f"cache_dir={cache}"), rf"^cache_dir '{cache}' is not writable \(.*\); trained zoo models "
-                                                r"are kept there: set cache_dir to a folder you can write to", tmp_path)
+    _refused(_cfg(*TINY, f"cache_dir={cache}"),
+             rf"^cache_dir '{cache}' is not writable \(.*\); trained zoo models are kept there: set cache_dir "
+             r"\(or SALIENCY_BENCH_CACHE\) to a folder you can write to", tmp_path)
     import bench.zoo.train as train
     monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("trained before cache_dir was checked"))
     cfg = _cfg(*TINY)

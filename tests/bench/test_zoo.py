@@ -354,5 +354,6 @@ def test_a_run_on_a_tampered_cache_retrains_and_reports_what_it_measured(tmp_pat
     assert info["sha256"] == _sha(path) and info["sha256"][:16] == second["keys"]["checkpoint"]
     assert info["test_accuracy"] == first["model_info"]["test_accuracy"]
     assert info["evaluated_accuracy"] == first["model_info"]["evaluated_accuracy"]
-    scores = [load(tmp_path / d).scores.sort_values(["score", "sample_id"]).value.to_numpy() for d in ("first", "second")]
+    scores = [load(tmp_path / d).scores.sort_values(["score", "sample_id"]).value.to_numpy()
+              for d in ("first", "second")]
     assert len(scores[0]) == 2 * 6 and (scores[0] == scores[1]).all()
