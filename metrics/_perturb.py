@@ -182,9 +182,10 @@ def _perturbation_curves(
         at = removed_at[r, b]                                                      # (N, HW)
         keep = (at <= k if insert else at > k).view(-1, 1, H, W)                   # (N, 1, H, W)
         xb = x.index_select(0, b)                                                  # (N, C, H, W)
-        check, unchecked[0] = (target if unchecked[0] else None), False
-        return _target_output(model, torch.where(keep, xb, fill(xb, keep, b, j), out=xb), target[b], output,
-                              check=check, top1=top1)
+        y = _target_output(model, torch.where(keep, xb, fill(xb, keep, b, j), out=xb), target[b], output,
+                           check=target if unchecked[0] else None, top1=top1)
+        unchecked[0] = False                                                       # after a chunk that ran
+        return y
 
     with torch.inference_mode():
         y = chunked(forward, B * J, chunk_size, device=x.device, like=x)
