@@ -79,3 +79,20 @@ def test_noisy_linear_imputation_matches_quantus():
     ours = _noisy_linear_imputation(x[None], keep.view(1, 1, 9, 11), torch.zeros(1, 3, 9, 11, dtype=torch.float64),
                                     iterations=200)
     np.testing.assert_allclose(ours[0].numpy(), theirs, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("regions", [1, 4, 9])
+def test_region_perturbation_budget_matches_quantus(tiny_cnn, batch, regions):
+    """Samek et al.'s AOPC over the first L regions: Quantus' regions_evaluation=L against our max_fraction =
+    L / (number of regions), one region per step; AOPC = mean over k = 0..L of f_0 - f_k."""
+    x, target = batch
+    a = torch.randn(5, 8, 8, generator=torch.Generator().manual_seed(regions))
+    theirs = _quiet(quantus.RegionPerturbation(patch_size=2, order="morf", regions_evaluation=regions,
+                                               perturb_baseline="black", disable_warnings=True,
+                                               display_progressbar=False), tiny_cnn, x, target, a)
+    ours = pixel_flipping(tiny_cnn, x, target, a, steps=regions, patch=2, max_fraction=regions / 16, baseline="black")
+    y = ours.curves["curve"].y
+    assert theirs.shape == (5, regions)
+    np.testing.assert_allclose((y[:, :1] - y[:, 1:]).numpy(), theirs, atol=1e-5, rtol=1e-5)
+    aopc = np.concatenate([np.zeros((5, 1)), theirs], axis=1).mean(axis=1)
+    np.testing.assert_allclose(ours.scores["aopc"].numpy(), aopc, atol=1e-5, rtol=1e-5)
