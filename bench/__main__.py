@@ -21,6 +21,20 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 _CHOICE = re.compile(r"^(?:\+|\+\+)?(dataset|model|method|metric|experiment)=([A-Za-z0-9_.,\[\] -]*)$")
 
 
+_HYDRA_TARGET = re.compile(r"^[+~]*hydra[./].*(_target_|callbacks|job_logging|hydra_logging)")
+
+
+def hydra_target(argv: list[str]) -> str | None:
+    """A message when the command line sets a `_target_` (or callbacks, logging factories) inside Hydra's own
+    config: Hydra instantiates those itself before the run starts, so bench.checks.check_targets cannot see
+    them. Hydra's config groups (`hydra/launcher=joblib`) stay allowed: they name YAML files, not code."""
+    for arg in argv:
+        if _HYDRA_TARGET.match(arg.split("=", 1)[0]):
+            return (f"{arg.split('=', 1)[0]}: the command line may not set code in Hydra's own config (Hydra would "
+                    "run it before the suite's checks); pick a Hydra config group instead, e.g. hydra/launcher=joblib")
+    return None
+
+
 def unknown_choice(argv: list[str]) -> str | None:
     """A message naming the available options when a command-line override picks a config that does not exist.
 
@@ -55,7 +69,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if message := unknown_choice(sys.argv[1:]):
+    if message := hydra_target(sys.argv[1:]) or unknown_choice(sys.argv[1:]):
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
     main()

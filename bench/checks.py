@@ -366,11 +366,13 @@ def scan(dataset: Any, batch_size: int) -> dict[str, Any]:
             raise ValueError(f"sample_id {int(dup[0])} occurs more than once; sample ids must be unique")
         seen.update(sid.tolist())
         ids.update(sid.numpy().tobytes())
+        info.setdefault("targets", []).append(torch.stack([sid, batch["target"]], dim=1))   # (B, 2): id, class
         top = int(batch["target"].argmax())
         if batch["target"][top] > info["max_target"][0]:
             info["max_target"] = (int(batch["target"][top]), int(sid[top]))
         info.update(shape=tuple(batch["x"].shape[1:]), has_mask="mask" in batch)
     info["sample_ids"] = ids.hexdigest()[:16]
+    info["targets"] = torch.cat(info["targets"])                                # (n, 2): sample_id, target
     return info
 
 

@@ -89,7 +89,7 @@ def load_run(manifest_path: str | Path, *, cache_dir: str | Path | None = None,
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"run {manifest.get('run_id')} ran on {device}, but CUDA is not available here: "
                          "pass --device cpu")
-    model, _ = load_model(cfg.model, cfg.dataset, cache_dir=cache, device=device)
+    model, _ = load_model(cfg.model, cfg.dataset, cache_dir=cache, device=device, retrain=False)   # never retrains
     methods = {name: instantiate(node) for name, node in cfg.method.items()}
     return Run(manifest, cfg, model, instantiate(cfg.dataset), methods, device)
 

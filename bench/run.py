@@ -421,6 +421,7 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
                  "format": FORMAT, "content": content},
         "config": job, "versions": _versions(), "git_commit": _git_commit(),
         "model_info": model_info, "cells": cells, "skipped": len(keys) - n_todo, "failures": _summarise(failed),
+        "samples": "samples.parquet",                               # each sample's class, for class means
         "retries": retries,
         "consumes": {name: consumed(metric) for name, metric in metrics.items()},   # which form each metric saw
         "score_meta": [{"metric": m, "score": s, "higher_is_better": hib} for (m, s), hib in sorted(meta.items())],
@@ -432,6 +433,8 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
             store.write_table(failed.assign(run_id=run_id, **names), out_dir / "failures.parquet")
         else:
             (out_dir / "failures.parquet").unlink(missing_ok=True)
+        store.write_table(pd.DataFrame(data["targets"].numpy(), columns=["sample_id", "target"]),
+                          out_dir / "samples.parquet")
         store.write_json(manifest, out_dir / "manifest.json")
     except OSError as e:
         raise ValueError(f"{store.write_error_text(out_dir, write_error or e)}; the manifest could not be written "

@@ -116,4 +116,5 @@ def test_unknown_target_is_refused():
     cfg = _compose("method=[saliency]", "method.saliency._target_=os.system")
     with pytest.raises(ValueError, match=r"method.saliency._target_='os.system' .* add yours to `allowed_targets`"):
         check_targets(cfg)
-    check_targets(_compose("method=[saliency]", "method.saliency._target_=os.system", "allowed_targets=[os.]"))
+    # os.system is defined in posix and re-exported by os: allowing os. alone is not enough (tests/bench/test_security.py)
+    check_targets(_compose("method=[saliency]", "method.saliency._target_=os.system", "allowed_targets=[os.,posix.]"))

@@ -171,3 +171,14 @@ def test_channels_last_and_reduced_precision_agree_with_full_precision(tmp_path,
     # the random map does not depend on the model: the pointing game is the same
     hit = lambda r: r.xs(("random", "pointing_game", "hit"), level=(0, 1, 2)).values
     assert (hit(runs["bf16"]) == hit(runs["ref"])).all()
+
+
+@pytest.mark.parametrize("arg", ["+hydra.callbacks.evil._target_=os.system", "hydra.launcher._target_=os.system",
+                                 "++hydra.job_logging.handlers.x._target_=os.system", "hydra/callbacks=evil"])
+def test_code_in_hydras_own_config_is_refused_from_the_command_line(arg):
+    """Hydra instantiates its callbacks, launcher and logging factories itself, before the run's target check:
+    the CLI refuses any such override (hydra/launcher=joblib, a config group, stays allowed)."""
+    from bench.__main__ import hydra_target
+
+    assert "may not set code in Hydra's own config" in hydra_target(["model=resnet", arg])
+    assert hydra_target(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=resnet"]) is None
