@@ -10,6 +10,7 @@ import functools
 import hashlib
 import importlib
 import inspect
+import math
 import operator
 import os
 import re
@@ -399,6 +400,7 @@ def check_model(model: nn.Module, dataset: Any, batch_size: int, device: torch.d
 
 
 def need_bytes(n: int, shape: tuple, per_sample_rows: int, methods: int, cache_maps: bool) -> int:
-    """A generous estimate of what the run writes: 32 bytes per stored value, maps as float32, plus 16 MiB."""
-    maps = n * shape[1] * shape[2] * 4 * methods if cache_maps else 0
+    """A generous estimate of what the run writes: 32 bytes per stored value, cached attributions as float32
+    (raw, C x H x W: metrics take the form they consume from them), plus 16 MiB."""
+    maps = n * math.prod(shape) * 4 * methods if cache_maps else 0
     return 2 * (n * per_sample_rows * 32 + maps) + (16 << 20)
