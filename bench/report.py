@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 
 from bench import stats
+from bench.checks import check_name
 from bench.page import render_page
-from bench.store import CURVE_COLUMNS, SCORE_COLUMNS, write_atomic
+from bench.store import CURVE_COLUMNS, SCORE_COLUMNS, remove_stale_temporaries, write_atomic
 
 META_COLUMNS = ["metric", "score", "higher_is_better"]
 FAILURE_COLUMNS = ["run_id", "dataset", "model", "method", "metric", "error"]
@@ -239,6 +240,7 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot:
     results = load(root)
     out = Path(root) / "report" if out_dir is None else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)                        # hidden half-written files of a killed report
     board = leaderboard(results, n_boot=n_boot, seed=seed)
     markdown = format_leaderboard(board)
     if len(results.failures):
@@ -295,11 +297,31 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _read_manifest(path: Path) -> dict:
-    """Parse one manifest and check the keys a report needs."""
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    """Parse one manifest and check what a report takes from it: the keys it needs, names that become
+    file names (dataset, model, run_id), and cell files inside the manifest's folder."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"line {e.lineno}, column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
+        raise ValueError(f"{path} is not valid JSON ({where}); it was cut off or edited: remove it or re-run "
+                         "that run") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is not a run manifest (a JSON object); remove it or re-run that run")
     missing = [k for k in ("run_id", "dataset", "model", "cells") if k not in manifest]
     if missing:
         raise ValueError(f"{path} lacks {missing}; it was not written by `python -m bench`, remove or re-run it")
+    for key in ("dataset", "model", "run_id"):
+        try:
+            if not isinstance(manifest[key], str):
+                raise ValueError(f"{key} name {manifest[key]!r} cannot be used in a file name: it is not a string")
+            check_name(key, manifest[key])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}; this manifest was not written by `python -m bench`, remove it") from None
+    folder = path.parent.resolve()
+    for cell in manifest["cells"]:
+        for relative in (cell.get("scores"), cell.get("curves")):
+            if relative and not (folder / relative).resolve().is_relative_to(folder):
+                raise ValueError(f"{path} lists the cell file {relative!r}, outside its folder; remove the manifest")
     return manifest
 
 

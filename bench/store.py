@@ -1,12 +1,27 @@
 """The result store: tidy rows in Parquet, one file pair per (method, metric) cell, written atomically.
 
 The store never computes; it flattens MetricResults into the long tables of DESIGN.md.
+
+Processes that share a results folder (two runs of one config, a joblib sweep) never touch each
+other's files: a cell is owned by the process holding its lock (`flock` on a hidden `.<cell>.lock`
+beside it, released by the kernel when the process dies, so a killed run never leaves a cell
+locked), each writer writes part files with its own pid and token in their names, and leftovers
+are removed only when no live process owns them. A cell is committed (fsync, then rename, scores
+last) only when every sample of the dataset is in it, scored or recorded as failed, and its
+counts are written into the scores file's footer, so `verify_cell` checks a stored cell from
+footers alone before a run reuses it.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +34,7 @@ from torch import Tensor
 
 from metrics import MetricResult
 
+log = logging.getLogger(__name__)
 SCORE_COLUMNS = ["run_id", "dataset", "model", "method", "metric", "score", "sample_id", "value"]
 CURVE_COLUMNS = ["run_id", "dataset", "model", "method", "metric", "curve", "sample_id", "step", "x", "x_label", "y"]
 KEY_COLUMNS = ["run_id", "dataset", "model", "method", "metric"]
@@ -51,17 +67,56 @@ def curve_rows(result: MetricResult, sample_id: Tensor, **keys: str) -> pd.DataF
     return pd.concat(frames, ignore_index=True).assign(**keys)[CURVE_COLUMNS]
 
 
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+# write_atomic's temporaries: .<name>.~<host>~<pid>~<random><suffix>, so a later process can tell a dead owner's
+_TEMPORARY = re.compile(r"^\..+\.~(?P<host>[A-Za-z0-9-]+)~(?P<pid>\d+)~[^~]*$")
+
+
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write` on a temporary file beside `path`, then rename it over `path`: readers never see half a file."""
+    """Call `write` on a temporary file beside `path`, fsync it, then rename it over `path`: readers never
+    see half a file, not even after a crash. The temporary's name carries this process's host and pid,
+    so `remove_stale_temporaries` can clear it if the process is killed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.~{_HOST}~{os.getpid()}~", suffix=path.suffix)
     os.close(fd)
     try:
         write(Path(tmp))
+        _fsync(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                       # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporaries of `write_atomic` in `folder` whose process (on this host) is dead, e.g. the
+    hidden `.<name>.png...` of a killed report; a live process's temporaries are left alone. Returns how many."""
+    n = 0
+    for p in Path(folder).glob(".*"):
+        m = _TEMPORARY.match(p.name)
+        if m and m["host"] == _HOST and not _alive(int(m["pid"])):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 def write_table(df: pd.DataFrame, path: Path, *, metadata: dict[str, Any] | None = None) -> None:
@@ -102,34 +157,120 @@ CURVE_SCHEMA = pa.schema([(c, _KEY) for c in KEY_COLUMNS + ["curve"]] +
                           ("x_label", _KEY), ("y", pa.float64())])
 FAILURE_COLUMNS = ["method", "metric", "sample_id", "stage", "error"]
 PART = ".part"
+CELL_META = b"saliency_bench_cell"                     # footer key: the counts a stored cell is verified against
+# <cell>.<scores|curves>.parquet[.<pid>-<token>].part (the bare form is an older runner's)
+_PART_NAME = re.compile(r"^(?P<stem>.+)\.(?:scores|curves)\.parquet(?:\.[^.]+)?\.part$")
 
 
 def _arrow(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pandas(df, schema=schema, preserve_index=False).replace_schema_metadata(None)
 
 
+class _Lock:
+    """An exclusive `flock` on a lock file, released on `release` or by the kernel when the process dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.fd = path, None
+
+    def acquire(self, *, wait: bool) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())    # for the waiting process's message
+        return True
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text() or "another process"
+        except OSError:
+            return "another process"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)                                     # closing the descriptor drops the flock
+            self.fd = None
+
+
+def _lock_path(scores_path: Path) -> Path:
+    return scores_path.with_name(f".{_cell_stem(scores_path)}.lock")
+
+
+def _cell_stem(scores_path: Path) -> str:
+    return scores_path.name.removesuffix(".scores.parquet")
+
+
+def _remove_cell_parts(scores_path: Path) -> int:
+    """Delete every part file of one cell; only call while holding its lock."""
+    stem, n = _cell_stem(scores_path), 0
+    for p in scores_path.parent.glob(f"{stem}.*{PART}"):
+        m = _PART_NAME.match(p.name)
+        if m and m["stem"] == stem:
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 class CellWriter:
-    """One (method, metric) cell written batch by batch: each batch is a row group of a part file
-    beside the cell; `commit` renames the parts into place (curves and failures first, scores last,
-    whose presence marks the cell done), so memory stays flat in the number of samples and a
-    reader never sees half a cell. `abort` deletes the parts.
+    """One (method, metric) cell written batch by batch by the one process that owns it.
+
+    `claim` takes the cell's lock (waiting while another process computes it; False when the cell
+    is stored by then). Each batch is a row group of part files named after this writer (pid and
+    a random token), so memory stays flat in the number of samples and no other writer's files are
+    touched. `commit` checks that the parts hold exactly the rows appended and that every one of
+    the `n_samples` samples was scored or recorded as failed, records those counts in the scores
+    footer, fsyncs and renames the parts into place (curves and failures first, scores last,
+    whose presence marks the cell done) and releases the lock. `abort` deletes the parts.
     """
 
-    def __init__(self, scores_path: Path, curves_path: Path, **keys: str) -> None:
+    def __init__(self, scores_path: Path, curves_path: Path, *, n_samples: int, **keys: str) -> None:
         self.paths = {"scores": scores_path, "curves": curves_path, "failures": failures_path(scores_path)}
-        self.keys = keys
+        self.keys, self.n_samples = keys, int(n_samples)
+        self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.writers: dict[str, pq.ParquetWriter] = {}
+        self.rows: dict[str, int] = {}
         self.failures: list[dict[str, Any]] = []                 # only failed samples: the fault path
         self.n_scored = 0
         scores_path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = _Lock(_lock_path(scores_path))
+
+    def _part(self, kind: str) -> Path:
+        return self.paths[kind].with_name(f"{self.paths[kind].name}.{self.token}{PART}")
+
+    def claim(self) -> bool:
+        """Own the cell; False (and not owned) when it is stored and whole, e.g. committed meanwhile by
+        the process this one waited for. Part files a killed writer left are removed."""
+        if not self.lock.acquire(wait=False):
+            log.info("cell %s is being computed by %s; waiting for it", _cell_stem(self.paths["scores"]),
+                     self.lock.holder())
+            self.lock.acquire(wait=True)
+        try:
+            if verify_cell(self.paths["scores"], self.paths["curves"], n_samples=self.n_samples) is None:
+                self.lock.release()
+                return False
+            _remove_cell_parts(self.paths["scores"])
+        except BaseException:
+            self.lock.release()
+            raise
+        return True
 
     def _write(self, kind: str, df: pd.DataFrame, schema: pa.Schema, metadata: dict | None = None) -> None:
+        if self.lock.fd is None:
+            raise RuntimeError(f"cell {self.paths['scores'].name} is written before it is claimed")
         if kind not in self.writers:
             if metadata:
                 schema = schema.with_metadata({b"saliency_bench": json.dumps(metadata).encode()})
-            part = self.paths[kind].with_name(self.paths[kind].name + PART)
-            self.writers[kind] = pq.ParquetWriter(str(part), schema)
+            self.writers[kind] = pq.ParquetWriter(str(self._part(kind)), schema)
+            self.rows[kind] = 0
         self.writers[kind].write_table(_arrow(df, self.writers[kind].schema))
+        self.rows[kind] += len(df)
 
     def append(self, result: MetricResult, sample_id: Tensor) -> None:
         """Add one batch's scores and curves."""
@@ -146,31 +287,101 @@ class CellWriter:
                               "sample_id": int(sample_id), "stage": stage, "error": error})
 
     def commit(self) -> bool:
-        """Move the parts into place; False (and nothing stored) when no sample was scored."""
-        for writer in self.writers.values():
-            writer.close()
+        """Move the parts into place; False (and nothing stored) when no sample was scored.
+
+        A ValueError, and nothing stored, when the parts or the sample count are not what was appended."""
         if not self.n_scored:
             self.abort()
             return False
+        name = self.paths["scores"].name
+        n_failed = len({f["sample_id"] for f in self.failures})
+        if self.n_scored + n_failed != self.n_samples:
+            raise ValueError(f"cell {name}: {self.n_scored} samples scored and {n_failed} failed, but the dataset has "
+                             f"{self.n_samples}; not stored, run the same command again to recompute it")
+        counts = {"n_samples": self.n_samples, "n_scored": self.n_scored, "n_failed": n_failed,
+                  "rows": {"scores": self.rows["scores"], "curves": self.rows.get("curves", 0),
+                           "failures": len(self.failures)}}
+        self.writers["scores"].add_key_value_metadata({CELL_META.decode(): json.dumps(counts)})
+        for writer in self.writers.values():
+            writer.close()
+        for kind in self.writers:
+            part = self._part(kind)
+            if _rows(part) != self.rows[kind]:
+                raise ValueError(f"cell {name}: {part.name} holds {_rows(part)} rows, {self.rows[kind]} were written; "
+                                 "not stored, run the same command again to recompute it")
         if self.failures:
             write_table(pd.DataFrame(self.failures, columns=FAILURE_COLUMNS), self.paths["failures"])
         else:
             self.paths["failures"].unlink(missing_ok=True)
         for kind in ("curves", "scores"):
             if kind in self.writers:
-                os.replace(self.paths[kind].with_name(self.paths[kind].name + PART), self.paths[kind])
+                _fsync(self._part(kind))
+                os.replace(self._part(kind), self.paths[kind])
+        _fsync(self.paths["scores"].parent)
         self.writers = {}
+        self.lock.release()
         return True
 
     def abort(self) -> None:
-        """Close and delete the part files; nothing of this cell is stored."""
+        """Close and delete the part files and release the cell; nothing of this cell is stored."""
         for kind, writer in self.writers.items():
             try:
                 writer.close()
             except Exception:                                    # noqa: BLE001 - already broken, removed next
                 pass
-            self.paths[kind].with_name(self.paths[kind].name + PART).unlink(missing_ok=True)
+            self._part(kind).unlink(missing_ok=True)
         self.writers = {}
+        self.lock.release()
+
+
+def _rows(path: Path) -> int | None:
+    """Rows of a Parquet file from its footer; None when it has none (truncated, not Parquet, absent)."""
+    try:
+        return pq.read_metadata(path).num_rows
+    except (OSError, pa.ArrowException):
+        return None
+
+
+MISSING = "not stored"
+
+
+def verify_cell(scores_path: Path, curves_path: Path, *, n_samples: int) -> str | None:
+    """None when the stored cell is whole, else what is wrong (MISSING when it was never stored).
+
+    Whole: the scores file's footer is readable and records the counts of `CellWriter.commit`;
+    scored + failed samples equal `n_samples`; the scores, curves (when it had curves) and
+    failures (when it had failures) files hold the rows recorded. Footers only, no rows are read.
+    """
+    if not scores_path.exists():
+        return MISSING
+    try:
+        meta = pq.read_metadata(scores_path)
+        counts = json.loads((meta.metadata or {})[CELL_META])
+    except (OSError, pa.ArrowException) as e:
+        return f"unreadable: {e}"
+    except (KeyError, ValueError):
+        return "its footer lacks the sample counts (written by an older runner)"
+    if counts["n_scored"] + counts["n_failed"] != n_samples:
+        return (f"{counts['n_scored']} samples scored and {counts['n_failed']} failed, the dataset has "
+                f"{n_samples}")
+    expected = {scores_path: counts["rows"]["scores"], curves_path: counts["rows"]["curves"],
+                failures_path(scores_path): counts["rows"]["failures"]}
+    if meta.num_rows != expected.pop(scores_path):
+        return f"{scores_path.name} holds {meta.num_rows} rows, {counts['rows']['scores']} were recorded"
+    for path, rows in expected.items():
+        if rows and (found := _rows(path)) != rows:
+            return f"{path.name} " + ("is missing or unreadable" if found is None else
+                                      f"holds {found} rows, {rows} were recorded")
+    return None
+
+
+def stored_cell(scores_path: Path, curves_path: Path, *, n_samples: int) -> bool:
+    """Whether a run may reuse this cell (`verify_cell`); a cell stored but not whole gets a warning naming it
+    and will be recomputed."""
+    problem = verify_cell(scores_path, curves_path, n_samples=n_samples)
+    if problem not in (None, MISSING):
+        log.warning("stored cell %s is not whole (%s): recomputing it", scores_path, problem)
+    return problem is None
 
 
 def failures_path(scores_path: Path) -> Path:
@@ -188,11 +399,30 @@ def read_failures(scores_path: Path) -> pd.DataFrame:
 
 
 def remove_parts(run_dir: Path) -> int:
-    """Delete part files a killed run left behind in `run_dir`; returns how many."""
-    parts = list((Path(run_dir) / "cells").glob(f"*{PART}")) + list((Path(run_dir) / "maps").glob(f"*/*{PART}"))
-    for p in parts:
-        p.unlink(missing_ok=True)
-    return len(parts)
+    """Delete what killed writers left in `run_dir`: the part files of cells that no live process owns
+    (their lock is free) and the temporaries of dead processes. A live writer's files are left alone,
+    so two runs may share the folder. Returns how many files were removed."""
+    run_dir, n = Path(run_dir), 0
+    cells = run_dir / "cells"
+    stems = {m["stem"] for p in cells.glob(f"*{PART}") if (m := _PART_NAME.match(p.name))}
+    for stem in sorted(stems):
+        scores = cells / f"{stem}.scores.parquet"
+        lock = _Lock(_lock_path(scores))
+        if lock.acquire(wait=False):
+            try:
+                n += _remove_cell_parts(scores)
+            finally:
+                lock.release()
+    for folder in [run_dir, cells, *(p for p in (run_dir / "maps").rglob("*") if p.is_dir())]:
+        n += remove_stale_temporaries(folder) if folder.is_dir() else 0
+    return n
+
+
+def write_error_text(run_dir: Path, error: OSError) -> str:
+    """One line for a run stopped by an OSError (a full disk above all), naming the results folder and the file."""
+    what = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (error.strerror or str(error))
+    where = f" while writing {error.filename}" if error.filename else ""
+    return f"results folder {str(run_dir)!r}: the run stopped{where}: {what} ({type(error).__name__}: {error})"
 
 
 def check_writable(run_dir: Path) -> None:
@@ -245,3 +475,13 @@ def read_maps(path: Path) -> tuple[Tensor, Tensor, list[str]] | None:
         return d["maps"], d["ok"], list(d["errors"])
     except Exception:                                             # noqa: BLE001 - a broken cache is a miss
         return None
+
+
+def copy_cell(scores_path: Path, curves_path: Path, to_scores: Path, to_curves: Path) -> None:
+    """Copy a stored cell (failures, curves, then scores, which marks it stored) to another run's folder, each
+    file atomically. Its rows keep the run_id of the run that computed them; a report takes the run from the
+    manifest that lists the cell."""
+    for src, dst in ((failures_path(scores_path), failures_path(to_scores)), (curves_path, to_curves),
+                     (scores_path, to_scores)):
+        if src.exists():
+            write_atomic(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))

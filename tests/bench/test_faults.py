@@ -6,7 +6,10 @@ metric that fails on some samples, and a metric whose chunk runs out of memory o
 """
 from __future__ import annotations
 
+import errno
 import importlib
+import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -17,6 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from bench import store
 from bench.data import Shapes
 from bench.report import load
 from bench.run import PROBE, run
@@ -102,6 +106,14 @@ FAULTY = {"faulty": ("faulty", {})}
 MEAN = {"mean_map": ("mean_map", {"fail_on": 3})}
 
 
+def _one(root: Path, name: str) -> Path:
+    """The one `name` (manifest.json, cells, failures.parquet) of the one run below `root`, wherever the run's
+    folder is."""
+    found = sorted(root.rglob(name))
+    assert len(found) == 1, f"expected one {name} below {root}, found {found}"
+    return found[0]
+
+
 def _scores(root: Path) -> pd.DataFrame:
     s = load(root).scores.drop(columns="run_id")
     return s.sort_values(["method", "metric", "score", "sample_id"]).reset_index(drop=True)
@@ -135,7 +147,7 @@ def test_faulty_samples_are_recorded_and_every_other_sample_scored(env, tmp_path
     torch.testing.assert_close(torch.tensor(mean.value.to_numpy()), _expected_mean(mean.sample_id.tolist()))
 
     # the failures table: one row per failed sample and cell, with the reason
-    f = pd.read_parquet(out / "failures.parquet")
+    f = pd.read_parquet(_one(out, "failures.parquet"))
     method_failures = f[(f.method == "faulty") & (f.stage == "method")]
     assert sorted(method_failures[method_failures.metric == "pixel_flipping"].sample_id) == [2, 4, 5, 8, 10, 11]
     reasons = dict(zip(method_failures.sample_id, method_failures.error))
@@ -198,9 +210,9 @@ def test_ctrl_c_keeps_completed_cells_and_the_next_run_resumes(env, tmp_path):
             run(cfg, out_dir=out)
     finally:
         user.CALLS["stop_at"] = None
-    manifest = pd.read_json(out / "manifest.json", typ="series")
+    manifest = pd.read_json(_one(out, "manifest.json"), typ="series")
     assert manifest["status"] == "interrupted" and {c["method"] for c in manifest["cells"]} == {"saliency"}
-    assert not list(out.rglob("*.part")) and len(list((out / "cells").glob("*.scores.parquet"))) == 2
+    assert not list(out.rglob("*.part")) and len(list(_one(out, "cells").glob("*.scores.parquet"))) == 2
     resumed = run(cfg, out_dir=out)
     assert resumed["skipped"] == 2 and resumed["status"] == "complete" and len(resumed["cells"]) == 4
     assert _scores(out).equals(_scores(tmp_path / "whole")) and len(whole["cells"]) == 4
@@ -210,10 +222,10 @@ def test_changing_one_method_parameter_recomputes_only_its_cells(env, tmp_path):
     cache, _ = env
     out = tmp_path / "out"
     run(_cfg(cache, "method=[saliency,random]", "metric=[pixel_flipping,pointing_game]"), out_dir=out)
-    before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.scores.parquet")}
+    before = {p.name: p.stat().st_mtime_ns for p in _one(out, "cells").glob("*.scores.parquet")}
     manifest = run(_cfg(cache, "method=[saliency,random]", "metric=[pixel_flipping,pointing_game]",
                         "method.random.seed=1"), out_dir=out)
-    after = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.scores.parquet")}
+    after = {p.name: p.stat().st_mtime_ns for p in _one(out, "cells").glob("*.scores.parquet")}
     kept = {n for n in before if after.get(n) == before[n]}
     assert {n.split("__")[0] for n in kept} == {"saliency", "random"} and len(kept) == 4    # old cells untouched
     new = set(after) - set(before)
@@ -226,8 +238,8 @@ def test_map_cache_lets_a_new_metric_reuse_the_maps(env, tmp_path):
     cache, user = env
     out = tmp_path / "out"
     run(_cfg(cache, "method=[]", "cache_maps=true", methods=CLEAN), out_dir=out)
-    maps = sorted((out / "maps").rglob("*.pt"))
-    assert len(maps) == 3 and torch.load(maps[0], weights_only=True)["maps"].shape == (4, 32, 32)
+    maps = sorted(out.rglob("*.pt"))
+    assert len(maps) == 3 and torch.load(maps[0], weights_only=True)["maps"].shape == (4, 3, 32, 32)   # raw
     calls = user.CALLS["samples"]
     manifest = run(_cfg(cache, "method=[]", "cache_maps=true", methods=CLEAN, metrics={"mean_map": ("mean_map", {})}),
                    out_dir=out)
@@ -249,3 +261,64 @@ def test_same_config_gives_identical_scores_and_deterministic_switch(env, tmp_pa
     manifest = run(_cfg(cache, "method=[]", "deterministic=true", methods=CLEAN), out_dir=tmp_path / "d")
     assert manifest["deterministic"] is True and user.CALLS["deterministic"] and all(user.CALLS["deterministic"])
     assert not torch.are_deterministic_algorithms_enabled()                 # restored after the run
+
+
+# ---- issue 21: stored cells are verified before reuse; a full disk keeps the manifest ------------
+def test_a_damaged_stored_cell_is_named_and_recomputed(env, tmp_path, caplog):
+    """A truncated scores file was taken as stored ("4 of 4 already stored") and the run then failed with
+    "Parquet magic bytes not found" naming no file; a cell whose curves file was deleted counted as
+    complete without curves."""
+    cache, _ = env
+    cfg = _cfg(cache, metrics={"mean_map": ("mean_map", {})}, methods=CLEAN)
+    out = tmp_path / "out"
+    run(cfg, out_dir=out)
+    before, curves_before = _scores(out), load(out).curves
+    cells = _one(out, "cells")
+    truncated = next(cells.glob("clean__pixel_flipping__*.scores.parquet"))
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    no_curves = next(cells.glob("saliency__pixel_flipping__*.curves.parquet"))
+    no_curves.unlink()
+    with caplog.at_level("WARNING", logger="bench.store"):
+        again = run(cfg, out_dir=out)
+    assert f"stored cell {truncated} is not whole (unreadable: Parquet magic bytes not found" in caplog.text
+    assert f"stored cell {no_curves.with_name(no_curves.name.replace('curves', 'scores'))} is not whole " \
+           f"({no_curves.name} is missing or unreadable)" in caplog.text
+    assert again["skipped"] == 2 and again["status"] == "complete" and len(again["cells"]) == 4
+    assert _scores(out).equals(before) and no_curves.exists()
+    assert load(out).curves.sort_values(["method", "sample_id", "step"], ignore_index=True).equals(
+        curves_before.sort_values(["method", "sample_id", "step"], ignore_index=True))
+
+
+def test_a_full_disk_keeps_the_manifest_of_the_completed_cells(env, tmp_path, monkeypatch):
+    """A disk that filled mid-run ended with a raw OSError and no manifest."""
+    cache, _ = env
+    cfg = _cfg(cache, metrics={"mean_map": ("mean_map", {})}, methods=CLEAN)      # saliency, then clean
+    whole = tmp_path / "whole"
+    run(cfg, out_dir=whole)
+    append, calls = store.CellWriter.append, []
+
+    def full_disk(self, result, sample_id):
+        calls.append(self.keys["method"])
+        if self.keys["method"] == "clean":                    # saliency's cells are committed by now
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._part("scores")))
+        return append(self, result, sample_id)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(store.CellWriter, "append", full_disk)
+    with pytest.raises(ValueError) as raised:
+        run(cfg, out_dir=out)
+    monkeypatch.setattr(store.CellWriter, "append", append)
+    manifest_path = _one(out, "manifest.json")
+    message = str(raised.value)
+    assert message.startswith(f"results folder {str(manifest_path.parent)!r}: the run stopped while writing ")
+    assert "clean__" in message and ": the disk is full (OSError: [Errno 28] No space left on device: " in message
+    assert f"2 of 4 cells are stored and listed in {manifest_path} (status 'failed')" in message
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["status"] == "failed" and "the disk is full" in manifest["error"]
+    assert sorted((c["method"], c["metric"]) for c in manifest["cells"]) == [("saliency", "mean_map"),
+                                                                            ("saliency", "pixel_flipping")]
+    assert not list(out.rglob("*.part")) and calls.count("saliency") == 2 * 3          # 3 batches x 2 metrics
+    resumed = run(cfg, out_dir=out)
+    assert resumed["skipped"] == 2 and resumed["status"] == "complete" and "error" not in resumed
+    assert _scores(out).equals(_scores(whole))
+
