@@ -219,19 +219,22 @@ def test_ctrl_c_keeps_completed_cells_and_the_next_run_resumes(env, tmp_path):
 
 
 def test_changing_one_method_parameter_recomputes_only_its_cells(env, tmp_path):
+    """A changed configuration is a new run in its own folder beside the old one; the cells it shares with the
+    old run (same key) are copied, verified, not recomputed, and the old run's cells are untouched."""
     cache, _ = env
-    out = tmp_path / "out"
-    run(_cfg(cache, "method=[saliency,random]", "metric=[pixel_flipping,pointing_game]"), out_dir=out)
-    before = {p.name: p.stat().st_mtime_ns for p in _one(out, "cells").glob("*.scores.parquet")}
+    old, changed = tmp_path / "old", tmp_path / "changed"
+    run(_cfg(cache, "method=[saliency,random]", "metric=[pixel_flipping,pointing_game]"), out_dir=old)
+    before = {p.name: p.stat().st_mtime_ns for p in _one(old, "cells").glob("*.scores.parquet")}
     manifest = run(_cfg(cache, "method=[saliency,random]", "metric=[pixel_flipping,pointing_game]",
-                        "method.random.seed=1"), out_dir=out)
-    after = {p.name: p.stat().st_mtime_ns for p in _one(out, "cells").glob("*.scores.parquet")}
-    kept = {n for n in before if after.get(n) == before[n]}
-    assert {n.split("__")[0] for n in kept} == {"saliency", "random"} and len(kept) == 4    # old cells untouched
-    new = set(after) - set(before)
-    assert len(new) == 2 and {n.split("__")[0] for n in new} == {"random"} and manifest["skipped"] == 2
-    assert {c["key"] for c in manifest["cells"] if c["method"] == "saliency"} <= {n.split("__")[2].split(".")[0]
-                                                                                  for n in kept}
+                        "method.random.seed=1"), out_dir=changed)
+    assert {p.name: p.stat().st_mtime_ns for p in _one(old, "cells").glob("*.scores.parquet")} == before
+    after = {p.name for p in _one(changed, "cells").glob("*.scores.parquet")}
+    shared, new = after & set(before), after - set(before)
+    assert {n.split("__")[0] for n in shared} == {"saliency"} and len(shared) == 2
+    assert {n.split("__")[0] for n in new} == {"random"} and len(new) == 2 and manifest["skipped"] == 2
+    s_old, s_new = _scores(old), _scores(changed)
+    assert s_new[s_new.method == "saliency"].reset_index(drop=True).equals(
+        s_old[s_old.method == "saliency"].reset_index(drop=True))
 
 
 def test_map_cache_lets_a_new_metric_reuse_the_maps(env, tmp_path):
