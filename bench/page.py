@@ -110,11 +110,13 @@ def _sanity_section(sanity: pd.DataFrame | None) -> str:
     for r in sanity.itertuples():
         verdict = "undefined" if pd.isna(r.passed) else "pass" if r.passed else "fail"
         text = "–" if np.isnan(r.mean) else f"{r.mean:.3g} [{r.ci_low:.3g}, {r.ci_high:.3g}]"
-        cells = [f'<td class="key">{e(str(v))}</td>' for v in (r.dataset, r.model, r.method, r.metric)]
+        map_ = "signed" if r.score == "spearman_signed" else "ABS"
+        cells = [f'<td class="key">{e(str(v))}</td>' for v in (r.dataset, r.model, r.method, r.metric, map_, r.stage)]
         rows.append(f'<tr>{"".join(cells)}<td>{e(text)}</td><td class="{verdict}">{verdict}</td></tr>')
-    head = "".join(f'<th class="key">{c}</th>' for c in ("dataset", "model", "method", "test")) + \
-        "<th>Spearman |map|</th><th>verdict</th>"
-    return (f"<h2>Sanity checks</h2><p>Spearman rank correlation of the absolute maps before and after each "
-            f"randomization (Adebayo et al. 2018), mean [95% CI] over samples; pass: mean &lt; "
+    head = "".join(f'<th class="key">{c}</th>' for c in ("dataset", "model", "method", "test", "map", "stage")) + \
+        "<th>Spearman</th><th>verdict</th>"
+    return (f"<h2>Sanity checks</h2><p>Spearman rank correlation of the maps before and after each randomization "
+            f"(Adebayo et al. 2018), ABS (sum_c |E_c|) and signed (sum_c E_c), after the last stage and, for "
+            f"cascading MPRT, the first; mean [95% CI] over samples; pass: |mean| &lt; "
             f"{float(sanity['threshold'].iloc[0]):g}, the map changed with the model.</p>"
             f'<table id="sanity"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')

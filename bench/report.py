@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from bench import stats
 from bench.checks import check_name
 from bench.page import render_page
 from bench.store import CURVE_COLUMNS, SCORE_COLUMNS, remove_stale_temporaries, write_atomic
 
+log = logging.getLogger(__name__)
 META_COLUMNS = ["metric", "score", "higher_is_better"]
+SAMPLE_COLUMNS = ["run_id", "sample_id", "target"]
 FAILURE_COLUMNS = ["run_id", "dataset", "model", "method", "metric", "error"]
 _NUMERIC = {"sample_id", "value", "step", "x", "y"}
 _BOARD_KEYS = ["dataset", "model", "method", "metric", "score"]
@@ -36,6 +40,8 @@ class Results:
     meta: pd.DataFrame        # META_COLUMNS: one row per (metric, score)
     failures: pd.DataFrame    # FAILURE_COLUMNS: one row per failed (method, metric) of a run
     manifests: list[dict]
+    paths: list[Path] = field(default_factory=list)   # each manifest's file, in the order of `manifests`
+    samples: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SAMPLE_COLUMNS))   # each sample's class
 
 
 def load(root: str | Path) -> Results:
@@ -49,20 +55,56 @@ def load(root: str | Path) -> Results:
     if not paths:
         raise ValueError(f"no manifest.json found below {str(root)!r}; run `python -m bench` first, "
                          "or pass the folder it wrote its results to")
-    manifests, scores, curves, meta, failures = [], [], [], [], []
+    manifests, scores, curves, meta, failures, samples = [], [], [], [], [], []
     for path in paths:
         manifest = _read_manifest(path)
         manifests.append(manifest)
-        for cell in manifest["cells"]:
-            scores.append(_read_cell(path, cell.get("scores")))
+        if manifest.get("samples"):
+            samples.append(_read_cell(path, manifest["samples"]).assign(run_id=manifest["run_id"])[SAMPLE_COLUMNS])
+        for cell in manifest["cells"]:                   # the manifest says whose a cell is (it may be a copy)
+            scores.append(_read_cell(path, cell.get("scores")).assign(run_id=manifest["run_id"]))
             if cell.get("curves"):
-                curves.append(_read_cell(path, cell["curves"]))
+                curves.append(_read_cell(path, cell["curves"]).assign(run_id=manifest["run_id"]))
         meta += manifest.get("score_meta", [])
         run = {key: manifest[key] for key in ("run_id", "dataset", "model")}
         failures += [{**failure, **run} for failure in manifest.get("failures", [])]
     return Results(scores=_table(scores, SCORE_COLUMNS), curves=_table(curves, CURVE_COLUMNS),
                    meta=_directions(pd.DataFrame(meta, columns=META_COLUMNS)),
-                   failures=pd.DataFrame(failures, columns=FAILURE_COLUMNS), manifests=manifests)
+                   failures=pd.DataFrame(failures, columns=FAILURE_COLUMNS), manifests=manifests, paths=paths,
+                   samples=pd.concat(samples, ignore_index=True) if samples else pd.DataFrame(columns=SAMPLE_COLUMNS))
+
+
+def group_of(manifest: dict) -> str:
+    """The report group of a run: its identity's group (bench.run.identity: tag and configuration, less dataset and
+    model), so the models of one experiment share a table and other experiments or swept values do not."""
+    return str((manifest.get("identity") or {}).get("group") or "legacy")
+
+
+def groups(results: Results) -> dict[str, tuple[Results, list[str]]]:
+    """Split `results` by `group_of`: {group: (its results, notes)}. Within a group, a (dataset, model) with
+    several runs keeps the newest (by `finished`); each superseded run is named in the notes, never mixed in."""
+    by_group: dict[str, dict[tuple[str, str], list[int]]] = {}
+    for i, m in enumerate(results.manifests):
+        by_group.setdefault(group_of(m), {}).setdefault((m["dataset"], m["model"]), []).append(i)
+    out = {}
+    for group, pairs in sorted(by_group.items()):
+        keep, notes = [], []
+        for (dataset, model), idx in sorted(pairs.items()):
+            idx = sorted(idx, key=lambda i: str(results.manifests[i].get("finished", "")))
+            keep.append(idx[-1])
+            notes += [f"{dataset} / {model}: run {results.manifests[i]['run_id']} ({results.paths[i].parent}) is "
+                      f"superseded by the newer run {results.manifests[idx[-1]]['run_id']} and left out" for i in idx[:-1]]
+        runs = {results.manifests[i]["run_id"] for i in keep}
+        out[group] = (replace(results, scores=_rows_of(results.scores, runs), curves=_rows_of(results.curves, runs),
+                              failures=_rows_of(results.failures, runs), samples=_rows_of(results.samples, runs),
+                              manifests=[results.manifests[i] for i in keep],
+                              paths=[results.paths[i] for i in keep]), notes)
+    return out
+
+
+def _rows_of(table: pd.DataFrame, runs: set[str]) -> pd.DataFrame:
+    """The rows of `table` whose run_id is one of `runs`."""
+    return table[table["run_id"].astype(str).isin(runs)].reset_index(drop=True)
 
 
 def bootstrap_ci(values: np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
@@ -95,7 +137,10 @@ def leaderboard(results: Results, *, n_boot: int = 1000, seed: int = 0) -> pd.Da
     """
     scores = results.scores[~results.scores["score"].str.contains("@", regex=False)]
     board = _summarise(scores, _BOARD_KEYS, value="value", n_boot=n_boot, seed=seed)
-    board = board.merge(results.meta, on=["metric", "score"], how="left", validate="many_to_one")
+    means, meta = _class_means(results, n_boot=n_boot, seed=seed)
+    board = pd.concat([board, means], ignore_index=True) if len(means) else board
+    board = board.merge(pd.concat([results.meta, meta], ignore_index=True) if len(meta) else results.meta,
+                        on=["metric", "score"], how="left", validate="many_to_one")
     missing = board.loc[board["higher_is_better"].isna(), ["metric", "score"]].drop_duplicates()
     if len(missing):
         names = ", ".join(missing["metric"] + "/" + missing["score"])
@@ -104,6 +149,51 @@ def leaderboard(results: Results, *, n_boot: int = 1000, seed: int = 0) -> pd.Da
     key = board["mean"].where(~board["higher_is_better"], -board["mean"])   # smaller key = better
     board["rank"] = key.groupby([board[c] for c in _COLUMN_KEYS]).rank(method="average", na_option="bottom")
     return board
+
+
+def _class_means(results: Results, *, n_boot: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Leaderboard rows `<score>_class_mean` for the scores whose papers report the mean over classes
+    (metrics.localization.CLASS_MEAN_SCORES, by each run's metric `_target_`: the pointing game, as Zhang et
+    al. and TorchRay): `metrics.class_mean` of the samples' scores and classes (the run's samples table), a
+    percentile bootstrap CI over samples as `bootstrap_ci`; and their directions (the score's own)."""
+    from metrics.localization import CLASS_MEAN_SCORES, class_mean
+
+    wanted = {(m["run_id"], name, score) for m in results.manifests
+              for name, node in ((m.get("config") or {}).get("metric") or {}).items()
+              for score in CLASS_MEAN_SCORES.get(str((node or {}).get("_target_")), ())}
+    s = results.scores
+    rows = s[[k in wanted for k in zip(s["run_id"], s["metric"], s["score"])]]
+    rows = rows.merge(results.samples, on=["run_id", "sample_id"], how="inner")
+    if rows.empty:
+        return pd.DataFrame(columns=_BOARD_KEYS + _STATS), pd.DataFrame(columns=META_COLUMNS)
+    out = []
+    for key, g in rows.groupby(_BOARD_KEYS, sort=True):
+        v, c = g["value"].to_numpy(np.float64), g["target"].to_numpy(np.int64)
+        low, high = _class_mean_ci(v, c, n_boot=n_boot, seed=seed)
+        mean = float(class_mean(torch.from_numpy(v), torch.from_numpy(c)))
+        out.append({**dict(zip(_BOARD_KEYS, key)), "score": f"{key[-1]}_class_mean", "mean": mean, "ci_low": low,
+                    "ci_high": high, "n": int(np.isfinite(v).sum()), "n_nan": int((~np.isfinite(v)).sum())})
+    means = pd.DataFrame(out, columns=_BOARD_KEYS + _STATS)
+    meta = results.meta.merge(rows[["metric", "score"]].drop_duplicates(), on=["metric", "score"])
+    return means, meta.assign(score=meta["score"] + "_class_mean")
+
+
+def _class_mean_ci(values: np.ndarray, classes: np.ndarray, *, n_boot: int, seed: int) -> tuple[float, float]:
+    """`bootstrap_ci` of the class mean: the same resampled indices over the finite values, the mean over the
+    classes present in each resample of each class's mean."""
+    keep = np.isfinite(values)
+    v, c = values[keep], classes[keep]
+    if v.size < 2:
+        return (np.nan, np.nan)
+    idx = np.random.default_rng(seed).integers(0, v.size, size=(n_boot, v.size))     # (n_boot, n)
+    k = int(c.max()) + 1
+    flat = (np.arange(n_boot)[:, None] * k + c[idx]).ravel()                          # (n_boot * n,)
+    sums = np.bincount(flat, weights=v[idx].ravel(), minlength=n_boot * k).reshape(n_boot, k)
+    counts = np.bincount(flat, minlength=n_boot * k).reshape(n_boot, k)
+    with np.errstate(invalid="ignore"):
+        means = np.nanmean(np.where(counts > 0, sums / np.maximum(counts, 1), np.nan), axis=1)   # (n_boot,)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return (float(low), float(high))
 
 
 def overall_rank(board: pd.DataFrame) -> pd.DataFrame:
@@ -180,32 +270,50 @@ def cost(results: Results) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["dataset", "model", "kind", "name", "seconds", "seconds_per_sample"])
 
 # Randomization tests of the sanity table: metric function -> its score there (Spearman of |maps|)
-SANITY_TESTS = {"metrics.mprt": "spearman", "metrics.smprt": "spearman", "metrics.random_logit": "spearman",
-                "metrics.data_randomization": "spearman"}
-SANITY_COLUMNS = ["dataset", "model", "method", "metric", "score", "mean", "ci_low", "ci_high", "n", "n_nan",
+SANITY_TESTS = ("metrics.mprt", "metrics.smprt", "metrics.random_logit", "metrics.data_randomization")
+SANITY_SCORES = ("spearman", "spearman_signed")      # Adebayo et al.'s ABS and signed maps, side by side
+SANITY_STAGED = ("metrics.mprt", "metrics.smprt")     # cascading: also after the first stage (the logit layer)
+SANITY_COLUMNS = ["dataset", "model", "method", "metric", "score", "stage", "mean", "ci_low", "ci_high", "n", "n_nan",
                   "threshold", "passed"]
 
 
-def sanity(board: pd.DataFrame, manifests: list[dict], *, threshold: float = 0.3) -> pd.DataFrame:
+def sanity(board: pd.DataFrame, manifests: list[dict], *, threshold: float = 0.3, results: Results | None = None,
+           n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """The sanity table (Adebayo et al. 2018): per (dataset, model, method) and randomization test,
-    the Spearman correlation of the absolute maps before and after the change, mean and 95% CI
-    over samples (from `board`). Tests: mprt / smprt in a cascading order (the score after the last
-    stage: every layer randomized; `independent` is left out, its last stage is one layer),
-    random_logit (map for another class) and data_randomization (model trained on permuted labels),
-    found by each run's `_target_`, whatever the metric's name. passed = mean < threshold: the map
-    changed with the model (a control such as edge fails); NaN where every sample is undefined.
+    the Spearman correlation of the ABS maps (sum_c |E_c|, `spearman`) and of the signed maps
+    (sum_c E_c, `spearman_signed`) before and after the change, mean and 95% CI over samples (from
+    `board`). Tests: mprt / smprt in a cascading order (stage "last": every layer randomized;
+    `independent` is left out, its last stage is one layer), random_logit (map for another class)
+    and data_randomization (model trained on permuted labels), found by each run's `_target_`,
+    whatever the metric's name. With `results`, cascading tests also get their first stage (the
+    layer randomized first, the logit layer top-down: the paper's gradual decorrelation), summarised
+    as `leaderboard` does. passed = |mean| < threshold: the map changed with the model (a control such
+    as edge fails; a strongly anti-correlated signed map has not changed either); NaN where every
+    sample is undefined.
     """
     if not 0 < threshold <= 1:
         raise ValueError(f"sanity threshold must be in (0, 1] (a Spearman correlation), got {threshold}")
-    keep = set()
+    keep, staged = set(), set()
     for m in manifests:
         for name, node in ((m.get("config") or {}).get("metric") or {}).items():
-            score = SANITY_TESTS.get(str((node or {}).get("_target_")))
-            if score and (node or {}).get("order", "cascading") != "independent":
-                keep.add((m["dataset"], m["model"], name, score))
+            target = str((node or {}).get("_target_"))
+            if target in SANITY_TESTS and (node or {}).get("order", "cascading") != "independent":
+                keep |= {(m["dataset"], m["model"], name, score) for score in SANITY_SCORES}
+                if target in SANITY_STAGED:
+                    staged.add((m["dataset"], m["model"], name))
     rows = board[[k in keep for k in zip(board["dataset"], board["model"], board["metric"], board["score"])]]
-    out = rows.assign(threshold=threshold, passed=(rows["mean"] < threshold).astype(object).where(rows["mean"].notna()))
-    return out[SANITY_COLUMNS].sort_values(["dataset", "model", "metric", "method"], ignore_index=True)
+    rows = rows.assign(stage="last")
+    if results is not None and staged and len(results.curves):
+        c = results.curves
+        first = c[(c["step"] == 0) & c["curve"].isin(SANITY_SCORES) & c["x_label"].astype(str).ne("")]
+        first = first[[k in staged for k in zip(first["dataset"], first["model"], first["metric"])]]
+        first = first.assign(stage=first["x_label"].astype(str), score=first["curve"].astype(str), value=first["y"])
+        summary = _summarise(first, _BOARD_KEYS + ["stage"], value="value", n_boot=n_boot, seed=seed)
+        rows = pd.concat([rows, summary], ignore_index=True)
+    passed = (rows["mean"].abs() < threshold).astype(object).where(rows["mean"].notna())
+    out = rows.assign(threshold=threshold, passed=passed)
+    out = out.assign(_last=out["stage"].eq("last"))
+    return out.sort_values(["dataset", "model", "metric", "_last", "score", "method"], ignore_index=True)[SANITY_COLUMNS]
 
 
 def format_sanity(table: pd.DataFrame) -> str:
@@ -215,13 +323,18 @@ def format_sanity(table: pd.DataFrame) -> str:
     threshold = float(table["threshold"].iloc[0])
     verdict = table["passed"].map({True: "pass", False: "fail"}).fillna("undefined")
     cells = table.assign(cell=[f"{m:.3g} [{lo:.3g}, {hi:.3g}] {v}" if np.isfinite(m) else f"– {v}"
-                               for m, lo, hi, v in zip(table["mean"], table["ci_low"], table["ci_high"], verdict)])
-    sections = [f"Spearman rank correlation of the absolute maps before and after each randomization (mprt: "
-                f"every layer randomized; random_logit: another class; data_randomization: model trained on "
-                f"permuted labels), mean [95% CI] over samples. pass: mean < {threshold:g}, the map changed "
-                f"with the model; controls (edge, random) are expected to fail.\n"]
+                               for m, lo, hi, v in zip(table["mean"], table["ci_low"], table["ci_high"], verdict)],
+                         column=[f"{metric} {'signed' if score == 'spearman_signed' else 'ABS'}"
+                                 + ("" if stage == "last" else f" @{stage}")
+                                 for metric, score, stage in zip(table["metric"], table["score"], table["stage"])])
+    sections = [f"Spearman rank correlation of the maps before and after each randomization, ABS (sum_c |E_c|) and "
+                f"signed (sum_c E_c) side by side (mprt: every layer randomized, `@layer`: after the first stage "
+                f"alone; random_logit: another class; data_randomization: model trained on permuted labels), "
+                f"mean [95% CI] over samples. pass: |mean| < {threshold:g}, the map changed with the model; controls "
+                f"(edge) are expected to fail.\n"]
     for (dataset, model), part in cells.groupby(["dataset", "model"], sort=True):
-        wide = part.pivot(index="method", columns="metric", values="cell").fillna("–")
+        wide = part.pivot(index="method", columns="column", values="cell").fillna("–")
+        wide = wide[list(dict.fromkeys(part["column"]))]                       # the table's order, first stage first
         sections.append(f"## {dataset} / {model}\n\n{_markdown(wide)}\n")
     return "\n".join(sections)
 
@@ -230,6 +343,36 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot:
                  gallery: bool = False, sanity_threshold: float = 0.3) -> Path:
     """Write the report into ``<root>/report`` (or `out_dir`) and return the folder; every file atomically.
 
+    One report per run group (`groups`): with one group (one experiment over its models) the files lie in
+    the folder itself; with several, each group's in ``<folder>/<group>/`` and an index.md lists them, so two
+    experiments, or two values of a sweep, never share a table. The files of one report are `_write_group`'s.
+    """
+    out = Path(root) / "report" if out_dir is None else Path(out_dir)
+    split = groups(load(root))
+    if len(split) == 1:
+        (results, notes), = split.values()
+        return _write_group(results, notes, out, n_boot=n_boot, seed=seed, gallery=gallery,
+                            sanity_threshold=sanity_threshold)
+    for stale in out.glob("*.*"):                       # a single report written here before: it would read as current
+        if stale.is_file() and stale.suffix in {".csv", ".md", ".tex", ".parquet", ".png", ".pdf", ".html"}:
+            stale.unlink()
+    lines = ["# Runs below this folder, one report per group", ""]
+    for group, (results, notes) in split.items():
+        _write_group(results, notes, out / group, n_boot=n_boot, seed=seed, gallery=gallery,
+                     sanity_threshold=sanity_threshold)
+        runs = ", ".join(f"{m['dataset']}/{m['model']}" for m in results.manifests)
+        overrides = sorted({o for m in results.manifests for o in (m.get("identity") or {}).get("overrides", [])
+                            if not o.startswith(("model=", "dataset="))})
+        lines.append(f"- [{group}]({group}/leaderboard.md): {runs}" + (f"; {' '.join(overrides)}" if overrides else ""))
+    write_atomic(out / "index.md", partial(Path.write_text, data="\n".join(lines) + "\n", encoding="utf-8"))
+    print(f"{len(split)} report groups written to {out} (index.md)")
+    return out
+
+
+def _write_group(results: Results, notes: list[str], out: Path, *, n_boot: int, seed: int, gallery: bool,
+                 sanity_threshold: float) -> Path:
+    """One group's report into `out`, every file atomically.
+
     Tables: leaderboard.{csv,md,tex,parquet}, overall_rank.csv, significance.csv (Friedman, critical
     difference, reliability), pairwise.csv (Wilcoxon + Holm), agreement.csv (Kendall tau between
     metrics), cost.csv, failures.csv, sanity.{csv,md} (randomization tests, pass/fail at
@@ -237,12 +380,13 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot:
     cd_*; with `gallery`, gallery_* and mprt_grid_* (bench.gallery, maps recomputed from the cached models).
     Page: leaderboard.html, self-contained, with every figure and manifest.
     """
-    results = load(root)
-    out = Path(root) / "report" if out_dir is None else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)                        # hidden half-written files of a killed report
     board = leaderboard(results, n_boot=n_boot, seed=seed)
     markdown = format_leaderboard(board)
+    for note in notes:
+        log.warning("report: %s", note)
+        markdown += f"\nNote: {note}.\n"
     if len(results.failures):
         markdown += f"\n{len(results.failures)} failed cells: see failures.csv\n"
         write_atomic(out / "failures.csv", partial(results.failures.to_csv, index=False))
@@ -258,7 +402,8 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot:
               "agreement": stats.metric_agreement(board), "cost": cost(results)}
     for name, table in tables.items():
         write_atomic(out / f"{name}.csv", partial(table.to_csv, index=False))
-    sanity_table = sanity(board, results.manifests, threshold=sanity_threshold)
+    sanity_table = sanity(board, results.manifests, threshold=sanity_threshold, results=results, n_boot=n_boot,
+                          seed=seed)
     write_atomic(out / "sanity.csv", partial(sanity_table.to_csv, index=False))
     write_atomic(out / "sanity.md", partial(Path.write_text, data=format_sanity(sanity_table), encoding="utf-8"))
     from bench import figures as fig                    # matplotlib and seaborn only when figures are due
@@ -267,7 +412,8 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot:
         figures += fig.plot_critical_difference(tests["ranks"], tests["friedman"], out)
     if gallery:                                         # gallery_*, mprt_grid_*: maps recomputed by bench.gallery
         from bench.gallery import write_gallery
-        figures += write_gallery(root, out, errors="warn")
+        for path in results.paths:
+            figures += write_gallery(path.parent, out, errors="warn")
     page = render_page(board, overall_rank(board), figures, results.manifests, sanity=sanity_table)
     write_atomic(out / "leaderboard.html", partial(Path.write_text, data=page, encoding="utf-8"))
     print(markdown)

@@ -186,3 +186,27 @@ def test_main_on_an_empty_folder_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "no manifest.json" in err and "python -m bench" in err and "Traceback" not in err
+
+
+def test_pointing_game_class_mean_row(tmp_path: Path) -> None:
+    """The pointing game's papers (Zhang et al. 2018, TorchRay) report the mean over classes of each class's hit
+    rate: the leaderboard adds hit_class_mean beside the sample mean, from the run's samples table. Class 0 has
+    three samples, class 1 one: alpha hits [1, 1, 1 | 0] -> sample mean 0.75, class mean (1 + 0) / 2 = 0.5;
+    beta [0, 1, NaN | 1] -> sample mean 2/3, class mean (0.5 + 1) / 2 = 0.75 (NaN skipped, as TorchRay)."""
+    scores = {("pg", "hit"): {"alpha": [1.0, 1.0, 1.0, 0.0], "beta": [0.0, 1.0, NAN, 1.0]}}
+    run = _write_run(tmp_path, "shapes-cnn-1", "cnn", scores, meta=[{"metric": "pg", "score": "hit",
+                                                                      "higher_is_better": True}])
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest |= {"config": {"metric": {"pg": {"_target_": "metrics.pointing_game"}}}, "samples": "samples.parquet"}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    pd.DataFrame({"sample_id": np.arange(4), "target": [0, 0, 0, 1]}).to_parquet(run / "samples.parquet")
+    board = leaderboard(load(tmp_path), n_boot=200, seed=0).set_index(["method", "score"])
+    assert board.loc[("alpha", "hit"), "mean"] == pytest.approx(0.75)
+    assert board.loc[("alpha", "hit_class_mean"), "mean"] == pytest.approx(0.5)
+    assert board.loc[("beta", "hit"), "mean"] == pytest.approx(2 / 3)
+    assert board.loc[("beta", "hit_class_mean"), "mean"] == pytest.approx(0.75)
+    assert tuple(board.loc[("beta", "hit_class_mean"), ["n", "n_nan"]]) == (3, 1)
+    assert board.loc[("beta", "hit_class_mean"), "higher_is_better"] == True              # noqa: E712
+    assert board.loc[("beta", "hit_class_mean"), "rank"] == 1.0                           # 0.75 > 0.5
+    low, high = board.loc[("alpha", "hit_class_mean"), ["ci_low", "ci_high"]]
+    assert 0.0 <= low <= 0.5 <= high <= 1.0

@@ -24,6 +24,7 @@ CONFIG = {"mprt": {"_target_": "metrics.mprt", "order": "cascading_top_down"},
 SCORES = {
     ("mprt", "spearman"): {"saliency": [0.1, 0.2, 0.3, NAN], "edge": [1.0] * 4, "grad_cam": [NAN] * 4},
     ("mprt", "spearman@fc"): {"saliency": [0.9] * 4, "edge": [1.0] * 4, "grad_cam": [NAN] * 4},
+    ("mprt", "spearman_signed"): {"saliency": [-0.1, 0.1, -0.2, 0.0], "edge": [-0.9] * 4, "grad_cam": [0.5] * 4},
     ("mprt", "ssim"): {"saliency": [0.0] * 4, "edge": [1.0] * 4, "grad_cam": [0.0] * 4},
     ("mprt_independent", "spearman"): {"saliency": [0.5] * 4, "edge": [1.0] * 4, "grad_cam": [0.2] * 4},
     ("rl", "spearman"): {"saliency": [0.25, 0.35, 0.3, 0.3], "edge": [1.0] * 4, "grad_cam": [0.1] * 4},
@@ -59,8 +60,16 @@ def tree(tmp_path: Path) -> Path:
 def test_sanity_rows_values_and_verdicts(tree: Path) -> None:
     results = load(tree)
     table = sanity(leaderboard(results, n_boot=200, seed=1), results.manifests, threshold=0.3)
-    # cascading mprt and random logit (named "rl") only: not independent mprt, pixel flipping, ssim or @stages
-    assert sorted(set(zip(table["metric"], table["score"]))) == [("mprt", "spearman"), ("rl", "spearman")]
+    # cascading mprt and random logit (named "rl") only, ABS and signed: not independent mprt, pixel flipping, ssim
+    # or @stages (without `results`, no first stage)
+    assert sorted(set(zip(table["metric"], table["score"]))) == [("mprt", "spearman"), ("mprt", "spearman_signed"),
+                                                                  ("rl", "spearman")]
+    assert (table["stage"] == "last").all()
+    signed = table[table.score == "spearman_signed"].set_index("method")
+    assert signed.loc["saliency", "mean"] == pytest.approx(-0.05) and signed.loc["saliency", "passed"] is True
+    assert signed.loc["edge", "passed"] is False                                         # |-0.9|: not changed
+    assert signed.loc["grad_cam", "passed"] is False
+    table = table[table.score == "spearman"]
     rows = table.set_index(["metric", "method"])
     assert rows.loc[("mprt", "saliency"), "mean"] == pytest.approx(0.2, abs=1e-15)       # (0.1 + 0.2 + 0.3) / 3
     assert tuple(rows.loc[("mprt", "saliency"), ["n", "n_nan"]]) == (3, 1)
@@ -74,6 +83,7 @@ def test_sanity_rows_values_and_verdicts(tree: Path) -> None:
     assert pd.isna(verdict[("mprt", "grad_cam")])                                         # every sample undefined
     assert (table["threshold"] == 0.3).all()
     stricter = sanity(leaderboard(results, n_boot=200, seed=1), results.manifests, threshold=0.15)
+    stricter = stricter[stricter.score == "spearman"]
     assert stricter.set_index(["metric", "method"]).loc[("mprt", "saliency"), "passed"] is False
     with pytest.raises(ValueError, match="threshold must be in"):
         sanity(leaderboard(results, n_boot=20), results.manifests, threshold=1.5)
@@ -84,20 +94,47 @@ def test_format_sanity_markdown(tree: Path) -> None:
     table = sanity(leaderboard(results, n_boot=200, seed=1), results.manifests, threshold=0.3)
     text = format_sanity(table)
     lo, hi = bootstrap_ci(np.array(SCORES["mprt", "spearman"]["saliency"]), n_boot=200, seed=1)
-    assert "pass: mean < 0.3" in text and "## shapes / cnn" in text
-    assert "| method | mprt | rl |" in text
-    assert f"| saliency | 0.2 [{lo:.3g}, {hi:.3g}] pass | 0.3 [" in text
-    assert "| edge | 1 [1, 1] fail | 1 [1, 1] fail |" in text
-    assert "| grad_cam | – undefined | 0.1 [0.1, 0.1] pass |" in text
+    assert "pass: |mean| < 0.3" in text and "## shapes / cnn" in text
+    assert "| method | mprt ABS | mprt signed | rl ABS |" in text
+    assert f"| saliency | 0.2 [{lo:.3g}, {hi:.3g}] pass | -0.05 [" in text and "] pass | 0.3 [" in text
+    assert "| edge | 1 [1, 1] fail | -0.9 [-0.9, -0.9] fail | 1 [1, 1] fail |" in text
+    assert "| grad_cam | – undefined | 0.5 [0.5, 0.5] fail | 0.1 [0.1, 0.1] pass |" in text
     assert format_sanity(table.iloc[:0]).startswith("No randomization tests")
 
 
 def test_write_report_writes_sanity_files_and_page_section(tree: Path) -> None:
     out = write_report(tree, n_boot=50, sanity_threshold=0.25)
     csv = pd.read_csv(out / "sanity.csv")
-    assert len(csv) == 6 and (csv["threshold"] == 0.25).all()
+    assert len(csv) == 9 and (csv["threshold"] == 0.25).all()
     assert csv.set_index(["metric", "method"]).loc[("rl", "grad_cam"), "passed"]
     assert (out / "sanity.md").read_text(encoding="utf-8").startswith("Spearman rank correlation")
     page = (out / "leaderboard.html").read_text(encoding="utf-8")
-    assert '<table id="sanity">' in page and "mean &lt; 0.25" in page
-    assert page.count('class="fail">fail</td>') == 3 and page.count('class="undefined">undefined</td>') == 1
+    assert '<table id="sanity">' in page and "|mean| &lt; 0.25" in page
+    assert page.count('class="fail">fail</td>') == 5 and page.count('class="undefined">undefined</td>') == 1
+
+
+def test_sanity_first_stage_from_the_curves(tmp_path: Path) -> None:
+    """With the results, cascading MPRT also shows its first stage (the paper's "after the logit layer"), read
+    off the stored curves (step 0 and its layer label), ABS and signed."""
+    _write_run(tmp_path)
+    run = tmp_path / "shapes" / "cnn"
+    manifest = json.loads((run / "manifest.json").read_text())
+    keys = {"run_id": "shapes-cnn-1", "dataset": "shapes", "model": "cnn", "metric": "mprt"}
+    for cell in manifest["cells"]:
+        if cell["metric"] == "mprt":
+            first = {"saliency": [0.9, 0.7, 0.8, 0.6], "edge": [1.0] * 4, "grad_cam": [NAN] * 4}[cell["method"]]
+            curves = pd.concat([pd.DataFrame({"curve": c, "sample_id": np.arange(4), "step": step, "x": step + 1.0,
+                                              "x_label": label, "y": np.array(y, dtype=np.float64)})
+                                for c, sign in (("spearman", 1), ("spearman_signed", -1))
+                                for step, label, y in ((0, "fc", [sign * v for v in first]), (1, "conv", [0.0] * 4))])
+            cell["curves"] = cell["scores"].replace(".scores.", ".curves.")
+            curves.assign(**keys, method=cell["method"]).to_parquet(run / cell["curves"])
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    results = load(tmp_path)
+    table = sanity(leaderboard(results, n_boot=50), results.manifests, threshold=0.3, results=results, n_boot=50)
+    first = table[table.stage == "fc"].set_index(["score", "method"])
+    assert first.loc[("spearman", "saliency"), "mean"] == pytest.approx(0.75)
+    assert first.loc[("spearman_signed", "saliency"), "mean"] == pytest.approx(-0.75)
+    assert first.loc[("spearman", "saliency"), "passed"] is False and pd.isna(first.loc[("spearman", "grad_cam"), "passed"])
+    assert set(table.stage) == {"fc", "last"} and len(first) == 6                       # rl has no stages
+    assert "mprt ABS @fc" in format_sanity(table)
