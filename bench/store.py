@@ -421,7 +421,7 @@ def remove_parts(run_dir: Path) -> int:
 def write_error_text(run_dir: Path, error: OSError) -> str:
     """One line for a run stopped by an OSError (a full disk above all), naming the results folder and the file."""
     what = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (error.strerror or str(error))
-    where = f" while writing {error.filename}" if error.filename else ""
+    where = f" on {error.filename}" if error.filename else ""
     return f"results folder {str(run_dir)!r}: the run stopped{where}: {what} ({type(error).__name__}: {error})"
 
 

@@ -202,7 +202,7 @@ def test_chunked_retries_only_out_of_memory_and_only_once():
 def test_ctrl_c_keeps_completed_cells_and_the_next_run_resumes(env, tmp_path):
     cache, user = env
     cfg = _cfg(cache, metrics={"mean_map": ("mean_map", {})}, methods=CLEAN)          # saliency first, then clean
-    whole = run(cfg, out_dir=tmp_path / "whole")
+    whole = run(cfg, out_dir=tmp_path / "serial" / "whole")   # not beside `out`: no cell copied
     out = tmp_path / "out"
     user.CALLS["stop_at"] = user.CALLS["samples"] + PROBE + 4 + 1    # the probe, clean's first batch, then Ctrl-C
     try:
@@ -215,7 +215,7 @@ def test_ctrl_c_keeps_completed_cells_and_the_next_run_resumes(env, tmp_path):
     assert not list(out.rglob("*.part")) and len(list(_one(out, "cells").glob("*.scores.parquet"))) == 2
     resumed = run(cfg, out_dir=out)
     assert resumed["skipped"] == 2 and resumed["status"] == "complete" and len(resumed["cells"]) == 4
-    assert _scores(out).equals(_scores(tmp_path / "whole")) and len(whole["cells"]) == 4
+    assert _scores(out).equals(_scores(tmp_path / "serial")) and len(whole["cells"]) == 4
 
 
 def test_changing_one_method_parameter_recomputes_only_its_cells(env, tmp_path):
@@ -296,7 +296,7 @@ def test_a_full_disk_keeps_the_manifest_of_the_completed_cells(env, tmp_path, mo
     """A disk that filled mid-run ended with a raw OSError and no manifest."""
     cache, _ = env
     cfg = _cfg(cache, metrics={"mean_map": ("mean_map", {})}, methods=CLEAN)      # saliency, then clean
-    whole = tmp_path / "whole"
+    whole = tmp_path / "serial" / "whole"                     # not beside `out`: its cells are not copied
     run(cfg, out_dir=whole)
     append, calls = store.CellWriter.append, []
 
@@ -313,7 +313,7 @@ def test_a_full_disk_keeps_the_manifest_of_the_completed_cells(env, tmp_path, mo
     monkeypatch.setattr(store.CellWriter, "append", append)
     manifest_path = _one(out, "manifest.json")
     message = str(raised.value)
-    assert message.startswith(f"results folder {str(manifest_path.parent)!r}: the run stopped while writing ")
+    assert message.startswith(f"results folder {str(manifest_path.parent)!r}: the run stopped on ")
     assert "clean__" in message and ": the disk is full (OSError: [Errno 28] No space left on device: " in message
     assert f"2 of 4 cells are stored and listed in {manifest_path} (status 'failed')" in message
     manifest = json.loads(manifest_path.read_text())
