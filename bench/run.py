@@ -391,7 +391,7 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
                 if todo[method_name]:
                     lost += _run_method(method_name, method, model, dataset, {k: metrics[k] for k in todo[method_name]},
                                         {k: paths[method_name, k] for k in todo[method_name]}, cfg, device, extra,
-                                        out_dir / "maps" if cfg.get("cache_maps", False) else None,
+                                        out_dir.parent / "maps" if cfg.get("cache_maps", False) else None,
                                         method_keys[method_name], timings, retries, {"run_id": run_id, **names},
                                         n_samples=data["n"])
         except KeyboardInterrupt:

@@ -239,11 +239,12 @@ def test_changing_one_method_parameter_recomputes_only_its_cells(env, tmp_path):
 
 def test_map_cache_lets_a_new_metric_reuse_the_maps(env, tmp_path):
     cache, user = env
-    out = tmp_path / "out"
+    out = tmp_path / "runs" / "first"
     run(_cfg(cache, "method=[]", "cache_maps=true", methods=CLEAN), out_dir=out)
-    maps = sorted(out.rglob("*.pt"))
+    maps = sorted((tmp_path / "runs" / "maps").rglob("*.pt"))               # shared by the run folders beside it
     assert len(maps) == 3 and torch.load(maps[0], weights_only=True)["maps"].shape == (4, 3, 32, 32)   # raw
     calls = user.CALLS["samples"]
+    out = tmp_path / "runs" / "second"                                      # another configuration: its own folder
     manifest = run(_cfg(cache, "method=[]", "cache_maps=true", methods=CLEAN, metrics={"mean_map": ("mean_map", {})}),
                    out_dir=out)
     assert user.CALLS["samples"] - calls == PROBE                          # only the probe: no map recomputed

@@ -41,17 +41,17 @@ def test_killed_run_resumes_without_losing_or_duplicating_cells(tmp_path: Path) 
     done = subprocess.run(_bench(tmp_path, "whole", "model=small_cnn"), cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    cells = tmp_path / "killed/shapes/small_cnn/cells"
+    run = tmp_path / "killed/shapes/small_cnn"                          # the run's folder is run/<tag>-<digest>
     proc = subprocess.Popen(_bench(tmp_path, "killed", "model=small_cnn"), cwd=tmp_path, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while not list(cells.glob("*.scores.parquet")) and time.monotonic() < deadline and proc.poll() is None:
+    while not list(run.glob("*/cells/*.scores.parquet")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)                                   # no chance to clean up
     proc.wait()
-    stored = len(list(cells.glob("*.scores.parquet")))
+    stored = len(list(run.glob("*/cells/*.scores.parquet")))
     assert 1 <= stored < 8, f"the kill should land mid-run, {stored} of 8 cells were stored"
-    assert not (cells.parent / "manifest.json").exists()
+    assert not list(run.glob("*/manifest.json"))
     resumed = subprocess.run(_bench(tmp_path, "killed", "model=small_cnn"), cwd=tmp_path, env=_env(),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
