@@ -119,7 +119,8 @@ def test_gallery_and_grid_of_a_stored_run(tiny: SimpleNamespace):
     # Spearman of the grid's first and last saliency panels, by scipy, is mprt's final "spearman" score
     m = grid.maps["saliency"][:, 0].abs().flatten(1).numpy()          # (S + 1, HW)
     assert spearmanr(m[0], m[-1]).statistic == pytest.approx(s["saliency", "spearman"], abs=1e-6)
-    assert s["random", "spearman"] == pytest.approx(1.0, abs=1e-6)   # the map ignores the model
+    # the random control is drawn per (model, class): a randomized model gets a new draw, chance similarity
+    assert abs(s["random", "spearman"]) < 0.1
 
 
 def test_report_draws_morf_and_lerf_in_one_figure_and_embeds_the_gallery(tiny: SimpleNamespace):
