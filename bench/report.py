@@ -129,13 +129,15 @@ def bootstrap_ci(values: np.ndarray, *, n_boot: int = 1000, level: float = 0.95,
 
 
 def leaderboard(results: Results, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Tidy leaderboard: one row per (dataset, model, method, metric, score), "@" detail scores excluded.
+    """Tidy leaderboard: one row per (dataset, model, method, metric, score), "@" stage scores and "_std"
+    spreads of repeated randomization draws excluded (they describe a score, they are not ranked).
 
     mean and n use the n non-NaN samples, n_nan counts the undefined ones; ci_low/ci_high
     are `bootstrap_ci` at 95%. rank orders methods within each (dataset, model, metric,
     score) by mean in the score's direction: 1 = best, ties averaged, NaN mean last.
     """
-    scores = results.scores[~results.scores["score"].str.contains("@", regex=False)]
+    detail = results.scores["score"].str.contains("@", regex=False) | results.scores["score"].str.endswith("_std")
+    scores = results.scores[~detail]                        # per-stage scores and the spread of repeated draws
     board = _summarise(scores, _BOARD_KEYS, value="value", n_boot=n_boot, seed=seed)
     means, meta = _class_means(results, n_boot=n_boot, seed=seed)
     board = pd.concat([board, means], ignore_index=True) if len(means) else board

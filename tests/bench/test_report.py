@@ -103,10 +103,10 @@ def test_load_rejects_conflicting_directions_and_empty_folders(tmp_path: Path) -
 
 def test_leaderboard_means_nan_counts_and_ranks(tree: Path) -> None:
     board = leaderboard(load(tree), n_boot=200, seed=1)
-    assert not board["score"].str.contains("@").any()
+    assert not board["score"].str.contains("@").any() and not board["score"].str.endswith("_std").any()
     cnn = board[board["model"] == "cnn"].set_index(["metric", "score", "method"])
     for (metric, score), values in SCORES.items():
-        if "@" in score:
+        if "@" in score or score.endswith("_std"):
             continue
         for method, v in values.items():
             row = cnn.loc[(metric, score, method)]
@@ -210,3 +210,15 @@ def test_pointing_game_class_mean_row(tmp_path: Path) -> None:
     assert board.loc[("beta", "hit_class_mean"), "rank"] == 1.0                           # 0.75 > 0.5
     low, high = board.loc[("alpha", "hit_class_mean"), ["ci_low", "ci_high"]]
     assert 0.0 <= low <= 0.5 <= high <= 1.0
+
+
+def test_spread_of_repeated_draws_is_not_ranked(tmp_path: Path) -> None:
+    """`<score>_std` (the sd over a randomization test's repeated draws) describes a score: stored, not a
+    leaderboard column."""
+    scores = {("mprt", "spearman"): SCORES["mprt", "spearman"],
+              ("mprt", "spearman_std"): {"alpha": [0.05] * 4, "beta": [0.01] * 4, "gamma": [0.02] * 4}}
+    _write_run(tmp_path, "shapes-cnn-1", "cnn", scores,
+               meta=[META[3], {"metric": "mprt", "score": "spearman_std", "higher_is_better": False}])
+    results = load(tmp_path)
+    assert "spearman_std" in set(results.scores["score"])
+    assert set(leaderboard(results, n_boot=20)["score"]) == {"spearman"}
