@@ -172,7 +172,7 @@ def _class_means(results: Results, *, n_boot: int, seed: int) -> tuple[pd.DataFr
     for key, g in rows.groupby(_BOARD_KEYS, sort=True):
         v, c = g["value"].to_numpy(np.float64), g["target"].to_numpy(np.int64)
         low, high = _class_mean_ci(v, c, n_boot=n_boot, seed=seed)
-        mean = float(class_mean(torch.from_numpy(v), torch.from_numpy(c)))
+        mean = float(class_mean(torch.tensor(v), torch.tensor(c)))
         out.append({**dict(zip(_BOARD_KEYS, key)), "score": f"{key[-1]}_class_mean", "mean": mean, "ci_low": low,
                     "ci_high": high, "n": int(np.isfinite(v).sum()), "n_nan": int((~np.isfinite(v)).sum())})
     means = pd.DataFrame(out, columns=_BOARD_KEYS + _STATS)
