@@ -35,6 +35,20 @@ def hydra_target(argv: list[str]) -> str | None:
     return None
 
 
+def unwritable_results_dir(argv: list[str]) -> str | None:
+    """A message when the results folder (`results_dir=` on the command line, else conf/config.yaml's
+    `results`) cannot be created or written: Hydra creates it before the run's own check, and would end
+    in a traceback."""
+    from bench.store import check_writable
+
+    given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("results_dir=")]
+    try:
+        check_writable(Path(given[-1] if given else "results").expanduser())
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def unknown_choice(argv: list[str]) -> str | None:
     """A message naming the available options when a command-line override picks a config that does not exist.
 
@@ -69,7 +83,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if message := hydra_target(sys.argv[1:]) or unknown_choice(sys.argv[1:]):
+    if message := hydra_target(sys.argv[1:]) or unknown_choice(sys.argv[1:]) or unwritable_results_dir(sys.argv[1:]):
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
     main()

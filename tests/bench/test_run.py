@@ -182,3 +182,16 @@ def test_code_in_hydras_own_config_is_refused_from_the_command_line(arg):
 
     assert "may not set code in Hydra's own config" in hydra_target(["model=resnet", arg])
     assert hydra_target(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=resnet"]) is None
+
+
+def test_an_unwritable_results_dir_is_refused_before_hydra_creates_it(tmp_path):
+    """Hydra creates the output folder before the run's own check: the CLI checks results_dir first, so a
+    folder that cannot be created is one clear line (exit 2), not Hydra's traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "bench", f"results_dir={blocker / 'out'}", "method=[saliency]"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"results folder '{blocker / 'out'}' is not writable" in proc.stderr
+    assert "set results_dir to a folder you can write to" in proc.stderr
