@@ -168,12 +168,6 @@ def baseline_for(x: Tensor, baseline: Baseline, *, seed: int = 0, blur_sigma: fl
     raise ValueError(f"baseline must be a number or one of {', '.join(map(repr, BASELINES))}, got {baseline!r}")
 
 
-def check_count(name: str, value: object, minimum: int = 1) -> None:
-    """ValueError unless value is an integer >= minimum (not a bool, a float such as 4.5 or 4.0, or a string)."""
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def check_finite(name: str, value: object, unit: str = "") -> None:
     """ValueError unless value is a finite real number (not a bool, a string, NaN or inf)."""
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
@@ -185,10 +179,3 @@ def check_positive(name: str, value: object, unit: str = "") -> None:
     check_finite(name, value, unit)
     if not value > 0:
         raise ValueError(f"{name} must be positive{f' ({unit})' if unit else ''}, got {value!r}")
-
-
-def check_nonnegative(name: str, value: object, unit: str = "") -> None:
-    """ValueError unless value is a finite number >= 0."""
-    check_finite(name, value, unit)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0{f' ({unit})' if unit else ''}, got {value!r}")
