@@ -45,7 +45,7 @@ from bench.checks import (autocast, check_cache_dir, check_model, check_name, ch
 from bench.zoo import cache_key, load_model
 from bench.zoo.sources import sha256
 from metrics import MetricResult, consumed, metric_input
-from metrics._chunk import ChunkRetryWarning
+from metrics.batching import ChunkRetryWarning
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def _inputs(metric: Callable[..., MetricResult], model: nn.Module, batch: dict[s
 
 @contextlib.contextmanager
 def _recording(retries: list[dict[str, Any]], **where: Any) -> Iterator[None]:
-    """Record chunk retries after out-of-memory (metrics._chunk) into `retries`; other warnings pass on."""
+    """Record chunk retries after out-of-memory (metrics.batching) into `retries`; other warnings pass on."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ChunkRetryWarning)
         yield

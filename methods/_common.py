@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Literal, Union
 import torch
 from torch import Tensor, nn
 
-from metrics._perturb import gaussian_blur                    # one blur for methods and metrics
+from metrics.batching import gaussian_blur                    # one blur for methods and metrics
 
 Baseline = Union[float, Literal["zeros", "min", "mean", "blur", "uniform"]]
 BASELINES: tuple[str, ...] = ("zeros", "min", "mean", "blur", "uniform")

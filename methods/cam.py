@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from methods._common import attribution_method, cannot_run, score
 from methods.gradient import guided_backprop
-from metrics._chunk import chunked
+from metrics.batching import chunked
 
 
 def last_spatial_layer(model: nn.Module, x: Tensor, *, method: str = "grad_cam") -> str:
@@ -119,7 +119,7 @@ def score_cam(
     U_k the layer's k-th map upsampled to the input, N_k = U_k min-max scaled to [0, 1]
     per sample (a constant map gets s_k = 0), p the softmax probability as in the
     paper's code. No gradients; B * K forward passes, `chunk_size` images at a time (None: sized
-    from the memory budget of metrics._chunk).
+    from the memory budget of metrics.batching).
     """
     module = _layer("score_cam", model, x, layer)
     store: list[Tensor] = []

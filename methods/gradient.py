@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from methods._common import attribution_method, generator, input_gradient, value_range
-from metrics._chunk import chunked, draws_per_pass
+from metrics.batching import chunked, draws_per_pass
 
 
 @attribution_method

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from methods._common import attribution_method, check_positive, generator, score
-from metrics._chunk import chunked
+from metrics.batching import chunked
 
 
 def grid_segments(height: int, width: int, *, cells: int = 8, device: torch.device | str = "cpu") -> Tensor:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from methods._common import (Baseline, attribution_method, baseline_for, cannot_run, generator, input_gradient,
                              value_range)
-from metrics._chunk import chunked, draws_per_pass, retry_smaller
+from metrics.batching import chunked, draws_per_pass, retry_smaller
 
 # elementwise nonlinearities: the Rescale rule m = (y - y') / (z - z'); linear layers keep their gradient
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -48,7 +48,7 @@ def integrated_gradients(
     a constant input shift, so IG from it is input invariant, Kindermans et al. 2019), mean, blur
     or uniform (see methods._common.baseline_for; uniform is drawn from `seed`). `internal_batch_size`:
     images per forward/backward pass, at least one node for the whole batch; None sizes it from
-    the memory budget of metrics._chunk (on CPU 64-image passes ran 1.3-1.4x faster than 256);
+    the memory budget of metrics.batching (on CPU 64-image passes ran 1.3-1.4x faster than 256);
     out of memory, it is retried once at half the size.
     """
     if steps < 1:

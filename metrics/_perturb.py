@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metrics._check import check_classes, check_finite, check_float, check_target
-from metrics._chunk import chunked
+from metrics.batching import chunked, gaussian_blur
 
 Baseline = Union[float, Literal["black", "mean", "blur", "uniform"], Tensor]
 BASELINES: tuple[str, ...] = ("black", "mean", "blur", "uniform")
@@ -71,16 +71,6 @@ def _removed_at(attribution: Tensor, *, steps: int, descending: bool, patch: int
         at = at.view(B, *units.shape[1:]).repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, :H, :W]
     return at.reshape(B, H * W)                                                      # (B, HW)
 
-
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of every channel, replicate padding (any image size)."""
-    r = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    C = x.shape[1]
-    y = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    return F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
 
 
 def _baseline_fill(x: Tensor, baseline: Baseline, *, seed: int) -> Tensor:

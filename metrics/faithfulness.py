@@ -13,7 +13,7 @@ Shared conventions of the perturbation metrics (helpers in metrics._perturb):
 - A sample's score depends on that sample alone: maps are never normalised across the
   batch, baselines are computed per image, and random draws are shared by all samples.
 - Every (sample, step) goes through the model `chunk_size` inputs at a time; None (default)
-  sizes chunks from a memory budget (metrics._chunk.CHUNK_BYTES: 2 MiB of inputs on CPU, where
+  sizes chunks from a memory budget (metrics.batching.CHUNK_BYTES: 2 MiB of inputs on CPU, where
   cache-sized chunks run fastest, 512 MiB on a GPU). Numbers never depend on the chunk size.
 - Baselines (`baseline=`): a float is a constant in the model's (normalised) input space
   (0.0 = the dataset mean for standardised data, mid-grey on `shapes`); "black" is each
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from metrics._check import check_bool, check_choice, check_float, check_int
-from metrics._chunk import chunked
+from metrics.batching import chunked
 from metrics._map import consumes
 from metrics._perturb import (
     Baseline, _baseline_fill, _check_inputs, _noisy_linear_imputation, _perturbation_curves, _removed_at,

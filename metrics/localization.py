@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metrics._check import check_bool, check_choice, check_finite, check_float, check_int, check_target
-from metrics._chunk import chunked
+from metrics.batching import chunked
 from metrics._result import MetricResult
 
 __all__ = [

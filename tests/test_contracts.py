@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from bench.run import _call_metric, check_targets
-from metrics import consumed, metric_input, randomization_layers
+from metrics import FAMILIES, consumed, family, metric_input, randomization_layers
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -66,6 +66,7 @@ def test_metric_contract(name, tiny_cnn, batch):
     for curve in result.curves.values():
         assert curve.y.shape == (5, len(curve.x)) and len(curve.labels) in (0, len(curve.x))
     assert all(torch.equal(v, state[k]) for k, v in tiny_cnn.state_dict().items())
+    assert family(metric) in FAMILIES                        # every metric carries its family (its module)
 
 
 @pytest.mark.parametrize("name", _names("model"))

@@ -24,7 +24,7 @@ from bench import store
 from bench.data import Shapes
 from bench.report import load
 from bench.run import PROBE, run
-from metrics._chunk import ChunkRetryWarning, chunked
+from metrics.batching import ChunkRetryWarning, chunked
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 N = 12                                                   # targets are sample_id % 6
@@ -35,7 +35,7 @@ TINY = ["model=small_cnn", "model.net.width=4", "model.train.epochs=1", "model.t
 USER = '''
 import torch
 from metrics import MetricResult
-from metrics._chunk import chunked
+from metrics.batching import chunked
 
 CALLS = {"samples": 0, "stop_at": None, "deterministic": []}
 

@@ -458,16 +458,16 @@ CHUNKED = {                         # methods with a pass size, and small settin
 
 @pytest.mark.parametrize("name", CHUNKED)
 def test_pass_size_from_the_memory_budget(name, tiny_cnn, batch, monkeypatch):
-    """chunk_size (internal_batch_size for IG) None sizes each forward pass from metrics._chunk's budget,
+    """chunk_size (internal_batch_size for IG) None sizes each forward pass from metrics.batching's budget,
     at least one draw of the whole batch, and gives the maps of explicit pass sizes."""
-    import metrics._chunk
+    import metrics.batching
     x, target = batch
     size = "internal_batch_size" if name == "integrated_gradients" else "chunk_size"
     fn, kwargs = getattr(methods, name), CHUNKED[name]
     explicit = fn(tiny_cnn, x.clone(), target, **kwargs, **{size: len(x)})
     passes = []
     hook = tiny_cnn.conv1.register_forward_hook(lambda m, i, o: passes.append(len(i[0])))
-    monkeypatch.setitem(metrics._chunk.CHUNK_BYTES, "cpu", 2 * x[0].numel() * x.element_size())   # 2 images
+    monkeypatch.setitem(metrics.batching.CHUNK_BYTES, "cpu", 2 * x[0].numel() * x.element_size())   # 2 images
     try:
         auto = fn(tiny_cnn, x.clone(), target, **kwargs)
     finally:
@@ -482,7 +482,7 @@ def test_pass_size_from_the_memory_budget(name, tiny_cnn, batch, monkeypatch):
 def test_integrated_gradients_retries_a_pass_that_runs_out_of_memory(tiny_cnn, batch):
     """captum batches IG's nodes itself; a pass that runs out of memory is retried once at half the size,
     with a ChunkRetryWarning (what the runner records), and gives the same map."""
-    from metrics._chunk import ChunkRetryWarning
+    from metrics.batching import ChunkRetryWarning
     x, target = batch
     sizes = []
 

@@ -8,7 +8,7 @@ import torch
 from metrics import pixel_flipping, to_map
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-from metrics._chunk import CHUNK_BYTES, auto_chunk_size
+from metrics.batching import CHUNK_BYTES, auto_chunk_size
 
 
 def pixel_flipping_reference(model, x, target, attribution, *, steps, order="morf", baseline=0.0, seed=0, budget=None):

@@ -141,3 +141,13 @@ def test_a_model_that_is_not_compensable_raises_a_clear_error(data):
     x, target = data
     with pytest.raises(ValueError, match="the compensated copy of Scaled does not reproduce model"):
         input_invariance(Scaled().eval(), x, target, methods.gradient)
+
+
+def test_family_is_the_defining_module_and_a_stranger_is_refused():
+    import functools
+
+    from metrics import family, input_invariance, mprt, pixel_flipping
+    assert family(input_invariance) == "axiomatic" and family(mprt) == "randomization"
+    assert family(functools.partial(pixel_flipping, steps=4)) == "faithfulness"
+    with pytest.raises(ValueError, match="metrics/<family>.py"):
+        family(torch.sum)

@@ -1,11 +1,18 @@
-"""chunked(): the one place that bounds a metric's memory, and retries a chunk that ran out of it."""
+"""Batching shared by methods and metrics (public API): chunked() bounds a pass's memory and retries a
+chunk that ran out of it; draws_per_pass() and retry_smaller() serve methods that batch internally;
+gaussian_blur() is the one blur of the blur baselines and fills."""
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+__all__ = ["CHUNK_BYTES", "ChunkRetryWarning", "auto_chunk_size", "chunked", "draws_per_pass", "gaussian_blur",
+           "retry_smaller"]
 
 T = TypeVar("T")
 
@@ -92,3 +99,13 @@ def chunked(fn: Callable[[Tensor], Tensor], n: int, chunk_size: int | None, *, d
             continue
         start += len(i)
     return torch.cat(out) if out else fn(index)
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of every channel, replicate padding (any image size)."""
+    r = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    C = x.shape[1]
+    y = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
