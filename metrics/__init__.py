@@ -1,11 +1,13 @@
 """Evaluation metrics: pure, batched tensor functions returning per-sample scores.
 
-One module per family (metrics/<family>.py); each lists its public functions in its own `__all__`,
-and a metric's family is the module that defines it (`family`).
+One module per family (metrics/<family>.py), each listing its public functions in its own `__all__`;
+a metric's family is the module that defines it, or that module's FAMILY where a family spans several
+modules (`family`). metrics.batching (chunking, retry, blur) is public API shared with methods/.
 """
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 from metrics._map import CONSUMES, REDUCTIONS, consumed, consumes, metric_input, to_map
@@ -21,16 +23,18 @@ FAMILIES = ("faithfulness", "robustness", "randomization", "localization", "comp
 
 
 def family(metric: Any) -> str:
-    """The family of a metric function (or a functools.partial of one, as Hydra builds them): the name
-    of the module of metrics/ that defines it, e.g. "faithfulness" for metrics.pixel_flipping."""
+    """The family of a metric function (or a functools.partial of one, as Hydra builds them): the
+    FAMILY of the module of metrics/ that defines it, else that module's name, e.g. "faithfulness" for
+    metrics.pixel_flipping."""
     while isinstance(metric, functools.partial):
         metric = metric.func
     module = getattr(metric, "__module__", "") or ""
     parts = module.split(".")
-    if len(parts) < 2 or parts[0] != "metrics" or parts[1] not in FAMILIES:
+    name = getattr(sys.modules.get(module), "FAMILY", parts[-1])
+    if len(parts) != 2 or parts[0] != "metrics" or name not in FAMILIES:
         raise ValueError(f"{getattr(metric, '__qualname__', metric)!r} (module {module!r}) is not a metric of "
                          f"one of the families {FAMILIES}: a metric lives in metrics/<family>.py")
-    return parts[1]
+    return name
 
 
 __all__ = ["CONSUMES", "Curve", "FAMILIES", "MetricResult", "REDUCTIONS", "consumed", "consumes", "family",
