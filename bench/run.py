@@ -39,7 +39,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from bench import store
+from bench import keep, store
 from bench.checks import (autocast, check_cache_dir, check_model, check_name, check_names, check_options,
                           check_targets, error_text, instantiate_checked, need_bytes, scan, stream)
 from bench.zoo import cache_key, load_model
@@ -428,6 +428,9 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
         "timings": {**{k: round(v, 3) for k, v in timings.items()}, "total": round(time.perf_counter() - started, 2)},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if not (interrupted or write_error):          # the maps the report draws, kept under this run's keys
+        manifest["report_maps"] = keep.keep_report_maps(out_dir, cfg, model, dataset, methods, data["targets"],
+                                                        _digest(base))
     try:
         if len(failed):
             store.write_table(failed.assign(run_id=run_id, **names), out_dir / "failures.parquet")
