@@ -1,6 +1,7 @@
 """The result store: tidy rows in Parquet, one file pair per (method, metric) cell, written atomically.
 
-The store never computes; it flattens MetricResults into the long tables of DESIGN.md.
+The store never computes; it flattens MetricResults into the long tables of DESIGN.md. The file
+primitives (atomic writes, temporaries, folder checks, manifests) are bench.files', re-exported here.
 
 Processes that share a results folder (two runs of one config, a joblib sweep) never touch each
 other's files: a cell is owned by the process holding its lock (`flock` on a hidden `.<cell>.lock`
@@ -13,7 +14,6 @@ footers alone before a run reuses it.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
@@ -22,16 +22,16 @@ import re
 import secrets
 import shutil
 import socket
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from torch import Tensor
 
+from bench.files import (check_space, check_writable, fsync_path, map_path, read_maps,  # noqa: F401
+                         remove_stale_temporaries, write_atomic, write_error_text, write_json, write_maps)
 from metrics import MetricResult
 
 log = logging.getLogger(__name__)
@@ -67,58 +67,6 @@ def curve_rows(result: MetricResult, sample_id: Tensor, **keys: str) -> pd.DataF
     return pd.concat(frames, ignore_index=True).assign(**keys)[CURVE_COLUMNS]
 
 
-_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
-# write_atomic's temporaries: .<name>.~<host>~<pid>~<random><suffix>, so a later process can tell a dead owner's
-_TEMPORARY = re.compile(r"^\..+\.~(?P<host>[A-Za-z0-9-]+)~(?P<pid>\d+)~[^~]*$")
-
-
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write` on a temporary file beside `path`, fsync it, then rename it over `path`: readers never
-    see half a file, not even after a crash. The temporary's name carries this process's host and pid,
-    so `remove_stale_temporaries` can clear it if the process is killed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.~{_HOST}~{os.getpid()}~", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        _fsync(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:                                       # another user's live process
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder: Path) -> int:
-    """Delete the temporaries of `write_atomic` in `folder` whose process (on this host) is dead, e.g. the
-    hidden `.<name>.png...` of a killed report; a live process's temporaries are left alone. Returns how many."""
-    n = 0
-    for p in Path(folder).glob(".*"):
-        m = _TEMPORARY.match(p.name)
-        if m and m["host"] == _HOST and not _alive(int(m["pid"])):
-            p.unlink(missing_ok=True)
-            n += 1
-    return n
-
-
 def write_table(df: pd.DataFrame, path: Path, *, metadata: dict[str, Any] | None = None) -> None:
     """Atomic Parquet write; string key columns stored as categories, `metadata` as JSON in the file's schema."""
     df = df.astype({c: "category" for c in KEY_COLUMNS + ["score", "curve", "x_label"] if c in df.columns})
@@ -134,14 +82,6 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
-def write_json(obj: Any, path: Path) -> None:
-    """Atomic, human-readable JSON write."""
-    def dump(tmp: Path) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-    write_atomic(path, dump)
-
-
 def cell_paths(run_dir: Path, method: str, metric: str, key: str) -> tuple[Path, Path]:
     """Where one (method, metric) cell keeps its scores and curves; `key` hashes what determines it."""
     stem = Path(run_dir) / "cells" / f"{method}__{metric}__{key}"
@@ -155,7 +95,9 @@ SCORE_SCHEMA = pa.schema([(c, _KEY) for c in KEY_COLUMNS + ["score"]] +
 CURVE_SCHEMA = pa.schema([(c, _KEY) for c in KEY_COLUMNS + ["curve"]] +
                          [("sample_id", pa.int64()), ("step", pa.int64()), ("x", pa.float64()),
                           ("x_label", _KEY), ("y", pa.float64())])
-FAILURE_COLUMNS = ["method", "metric", "sample_id", "stage", "error"]
+# One failed sample of one cell, the one failure schema: cells' failure files, the run's failures.parquet and
+# the report's failures table (stage: "method" or "metric"; a manifest's method-stage summary has metric None)
+FAILURE_COLUMNS = KEY_COLUMNS + ["sample_id", "stage", "error"]
 PART = ".part"
 CELL_META = b"saliency_bench_cell"                     # footer key: the counts a stored cell is verified against
 # <cell>.<scores|curves>.parquet[.<pid>-<token>].part (the bare form is an older runner's)
@@ -283,8 +225,8 @@ class CellWriter:
 
     def fail(self, sample_id: int, stage: str, error: str) -> None:
         """Record one sample that this cell could not score, and why."""
-        self.failures.append({"method": self.keys["method"], "metric": self.keys["metric"],
-                              "sample_id": int(sample_id), "stage": stage, "error": error})
+        self.failures.append({**{k: self.keys.get(k) for k in KEY_COLUMNS}, "sample_id": int(sample_id),
+                              "stage": stage, "error": error})
 
     def commit(self) -> bool:
         """Move the parts into place; False (and nothing stored) when no sample was scored.
@@ -315,9 +257,9 @@ class CellWriter:
             self.paths["failures"].unlink(missing_ok=True)
         for kind in ("curves", "scores"):
             if kind in self.writers:
-                _fsync(self._part(kind))
+                fsync_path(self._part(kind))
                 os.replace(self._part(kind), self.paths[kind])
-        _fsync(self.paths["scores"].parent)
+        fsync_path(self.paths["scores"].parent)
         self.writers = {}
         self.lock.release()
         return True
@@ -394,8 +336,8 @@ def read_failures(scores_path: Path) -> pd.DataFrame:
     path = failures_path(scores_path)
     if not path.exists():
         return pd.DataFrame(columns=FAILURE_COLUMNS)
-    df = pd.read_parquet(path)
-    return df.astype({c: object for c in ("method", "metric", "stage", "error")})
+    df = pd.read_parquet(path).reindex(columns=FAILURE_COLUMNS)     # an older cell's file lacks the run keys
+    return df.astype({c: object for c in FAILURE_COLUMNS if c != "sample_id"})
 
 
 def remove_parts(run_dir: Path) -> int:
@@ -413,68 +355,9 @@ def remove_parts(run_dir: Path) -> int:
                 n += _remove_cell_parts(scores)
             finally:
                 lock.release()
-    for folder in [run_dir, cells, *(p for p in (run_dir / "maps").rglob("*") if p.is_dir())]:
+    for folder in [run_dir, cells, run_dir / "report_maps", *(p for p in (run_dir / "maps").rglob("*") if p.is_dir())]:
         n += remove_stale_temporaries(folder) if folder.is_dir() else 0
     return n
-
-
-def write_error_text(run_dir: Path, error: OSError) -> str:
-    """One line for a run stopped by an OSError (a full disk above all), naming the results folder and the file."""
-    what = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (error.strerror or str(error))
-    where = f" on {error.filename}" if error.filename else ""
-    return f"results folder {str(run_dir)!r}: the run stopped{where}: {what} ({type(error).__name__}: {error})"
-
-
-def check_writable(run_dir: Path) -> None:
-    """Refuse, before any work, a results folder that cannot be created or written."""
-    run_dir = Path(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".write-check.")
-        try:
-            os.write(fd, b"0" * 4096)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"results folder {str(run_dir)!r} is not writable ({e.strerror or e}); "
-                         "set results_dir to a folder you can write to") from e
-
-
-def check_space(run_dir: Path, *, need_bytes: int) -> None:
-    """Refuse, before the expensive part, a results folder on a disk with less than `need_bytes` free."""
-    free = shutil.disk_usage(run_dir).free
-    if free < need_bytes:
-        raise ValueError(f"results folder {str(run_dir)!r} has {free / 2**20:.1f} MiB free, this run needs about "
-                         f"{need_bytes / 2**20:.1f} MiB: free space or set results_dir to another disk")
-
-
-# ---- the optional map cache (cache_maps: true) -------------------------------------------------
-def map_path(run_dir: Path, method: str, key: str, start: int) -> Path:
-    """Where the maps of one method's batch starting at sample `start` are cached; `key` hashes what fixes them."""
-    return Path(run_dir) / "maps" / f"{method}__{key}" / f"{start:09d}.pt"
-
-
-def write_maps(path: Path, maps: Tensor, ok: Tensor, errors: list[str]) -> None:
-    """Cache one batch's maps (B, H, W), which rows are valid (B,) and each failed row's reason."""
-    def save(tmp: Path) -> None:
-        torch.save({"maps": maps.detach().cpu(), "ok": ok.cpu(), "errors": list(errors)}, tmp)
-    write_atomic(path, save)
-
-
-def read_maps(path: Path) -> tuple[Tensor, Tensor, list[str]] | None:
-    """A cached batch (maps, ok, errors), or None when absent or unreadable (then it is recomputed).
-
-    Read with weights_only=True: a cache file cannot run code.
-    """
-    if not path.exists():
-        return None
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        return d["maps"], d["ok"], list(d["errors"])
-    except Exception:                                             # noqa: BLE001 - a broken cache is a miss
-        return None
 
 
 def copy_cell(scores_path: Path, curves_path: Path, to_scores: Path, to_curves: Path) -> None:

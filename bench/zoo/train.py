@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from bench.checks import check_cache_dir, check_name
+from bench.files import shared_mode
 from bench.zoo.sources import checkpoint_digest, expected_normalization, sha256
 
 CACHE_FORMAT = 1          # bump when the checkpoint layout or the training code changes its result
@@ -224,6 +225,8 @@ def _save(path: Path, checkpoint: dict[str, Any]) -> str:
         with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="ascii") as g:
             tmp.append(g.name)
             g.write(f"{digest}  {path.name}\n")                    # sha256sum -c reads this format
+        for name in tmp:                                            # tempfile's 0600 -> open()'s mode under the umask
+            os.chmod(name, shared_mode())
         os.replace(g.name, _digest_path(path))
         os.replace(f.name, path)
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import store
+from bench import files, store
 from bench.report import load, write_report
 from metrics import Curve, MetricResult
 
@@ -193,9 +194,36 @@ def test_a_killed_reports_temporary_png_is_cleared_by_the_next_report(tmp_path):
     assert proc.returncode == -9, proc.stderr[-2000:]
     left = [p.name for p in out.iterdir()]
     assert len(left) == 1 and left[0].startswith(".scores_shapes.png.~") and left[0].endswith(".png")
-    live = out / f".leaderboard.csv.~{store._HOST}~{os.getpid()}~abc.csv"        # a live report's (this process)
+    live = out / f".leaderboard.csv.~{files._HOST}~{os.getpid()}~abc.csv"        # a live report's (this process)
     live.write_text("being written")
     write_report(tmp_path, n_boot=10, gallery=False)
     assert not (out / left[0]).exists() and live.exists()
     assert not [p.name for p in out.glob(".*") if p != live]
     assert (out / "leaderboard.csv").is_file()
+
+
+def test_written_files_are_readable_under_the_users_umask(tmp_path):
+    """tempfile's 0600 never survives the rename: every file gets what open() gives (0644 under umask 022)."""
+    from bench.zoo.train import _save
+
+    before = os.umask(0o022)
+    try:
+        files.write_atomic(tmp_path / "report" / "leaderboard.md", lambda tmp: tmp.write_text("x"))
+        files.write_json({"run_id": "r"}, tmp_path / "manifest.json")
+        writer, scores, curves = _cell(tmp_path, n=3)
+        assert writer.claim()
+        writer.append(_result([0, 1]), torch.tensor([0, 1]))
+        writer.fail(2, "metric", "ValueError: x")
+        assert writer.commit()
+        (tmp_path / "cache").mkdir()
+        _save(tmp_path / "cache" / "model.pt", {"w": torch.zeros(2)})        # the zoo's cached model
+        written = [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+        assert len(written) == 7                      # md, json, scores, curves, failures, model.pt, its sha256
+        assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == \
+            {p.name: "0o644" for p in written}
+        os.umask(0o077)                               # a private umask is honoured too
+        files.write_atomic(tmp_path / "private.txt", lambda tmp: tmp.write_text("x"))
+        assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o600
+        assert files.shared_mode() == 0o600
+    finally:
+        os.umask(before)
