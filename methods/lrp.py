@@ -3,8 +3,10 @@
 Conventions shared by every composite here: the output relevance is the target logit,
 R = f_target(x) (one-hot times the output), so a conservative rule chain sums to f(x).
 Batch norms are merged into the preceding conv/linear (zennit's SequentialMergeBatchNorm,
-which follows leaf order); the residual addition of bench.zoo.BasicBlock (and of
-torchvision's ResNet blocks) becomes a zennit Sum module with the proportional Norm rule.
+which follows leaf order). What else a model needs it declares itself, as it declares its
+`mprt_layers`: `lrp_canonizers`, a sequence of zennit canonizers applied during the
+attribution (e.g. ResidualSumCanonizer for residual blocks that add through an `add`
+method); torchvision's ResNet blocks get zennit's ResNetCanonizer without declaring it.
 Hooks, canonizers and merged parameters are removed and restored on exit, even on error.
 """
 from __future__ import annotations
@@ -20,7 +22,6 @@ import zennit.rules
 from torch import Tensor, nn
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
-from bench.zoo.nets import BasicBlock
 from methods._common import attribution_method, cannot_run
 
 _SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
@@ -29,26 +30,36 @@ _SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.Bat
               nn.AdaptiveAvgPool3d, nn.Flatten, nn.Identity, nn.Dropout, nn.Sequential)
 
 
-def _block_forward(self: BasicBlock, x: Tensor) -> Tensor:
-    """bench.zoo.BasicBlock.forward with the residual addition as a zennit Sum module."""
-    out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
-    return self.relu2(self.canonizer_sum(torch.stack([self.shortcut(x), out], dim=-1)))
+def _stacked_add(self: nn.Module, *terms: Tensor) -> Tensor:
+    """A block's `add` during LRP: the terms stacked on a new last axis and summed by a zennit Sum module."""
+    return self.canonizer_sum(torch.stack(terms, dim=-1))
 
 
-class _ZooResidualCanonizer(zennit.canonizers.AttributeCanonizer):
-    """Routes the residual addition of bench.zoo.BasicBlock through a zennit Sum module."""
+class ResidualSumCanonizer(zennit.canonizers.AttributeCanonizer):
+    """Gives the residual addition of every `block_types` module an LRP rule (Norm: proportional split).
 
-    def __init__(self) -> None:
+    Such a block adds its branches with a method `add(*terms)` (e.g. `return a + b`); during the
+    attribution this replaces it by zennit's Sum module over the stacked terms, which the composites
+    map to the Norm rule, as zennit's ResNetCanonizer does for torchvision. A model declares it:
+    `lrp_canonizers = (ResidualSumCanonizer(MyBlock),)`.
+    """
+
+    def __init__(self, *block_types: type[nn.Module]) -> None:
+        if not block_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in block_types):
+            raise ValueError(f"ResidualSumCanonizer needs the nn.Module classes of the blocks, got {block_types!r}")
+        self.block_types = block_types
         super().__init__(self._attribute_map)
 
-    @staticmethod
-    def _attribute_map(name: str, module: nn.Module) -> dict | None:
-        if isinstance(module, BasicBlock):
-            return {"forward": types.MethodType(_block_forward, module), "canonizer_sum": zennit.layer.Sum()}
-        return None
+    def _attribute_map(self, name: str, module: nn.Module) -> dict | None:
+        if not isinstance(module, self.block_types):
+            return None
+        if not callable(getattr(module, "add", None)):
+            raise ValueError(f"ResidualSumCanonizer: block {name!r} ({type(module).__name__}) has no method "
+                             "add(*terms); write its residual addition as `return self.add(a, b)`")
+        return {"add": types.MethodType(_stacked_add, module), "canonizer_sum": zennit.layer.Sum()}
 
-    def copy(self) -> _ZooResidualCanonizer:
-        return _ZooResidualCanonizer()
+    def copy(self) -> ResidualSumCanonizer:
+        return ResidualSumCanonizer(*self.block_types)
 
 
 def _canonizers(method: str, model: nn.Module) -> list[zennit.canonizers.Canonizer]:
@@ -62,8 +73,11 @@ def _canonizers(method: str, model: nn.Module) -> list[zennit.canonizers.Canoniz
             raise cannot_run(method, model, f"batch norm {name!r} does not directly follow a conv or linear "
                                             "layer, so it cannot be merged into one")
         previous = m
-    canonizers: list[zennit.canonizers.Canonizer] = [zennit.canonizers.SequentialMergeBatchNorm(),
-                                                      _ZooResidualCanonizer()]
+    declared = list(getattr(model, "lrp_canonizers", ()))
+    bad = [c for c in declared if not isinstance(c, zennit.canonizers.Canonizer)]
+    if bad:
+        raise cannot_run(method, model, f"its lrp_canonizers must be zennit canonizers, got {bad[0]!r}")
+    canonizers: list[zennit.canonizers.Canonizer] = [zennit.canonizers.SequentialMergeBatchNorm(), *declared]
     try:
         from torchvision.models.resnet import BasicBlock as TvBasic, Bottleneck as TvBottleneck
         if any(isinstance(m, (TvBasic, TvBottleneck)) for m in model.modules()):

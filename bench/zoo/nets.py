@@ -7,6 +7,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
+from methods.lrp import ResidualSumCanonizer
+
 
 def _conv_block(c_in: int, c_out: int, *, stride: int = 1, pool: bool = False) -> nn.Sequential:
     """conv3x3 -> batch norm -> ReLU (-> 2x2 max-pool)."""
@@ -56,8 +58,12 @@ class BasicBlock(nn.Module):
             nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
         self.relu2 = nn.ReLU()
 
+    def add(self, out: Tensor, shortcut: Tensor) -> Tensor:
+        """The residual addition, a method so LRP can give it a rule (ResidualSumCanonizer)."""
+        return out + shortcut
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + self.shortcut(x))
+        return self.relu2(self.add(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))), self.shortcut(x)))
 
 
 class ResNet(nn.Module):
@@ -65,6 +71,7 @@ class ResNet(nn.Module):
     4w; resolution 32, 16, 8 at 64 px), global average pooling, linear classifier."""
 
     mprt_layers = ("stem", "layer1", "layer2", "layer3", "fc")   # randomized as units, input to output
+    lrp_canonizers = (ResidualSumCanonizer(BasicBlock),)           # LRP's Norm rule on the residual sums
 
     def __init__(self, num_classes: int = 6, *, width: int = 16):
         super().__init__()
