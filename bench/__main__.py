@@ -1,24 +1,28 @@
-"""`python -m bench`: the Hydra app that runs an experiment (conf/config.yaml) and reports it.
+"""`python -m bench` (or `saliency-bench`): the Hydra app that runs an experiment (conf/config.yaml) and reports it.
 
-A bad input ends the job with its one-line message (exit status 2), not a traceback; Ctrl-C
-ends it after the completed cells are stored (exit status 130), and the same command resumes.
+`saliency-bench report|gallery|catalog|perf ARGS` runs `python -m bench.<command> ARGS`; anything else
+is the experiment's Hydra overrides. A bad input ends the job with its one-line message (exit status 2),
+not a traceback; Ctrl-C ends it after the completed cells are stored (exit status 130), and the same
+command resumes.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from bench.config import CONF, GROUPS, entries, parsed, search_dirs
 from bench.run import identity, run
 
 log = logging.getLogger("bench")
-CONF = Path(__file__).resolve().parents[1] / "conf"
-_CHOICE = re.compile(r"^(?:\+|\+\+)?(dataset|model|method|metric|experiment)=([A-Za-z0-9_.,\[\] -]*)$")
+COMMANDS = ("report", "gallery", "catalog", "perf")           # saliency-bench <command>: python -m bench.<command>
 
 
 _HYDRA_TARGET = re.compile(r"^[+~]*hydra[./].*(_target_|callbacks|job_logging|hydra_logging)")
@@ -49,24 +53,44 @@ def unwritable_results_dir(argv: list[str]) -> str | None:
     return None
 
 
-def unknown_choice(argv: list[str]) -> str | None:
-    """A message naming the available options when a command-line override picks a config that does not exist.
+def _names(value: Any) -> list[str] | None:
+    """The config names an override's value picks: a name, a list, a comma sweep (of names or lists);
+    None for what only Hydra expands (glob, range, interval)."""
+    from hydra.core.override_parser.types import ChoiceSweep
 
-    Hydra lists them for `model=nope` but not inside a list (`method=[saliency,nope]`) or a sweep.
-    Plain names, lists and comma sweeps are checked; anything fancier is left to Hydra.
-    """
-    for arg in argv:
-        m = _CHOICE.match(arg)
-        if not m or not (CONF / m[1]).is_dir():
-            continue
-        available = sorted(p.stem for p in (CONF / m[1]).glob("*.yaml"))
-        for name in (n.strip() for n in m[2].strip("[]").split(",")):
-            if name and name != "null" and name not in available:
-                return f"{m[1]}={name}: no conf/{m[1]}/{name}.yaml; available: {', '.join(available)}"
+    if isinstance(value, ChoiceSweep):
+        value = [n for item in value.list for n in (item if isinstance(item, list) else [item])]
+    if value is None or isinstance(value, (str, int, float)):
+        return [] if value is None else [str(value)]
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+        return [str(v) for v in value]
     return None
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def unknown_choice(argv: list[str]) -> str | None:
+    """A message naming the available options when a command-line override picks a config that is neither
+    in conf/ nor in a folder of `hydra.searchpath=[file://...]`.
+
+    Hydra lists them for `model=nope` but not inside a list (`method=[saliency,nope]`) or a sweep. The
+    overrides are read by Hydra's own parser (quoted names and lists included); globs, ranges and
+    search-path entries that cannot be read here are left to Hydra.
+    """
+    search = search_dirs(argv)
+    for ov in parsed(argv):
+        if ov.key_or_group not in GROUPS or ov.package is not None or ov.is_delete() or search is None:
+            continue
+        available = entries(ov.key_or_group, search)
+        for name in _names(ov.value()) or []:
+            if name != "null" and name not in available:
+                where = f"conf/{ov.key_or_group}/{name}.yaml" + \
+                    "".join(f" nor {folder / ov.key_or_group / name}.yaml" for folder in search)
+                hint = "" if search else (f"; a YAML of your own: add its folder with "
+                                          f"hydra.searchpath=[file:///path/to/conf] (it holds {ov.key_or_group}/)")
+                return f"{ov.key_or_group}={name}: no {where}; available: {', '.join(available)}{hint}"
+    return None
+
+
+@hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     tag, overrides = hydra_cfg.runtime.choices.get("experiment"), list(hydra_cfg.overrides.task)
@@ -82,8 +106,19 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(130) from None
 
 
-if __name__ == "__main__":
-    if message := hydra_target(sys.argv[1:]) or unknown_choice(sys.argv[1:]) or unwritable_results_dir(sys.argv[1:]):
+def cli(argv: list[str] | None = None) -> int:
+    """The `saliency-bench` console script: a subcommand (COMMANDS), else an experiment as `python -m bench`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        result = importlib.import_module(f"bench.{argv[0]}").main(argv[1:])
+        return result if isinstance(result, int) else 0
+    if message := hydra_target(argv) or unknown_choice(argv) or unwritable_results_dir(argv):
         print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        return 2
+    sys.argv[1:] = argv
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,13 +1,10 @@
 """`python -m bench.catalog`: the catalogue is read from conf/, entry by entry, with each paper."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from bench.catalog import GROUPS, catalog, main
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
+from bench.config import CONF
 
 
 def test_lists_every_method_yaml_with_its_paper(capsys):

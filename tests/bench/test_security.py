@@ -18,10 +18,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from bench.checks import check_cache_dir, check_name, check_names, check_targets
+from bench.config import CONF
 from bench.run import run
 
 ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "conf"
 TINY = ["model=small_cnn", "model.net.width=4", "model.train.epochs=1", "model.train.n_train=24",
         "model.train.n_test=8", "dataset.n_samples=4", "batch_size=4", "method=[saliency]", "metric=[pointing_game]"]
 
@@ -85,8 +85,8 @@ def test_a_function_imported_into_an_allowed_module_never_runs(tmp_path, sentine
 
 
 ALIASES = {   # target -> what the message says it is
-    "bench.run.os.system": r"bench.run.os is the module os,",
-    "bench.checks.operator.attrgetter": r"bench.checks.operator is the module operator,",
+    "bench.calls.os.system": r"bench.calls.os is the module os,",
+    "bench.data.stream.operator.attrgetter": r"bench.data.stream.operator is the module operator,",
     "bench.checks.instantiate": r"bench.checks.instantiate is instantiate from hydra._internal.instantiate.*, imported "
                                 r"into bench.checks but defined outside the allowed packages",
     "bench.zoo.nets.nn.Module": r"bench.zoo.nets.nn is the module torch.nn,",
@@ -110,21 +110,21 @@ def test_aliases_and_builtins_are_refused_by_what_they_are(target):
 
 def test_targets_anywhere_in_the_config_are_checked():
     """In lists, at the top level, and behind an interpolation that builds a node (oc.create)."""
-    with pytest.raises(ValueError, match=r"^method.saliency.layers.1._target_='bench.run.os.system'"):
-        check_targets(_cfg("method=[saliency]", "+method.saliency.layers=[{a:1},{_target_:bench.run.os.system}]"))
-    with pytest.raises(ValueError, match=r"^evil._target_='bench.run.subprocess.run'"):
-        check_targets(_cfg("+evil._target_=bench.run.subprocess.run"))
+    with pytest.raises(ValueError, match=r"^method.saliency.layers.1._target_='bench.calls.os.system'"):
+        check_targets(_cfg("method=[saliency]", "+method.saliency.layers=[{a:1},{_target_:bench.calls.os.system}]"))
+    with pytest.raises(ValueError, match=r"^evil._target_='bench.provenance.subprocess.run'"):
+        check_targets(_cfg("+evil._target_=bench.provenance.subprocess.run"))
     with initialize_config_dir(str(CONF), version_base="1.3"):           # Hydra's node: its callbacks are user code
-        hydra_cfg = compose("config", overrides=["+hydra.callbacks.evil._target_=bench.run.os.system"],
+        hydra_cfg = compose("config", overrides=["+hydra.callbacks.evil._target_=bench.calls.os.system"],
                             return_hydra_config=True)
-    with pytest.raises(ValueError, match=r"^hydra.callbacks.evil._target_='bench.run.os.system'"):
+    with pytest.raises(ValueError, match=r"^hydra.callbacks.evil._target_='bench.calls.os.system'"):
         check_targets(hydra_cfg)
     del hydra_cfg.hydra.callbacks.evil
     check_targets(hydra_cfg)                                              # Hydra's own plugins and ReportCallback
     cfg = _cfg("method=[saliency]")
     OmegaConf.set_struct(cfg, False)
-    cfg.method.saliency.x = "${oc.create:'{_target_: bench.run.os.system}'}"
-    with pytest.raises(ValueError, match=r"^method.saliency.x._target_='bench.run.os.system'"):
+    cfg.method.saliency.x = "${oc.create:'{_target_: bench.calls.os.system}'}"
+    with pytest.raises(ValueError, match=r"^method.saliency.x._target_='bench.calls.os.system'"):
         check_targets(cfg)
     cfg.method.saliency.x = {"_target_": "${oc.env:NO_SUCH_VARIABLE_HERE}"}
     with pytest.raises(ValueError, match=r"^method.saliency.x._target_ cannot be resolved .*plain dotted path"):

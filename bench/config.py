@@ -1,0 +1,78 @@
+"""Where the config tree is: the one place that knows.
+
+The YAMLs live in the repository's top-level `conf/`; the wheel ships the same files as the
+package data `bench/conf/` (pyproject maps one onto the other). `CONF` is the installed copy when
+there is one, else the checkout's. A user's own YAML folders join through Hydra's search path
+(`hydra.searchpath=[file:///path/to/conf]`); `search_dirs` reads it from a command line and
+`entries` lists a group's names across the suite's tree and those folders.
+"""
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any, Sequence
+
+GROUPS = ("dataset", "model", "method", "metric", "experiment")
+
+
+def conf_dir() -> Path:
+    """The suite's config tree: `bench/conf` where the package is installed from a wheel, else `conf/`
+    at the top of the checkout that `bench` is imported from."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise ValueError(f"no conf/config.yaml next to {package} (installed: bench/conf, checkout: ../conf): the "
+                     "installation is incomplete; reinstall saliency-bench (pip install .)")
+
+
+CONF = conf_dir()
+
+
+def _folder(entry: str) -> Path | None:
+    """The folder a search-path entry names: file://PATH (relative to the working directory, as Hydra
+    takes it) or pkg://package.sub (the package's own folder); None for what Hydra alone can read."""
+    if entry.startswith("file://"):
+        return Path(entry[len("file://"):]).expanduser()
+    if entry.startswith("pkg://"):
+        try:                                                    # Hydra imports the package too, to read it
+            return Path(str(importlib.resources.files(entry[len("pkg://"):].replace("/", "."))))
+        except (ImportError, TypeError, ValueError):
+            return None
+    return None
+
+
+def search_dirs(argv: Sequence[str]) -> list[Path] | None:
+    """The folders of `hydra.searchpath=[...]` on a command line, in order (empty when it sets none);
+    None when one cannot be read here (a pkg:// that does not import), so callers leave names to Hydra."""
+    given = [ov.value() for ov in parsed(argv) if ov.get_key_element() == "hydra.searchpath"]
+    if not given:
+        return []
+    if not isinstance(given[0], list):                         # Hydra refuses it with its own message
+        return None
+    folders = [_folder(str(entry)) for entry in given[0]]      # the first one counts, as in Hydra
+    return None if None in folders else folders                # type: ignore[return-value]
+
+
+def parsed(argv: Sequence[str]) -> list[Any]:
+    """Hydra's own parse of the command-line overrides, one by one: flags (-m, --cfg job) and what does
+    not parse are left out (Hydra reports a syntax error itself)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, out = OverridesParser.create(), []
+    for arg in argv:
+        try:
+            out += parser.parse_overrides([arg])
+        except Exception:                                       # noqa: BLE001 - not an override
+            continue
+    return out
+
+
+def entries(group: str, search: Sequence[Path] = ()) -> dict[str, Path]:
+    """name -> YAML of every entry of config group `group` in the suite's tree and the search folders;
+    on a name in both, the suite's own wins, as Hydra appends the search path after the primary config."""
+    found: dict[str, Path] = {}
+    for folder in (CONF, *search):
+        for path in sorted((Path(folder) / group).glob("*.yaml")):
+            found.setdefault(path.stem, path)
+    return dict(sorted(found.items()))
