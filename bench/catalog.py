@@ -21,8 +21,8 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from bench.checks import ALLOWED_TARGETS
+from bench.config import CONF
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = {"methods": "method", "metrics": "metric", "models": "model", "datasets": "dataset"}
 _YEAR = re.compile(r"\b(?:19|20)\d{2}[a-z]?\b")
 _PAREN = re.compile(r"\s*\(([^()]*)\)")

@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
+from bench.config import CONF
 from metrics import REDUCTIONS
 
 ALLOWED_TARGETS = ("methods.", "metrics.", "bench.", "torchvision.models.")

@@ -183,7 +183,9 @@ def _grid(model: nn.Module, d: dict[str, Tensor], impl: str) -> Callable[[], Any
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+    from bench.config import CONF
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config")
     layers = [n for n, m in model.named_modules() if hasattr(m, "reset_parameters")]
     methods_ = {k: instantiate(v) for k, v in cfg.method.items()}
@@ -238,7 +240,7 @@ def method_costs(size: int, n: int, device: str, repeat: int, threads: int) -> p
     dev = torch.device(device)
     model = make_model(size, dev)
     d = make_inputs(model, size, n, dev)
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    from bench.config import CONF as conf
     rows = []
     for name in sorted(p.stem for p in (conf / "method").glob("*.yaml")):
         with initialize_config_dir(str(conf), version_base="1.3"):

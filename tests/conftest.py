@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from bench.config import CONF
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 

@@ -17,6 +17,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
 import bench.store
+from bench.config import CONF
 from bench.data import Shapes
 from bench.run import run
 from bench.zoo import ResNet

@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from bench.config import CONF
 from bench.run import _call_metric, check_targets
 from metrics import FAMILIES, consumed, family, metric_input, randomization_layers
 

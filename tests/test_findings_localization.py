@@ -11,6 +11,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from bench.config import CONF
 from metrics import to_map
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from bench.config import CONF
 from bench.report import load
 from bench.run import run
 from bench.zoo import load_model

@@ -24,6 +24,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from bench.config import CONF
 from bench.data import Shapes
 from bench.zoo import SmallCNN
 from methods import random_map

@@ -8,6 +8,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from bench.config import CONF
 from bench.data import Shapes, render_shapes_item
 from bench.data.shapes import _render
 

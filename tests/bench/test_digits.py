@@ -8,6 +8,7 @@ import pytest
 import torch
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets", reason="digits reads scikit-learn's bundled copy")
+from bench.config import CONF
 from bench.data import Digits  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

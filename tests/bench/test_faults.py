@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from bench import store
+from bench.config import CONF
 from bench.data import Shapes
 from bench.report import load
 from bench.run import PROBE, run

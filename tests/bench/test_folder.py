@@ -14,6 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from bench.config import CONF
 from bench.data import VOC, Folder, ImageNetVal, write_example
 from bench.report import load
 from bench.run import run

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir                            # no
 from scipy.stats import spearmanr                                           # noqa: E402
 
 from bench import figures                                                   # noqa: E402
+from bench.config import CONF
 from bench.gallery import (_grid_figure, display_scale, load_items, load_run, main,  # noqa: E402
                            mprt_configs, mprt_grid, pick_samples, write_gallery)
 from bench.report import load, write_report                                 # noqa: E402
@@ -38,7 +39,7 @@ def tiny(tmp_path_factory) -> SimpleNamespace:
     """A stored run of small_cnn (width 4, one epoch) on 4 shapes: saliency and random x (pixel flipping
     MoRF+LeRF, MPRT), and its report with the gallery; `drawn` records the lines of every figure saved."""
     tmp = tmp_path_factory.mktemp("gallery")
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=TINY + [f"cache_dir={tmp / 'cache'}"])
     run(cfg, out_dir=tmp / "results" / "shapes" / "small_cnn")
     drawn, save = {}, figures._save_figure

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from bench.config import CONF
 from bench.run import check_targets
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

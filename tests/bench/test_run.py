@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from bench.config import CONF
 from bench.report import load
 from bench.run import run
 
@@ -33,7 +34,7 @@ def _one_thread():
 
 
 def _cfg(tmp_path, *extra):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
         return compose("config", overrides=TINY + METHODS + [f"cache_dir={tmp_path / 'cache'}", *extra])
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from bench.config import CONF
 from bench.report import load
 from bench.zoo import load_model
 
@@ -114,7 +115,7 @@ def test_memory_is_flat_in_the_number_of_samples(tmp_path: Path) -> None:
               "metric.pixel_flipping.steps=4", "metric.pixel_flipping.chunk_size=32", f"cache_dir={tmp_path / 'cache'}"]
     sys.path.insert(0, str(tmp_path))
     try:                                                               # train and cache the model here, once
-        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        with initialize_config_dir(str(CONF), version_base="1.3"):
             cfg = compose("config", overrides=common)
         load_model(cfg.model, cfg.dataset, cache_dir=tmp_path / "cache")
     finally:
@@ -122,7 +123,7 @@ def test_memory_is_flat_in_the_number_of_samples(tmp_path: Path) -> None:
         sys.modules.pop("userdata", None)
 
     def peak(n: int) -> float:
-        proc = subprocess.run([sys.executable, "-c", MEASURE, str(ROOT / "conf"), str(tmp_path / f"out{n}"), *common,
+        proc = subprocess.run([sys.executable, "-c", MEASURE, str(CONF), str(tmp_path / f"out{n}"), *common,
                                f"dataset.n_samples={n}"], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from matplotlib.path import Path as Polygon
 
+from bench.config import CONF
 from bench.data import CLASSES, Shapes, render_shapes_item
 from bench.data.shapes import _AREA, _WATERMARKS, _render
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from torch import nn
 
+from bench.config import CONF
 from bench.zoo import VGG, SmallCNN, ViT, load_model
 from bench.zoo.nets import TokenGrid
 from bench.zoo.sources import load_weights, read_state_dict

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import methods
+from bench.config import CONF
 from bench.zoo import ResNet, SmallCNN
 from methods.reference import _rescale
 

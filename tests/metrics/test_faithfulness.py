@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.config import CONF
 from metrics import pixel_flipping, to_map
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

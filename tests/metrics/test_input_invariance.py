@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 import methods
+from bench.config import CONF
 from bench.zoo import ResNet, SmallCNN
 from metrics import consumed, input_invariance
 

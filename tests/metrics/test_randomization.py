@@ -10,6 +10,7 @@ import skimage.metrics
 import torch
 
 import methods
+from bench.config import CONF
 from metrics import (SIMILARITIES, data_randomization, emprt, hog, hog_similarity, input_invariance, mprt, mprt_stages,
                      random_logit, randomization_layers, similarities, smprt, spearman, ssim, to_map,
                      top_k_overlap)
@@ -312,7 +313,7 @@ def test_data_randomization_identity_and_difference(tiny_cnn, batch):
 
 def _zoo_cfg(*overrides: str):
     from hydra import compose, initialize_config_dir
-    conf = Path(__file__).resolve().parents[2] / "conf"
+    conf = CONF
     with initialize_config_dir(str(conf), version_base="1.3"):
         return compose("config", overrides=["model=small_cnn", "dataset.size=32", *overrides])
 
