@@ -1,15 +1,11 @@
 """Shared fixtures: tiny analytic models and seeded data."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
 from bench.config import CONF
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 class PixelSum(nn.Module):

@@ -23,7 +23,6 @@ from bench.run import run
 from bench.zoo import ResNet
 from bench.zoo.sources import sha256
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["model=small_cnn", "model.net.width=4", "model.train.epochs=1", "model.train.n_train=96",
         "model.train.n_test=32", "dataset.n_samples=10", "dataset.size=32", "batch_size=4",
         "method=[saliency,random]", "metric=[pixel_flipping,pointing_game]", "metric.pixel_flipping.steps=4",

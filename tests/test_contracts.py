@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +12,6 @@ from omegaconf import OmegaConf
 from bench.config import CONF
 from bench.run import _call_metric, check_targets
 from metrics import FAMILIES, consumed, family, metric_input, randomization_layers
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _compose(*overrides: str):

@@ -5,7 +5,6 @@ on every localization metric, each with its configured defaults (conf/metric/*.y
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
@@ -14,7 +13,6 @@ from omegaconf import OmegaConf
 from bench.config import CONF
 from metrics import to_map
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 METRICS = ["pointing_game", "energy_pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy",
            "localization_auc", "top_k_intersection", "attribution_localisation", "iou_at_threshold"]
 INFORMED = ["grad_cam", "integrated_gradients"]

@@ -5,8 +5,6 @@ the runner's former default abs_sum map gave), `spearman_signed` the signed map 
 explained where asserted; the measured values are in the comments."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -20,7 +18,6 @@ from bench.zoo import load_model
 from metrics import data_randomization, emprt, mprt, random_logit, similarities, smprt, top_k_overlap
 from metrics.randomization import _smoothed
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 pytestmark = pytest.mark.slow
 N = 64                                   # images; per-sample Spearman of two unrelated 64x64 maps has sd ~ 1/64

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +29,6 @@ from bench.zoo import SmallCNN
 from methods import random_map
 from metrics import mprt, randomization_layers, similarities
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 N = 64                                   # images: the mean of 64 per-sample scores has se ~ sd / 8
 
 

@@ -1,8 +1,6 @@
 """Datasets with ground truth beyond the plain `shapes`: the `shapes_multi` variant (decoy objects)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -11,8 +9,6 @@ from omegaconf import OmegaConf
 from bench.config import CONF
 from bench.data import Shapes, render_shapes_item
 from bench.data.shapes import _render
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

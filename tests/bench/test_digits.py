@@ -1,8 +1,6 @@
 """`digits`: scikit-learn's bundled 8x8 digits, upsampled; splits, ids, values and masks by hand."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -10,8 +8,6 @@ import torch
 sklearn_datasets = pytest.importorskip("sklearn.datasets", reason="digits reads scikit-learn's bundled copy")
 from bench.config import CONF
 from bench.data import Digits  # noqa: E402
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def test_splits_are_a_stratified_disjoint_cover_with_sklearn_ids():

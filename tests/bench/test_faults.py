@@ -27,7 +27,6 @@ from bench.report import load
 from bench.run import PROBE, run
 from metrics.batching import ChunkRetryWarning, chunked
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 N = 12                                                   # targets are sample_id % 6
 TINY = ["model=small_cnn", "model.net.width=4", "model.train.epochs=1", "model.train.n_train=96",
         "model.train.n_test=32", f"dataset.n_samples={N}", "dataset.size=32", "batch_size=4",

@@ -20,7 +20,6 @@ from bench.report import load
 from bench.run import run
 from bench.zoo import load_model
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 
 

@@ -1,15 +1,12 @@
 """Every experiment preset composes, names only existing methods and metrics, and says what it reproduces."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hydra import compose, initialize_config_dir
 
 from bench.config import CONF
 from bench.run import check_targets
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,6 @@ from matplotlib.path import Path as Polygon
 from bench.config import CONF
 from bench.data import CLASSES, Shapes, render_shapes_item
 from bench.data.shapes import _AREA, _WATERMARKS, _render
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -19,7 +19,6 @@ from methods import grad_cam, saliency
 from methods.cam import last_spatial_layer
 from metrics import randomization_layers
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 EMBEDDED = ["small_cnn", "resnet", "vgg", "vgg_silu", "vit"]
 
 

@@ -8,7 +8,6 @@ methods for any weights, so training is not needed; only float32 rounding is tol
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -49,7 +48,6 @@ def _f(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 ZOO = [SmallCNN, ResNet]
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 # ---------------------------------------------------------------- completeness on zoo models

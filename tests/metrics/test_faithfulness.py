@@ -1,5 +1,4 @@
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +7,6 @@ import torch
 from bench.config import CONF
 from metrics import pixel_flipping, to_map
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 from metrics.batching import CHUNK_BYTES, auto_chunk_size
 
 

@@ -6,8 +6,6 @@ composites included, on the zoo's conv -> batch norm nets (random weights, rando
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -19,7 +17,6 @@ from bench.config import CONF
 from bench.zoo import ResNet, SmallCNN
 from metrics import consumed, input_invariance
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 FAST = {                                       # fewer draws: the preparation does not depend on them
     "smoothgrad": "samples=2", "smoothgrad_squared": "samples=2", "vargrad": "samples=2",

@@ -1,6 +1,5 @@
 import copy
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -630,7 +629,7 @@ def test_adebayo2018_preset_scores_abs_and_signed_side_by_side(tiny_cnn, batch):
     """The preset's mprt: both Spearman scores, three draws with their spread, the paper's SSIM/HOG settings."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
-    conf = Path(__file__).resolve().parents[2] / "conf"
+    conf = CONF
     with initialize_config_dir(str(conf), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=adebayo2018"])
     node = cfg.metric.mprt
