@@ -50,9 +50,9 @@ def _check_options(output: str, seed: int) -> None:
     check_int("seed", seed, 0)
 
 
-def _check_steps(x: Tensor, steps: int, patch: int, max_fraction: float = 1.0) -> tuple[int, int]:
-    """Validate steps/patch/max_fraction; return the number of removal units n (pixels or patches) and
-    the budget m = ceil(max_fraction n) of units removed by the last step."""
+def _check_steps(x: Tensor, steps: int | None, patch: int, max_fraction: float = 1.0) -> tuple[int, int]:
+    """Validate steps/patch/max_fraction (steps None: one unit per step); return the number of removal units
+    n (pixels or patches) and the budget m = ceil(max_fraction n) of units removed by the last step."""
     H, W = x.shape[-2:]
     check_int("patch", patch, 1, min(H, W), high_name="min(H, W)")
     n = -(-H // patch) * -(-W // patch)
@@ -60,8 +60,9 @@ def _check_steps(x: Tensor, steps: int, patch: int, max_fraction: float = 1.0) -
                 "last step)")
     m = max(1, math.ceil(max_fraction * n - 1e-9))
     units = "patches" if patch > 1 else "pixels"
-    check_int("steps", steps, 1, m, high_name=f"the number of {units}" if m == n else
-              f"the {units} in max_fraction={max_fraction}")
+    if steps is not None:
+        check_int("steps", steps, 1, m, high_name=f"the number of {units}" if m == n else
+                  f"the {units} in max_fraction={max_fraction}")
     return n, m
 
 
@@ -87,7 +88,7 @@ def pixel_flipping(
     target: Tensor,               # (B,)
     attribution: Tensor,          # (B, H, W), channel-reduced map
     *,
-    steps: int = 16,
+    steps: int | None = 16,
     order: Order = "morf",
     patch: int = 1,
     max_fraction: float = 1.0,
@@ -101,8 +102,8 @@ def pixel_flipping(
     Units (pixels, or patch x patch squares of a fixed grid ranked by the map's sum over them)
     are ranked most relevant first (MoRF) or least relevant first (LeRF); the first
     m = ceil(max_fraction n) of the n units are removed in `steps` equal groups and replaced by
-    `baseline` (module docstring). f_k is the target output after k groups, f_0 the unperturbed
-    input; x_k = ceil(k m / steps) / n is the exact fraction of units removed.
+    `baseline` (module docstring; steps=None: one unit per step, m steps). f_k is the target output
+    after k groups, f_0 the unperturbed input; x_k = ceil(k m / steps) / n is the exact fraction of units removed.
     AUC = trapezoid of f_k over x_k (x in [0, max_fraction]); AOPC = 1/(L+1) sum_{k=0..L} (f_0 - f_k),
     L = steps. Samek et al.'s AOPC removes one region per step for L = 100 steps, 9x9 regions at
     224 px: 100 of ~620 regions, max_fraction = 0.16 (conf/experiment/samek2017.yaml); the default
@@ -115,6 +116,7 @@ def pixel_flipping(
     orders = _orders(order)
     _check_options(output, seed)
     n, m = _check_steps(x, steps, patch, max_fraction)
+    steps = m if steps is None else steps                                         # None: one unit per step
     removed_at = torch.stack([_removed_at(attribution, steps=steps, descending=o == "morf", patch=patch, seed=seed,
                                           budget=m) for o in orders])             # (R, B, HW)
     fill = _static_fill(_baseline_fill(x, baseline, seed=seed))
