@@ -28,7 +28,6 @@ from metrics import REDUCTIONS
 
 ALLOWED_TARGETS = ("methods.", "metrics.", "bench.", "torchvision.models.")
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}   # autocast dtypes
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
