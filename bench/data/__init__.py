@@ -4,5 +4,6 @@ from __future__ import annotations
 from bench.data.digits import Digits
 from bench.data.folder import VOC, Folder, ImageNetVal, write_example
 from bench.data.shapes import CLASSES, Shapes, render_shapes_item
+from bench.data.mosaic import ShapesMosaic
 
-__all__ = ["CLASSES", "Shapes", "render_shapes_item", "Digits", "Folder", "VOC", "ImageNetVal", "write_example"]
+__all__ = ["CLASSES", "Shapes", "ShapesMosaic", "render_shapes_item", "Digits", "Folder", "VOC", "ImageNetVal", "write_example"]

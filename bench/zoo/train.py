@@ -133,6 +133,9 @@ def load_model(model_cfg: DictConfig, dataset_cfg: DictConfig, *, cache_dir: str
     """
     device = torch.device(device)
     dataset = instantiate(dataset_cfg, n_samples=1)
+    if getattr(dataset, "train_on", None):                          # built from another dataset's images (shapes_mosaic):
+        dataset_cfg = OmegaConf.create(dataset.train_on)            # that dataset's models, trained and cached on it
+        dataset = instantiate(dataset_cfg, n_samples=1)
     normalization = _normalization(model_cfg, dataset)             # before anything is downloaded
     t = model_cfg.get("train")
     if t is not None:
