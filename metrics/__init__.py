@@ -13,10 +13,16 @@ from typing import Any
 from metrics._map import CONSUMES, REDUCTIONS, consumed, consumes, metric_input, to_map
 from metrics._result import Curve, MetricResult
 from metrics.axiomatic import *  # noqa: F403
+from metrics.complexity import *  # noqa: F403
 from metrics.faithfulness import *  # noqa: F403
+from metrics.faithfulness_estimates import *  # noqa: F403
+from metrics.faithfulness_superpixels import *  # noqa: F403
 from metrics.localization import *  # noqa: F403
+from metrics.mosaic import *  # noqa: F403
 from metrics.randomization import *  # noqa: F403
-from metrics import axiomatic, faithfulness, localization, randomization
+from metrics.robustness import *  # noqa: F403
+from metrics import axiomatic, faithfulness, faithfulness_estimates, faithfulness_superpixels, localization, mosaic, randomization, robustness
+from metrics.complexity import __all__ as _complexity_all  # the module: its `complexity` function shadows it
 
 # the families in the order the report shows them; a module metrics/<family>.py per family
 FAMILIES = ("faithfulness", "robustness", "randomization", "localization", "complexity", "axiomatic")
@@ -38,5 +44,5 @@ def family(metric: Any) -> str:
 
 
 __all__ = ["CONSUMES", "Curve", "FAMILIES", "MetricResult", "REDUCTIONS", "consumed", "consumes", "family",
-           "metric_input", "to_map", *axiomatic.__all__, *faithfulness.__all__, *localization.__all__,
-           *randomization.__all__]
+           "metric_input", "to_map", *axiomatic.__all__, *faithfulness.__all__, *faithfulness_estimates.__all__, *faithfulness_superpixels.__all__, *localization.__all__, *mosaic.__all__,
+           *randomization.__all__, *robustness.__all__, *_complexity_all]
