@@ -12,13 +12,13 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from bench.config import CONF, GROUPS, entries, parsed, search_dirs
+from bench import config
+from bench.config import CONF
 from bench.run import identity, run
 
 log = logging.getLogger("bench")
@@ -53,41 +53,10 @@ def unwritable_results_dir(argv: list[str]) -> str | None:
     return None
 
 
-def _names(value: Any) -> list[str] | None:
-    """The config names an override's value picks: a name, a list, a comma sweep (of names or lists);
-    None for what only Hydra expands (glob, range, interval)."""
-    from hydra.core.override_parser.types import ChoiceSweep
-
-    if isinstance(value, ChoiceSweep):
-        value = [n for item in value.list for n in (item if isinstance(item, list) else [item])]
-    if value is None or isinstance(value, (str, int, float)):
-        return [] if value is None else [str(value)]
-    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
-        return [str(v) for v in value]
-    return None
-
-
 def unknown_choice(argv: list[str]) -> str | None:
     """A message naming the available options when a command-line override picks a config that is neither
-    in conf/ nor in a folder of `hydra.searchpath=[file://...]`.
-
-    Hydra lists them for `model=nope` but not inside a list (`method=[saliency,nope]`) or a sweep. The
-    overrides are read by Hydra's own parser (quoted names and lists included); globs, ranges and
-    search-path entries that cannot be read here are left to Hydra.
-    """
-    search = search_dirs(argv)
-    for ov in parsed(argv):
-        if ov.key_or_group not in GROUPS or ov.package is not None or ov.is_delete() or search is None:
-            continue
-        available = entries(ov.key_or_group, search)
-        for name in _names(ov.value()) or []:
-            if name != "null" and name not in available:
-                where = f"conf/{ov.key_or_group}/{name}.yaml" + \
-                    "".join(f" nor {folder / ov.key_or_group / name}.yaml" for folder in search)
-                hint = "" if search else (f"; a YAML of your own: add its folder with "
-                                          f"hydra.searchpath=[file:///path/to/conf] (it holds {ov.key_or_group}/)")
-                return f"{ov.key_or_group}={name}: no {where}; available: {', '.join(available)}{hint}"
-    return None
+    in conf/ nor in a folder of `hydra.searchpath=[file://...]` (bench.config.unknown_choice)."""
+    return config.unknown_choice(argv)
 
 
 @hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")

@@ -76,3 +76,46 @@ def entries(group: str, search: Sequence[Path] = ()) -> dict[str, Path]:
         for path in sorted((Path(folder) / group).glob("*.yaml")):
             found.setdefault(path.stem, path)
     return dict(sorted(found.items()))
+
+
+def unknown_name(group: str, names: Sequence[str], search: Sequence[Path] = ()) -> str | None:
+    """A message naming the available entries when one of `names` is not an entry of config group `group`
+    (the suite's tree and the `search` folders); None when all are."""
+    available = entries(group, search)
+    for name in names:
+        if name != "null" and name not in available:
+            where = f"conf/{group}/{name}.yaml" + "".join(f" nor {Path(f) / group / name}.yaml" for f in search)
+            hint = "" if search else (f"; for a YAML of your own add its folder to the search path "
+                                      f"(hydra.searchpath=[file:///path/to/conf], the folder that holds {group}/)")
+            return f"{group}={name}: no {where}; available: {', '.join(available)}{hint}"
+    return None
+
+
+def _names(value: Any) -> list[str] | None:
+    """The config names an override's value picks: a name, a list, a comma sweep (of names or lists);
+    None for what only Hydra expands (glob, range, interval)."""
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    if isinstance(value, ChoiceSweep):
+        value = [n for item in value.list for n in (item if isinstance(item, list) else [item])]
+    if value is None or isinstance(value, (str, int, float)):
+        return [] if value is None else [str(value)]
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+        return [str(v) for v in value]
+    return None
+
+
+def unknown_choice(argv: list[str]) -> str | None:
+    """A message naming the available options when a command-line override picks a config that is neither
+    in conf/ nor in a folder of `hydra.searchpath=[file://...]`.
+
+    Hydra lists them for `model=nope` but not inside a list (`method=[saliency,nope]`) or a sweep. The
+    overrides are read by Hydra's own parser (quoted names and lists included); globs, ranges and
+    search-path entries that cannot be read here are left to Hydra.
+    """
+    search = search_dirs(argv)
+    for ov in parsed(argv):
+        if ov.key_or_group in GROUPS and ov.package is None and not ov.is_delete() and search is not None:
+            if message := unknown_name(ov.key_or_group, _names(ov.value()) or [], search):
+                return message
+    return None
