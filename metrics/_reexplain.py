@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 
 from metrics._check import check_choice, check_classes, check_finite, check_float, check_int, check_target
-from metrics._perturb import _baseline_fill
 from metrics.batching import chunked
 
 Method = Callable[[nn.Module, Tensor, Tensor], Tensor]          # (model, x, target) -> (B, C, H, W)
@@ -54,9 +53,13 @@ def noise_field(x: Tensor, samples: int, radius: float, noise: str, seed: int) -
 
 def shifted(x: Tensor, shifts: Tensor, baseline: float | str) -> Perturb:
     """x' = x translated right by shifts[s] pixels (left if negative), uncovered columns = baseline."""
-    if isinstance(baseline, str) and baseline != "black":
-        raise ValueError(f"baseline must be 'black' (each image's minimum) or a number, got {baseline!r}")
-    fill = _baseline_fill(x, baseline, seed=0)                                    # (B, 1, 1, 1) or scalar
+    if baseline == "image_min":                                                    # Quantus' "black"
+        fill = x.amin(dim=(1, 2, 3), keepdim=True)                                 # (B, 1, 1, 1)
+    elif isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        fill = torch.as_tensor(check_float("baseline", baseline), dtype=x.dtype, device=x.device)
+    else:
+        raise ValueError(f"baseline must be 'image_min' (each image's minimum, Quantus' 'black') or a number in "
+                         f"the model's input space, got {baseline!r}")
     W = x.shape[-1]
     cols = torch.arange(W, device=x.device)
 

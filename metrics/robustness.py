@@ -115,13 +115,13 @@ def local_lipschitz_estimate(
 @consumes("raw")
 def continuity(
     model: nn.Module, x: Tensor, target: Tensor, method: Method, *, attribution: Tensor | None = None,
-    max_shift: float = 0.125, shifts: Sequence[int] | None = None, baseline: float | Literal["black"] = "black",
+    max_shift: float = 0.125, shifts: Sequence[int] | None = None, baseline: float | Literal["image_min"] = "image_min",
     changed: Changed = "keep", chunk_size: int | None = None,
 ) -> MetricResult:
     """Explanation continuity (Montavon et al. 2018): max_{x' != x} ||R(x) - R(x')||_1 / ||x - x'||_2.
 
     x' runs over horizontal translations of x by d pixels (the paper's example), the uncovered
-    columns filled with `baseline` ("black": each image's minimum, Quantus' fill; or a constant):
+    columns filled with `baseline` ("image_min": each image's minimum, Quantus' "black"; or a constant):
     d in `shifts`, or by default every d in [-m, m] except 0, m = max(1, round(max_shift W)).
     R is the raw attribution (signed: Quantus' defaults abs=True, normalise=True are not applied).
     Lower is better. Quantus 0.6 Continuity(nr_steps=n) uses d = -W + k (2W + 1) // n, k = 1..n.
