@@ -1,4 +1,4 @@
-"""`python -m bench.catalog [methods|metrics|models|datasets]`: what the config groups hold.
+"""`python -m bench.catalog [methods|metrics|models|datasets|families]`: what the config groups hold.
 
 The config groups are the registry (DESIGN.md), so the catalogue is read from them: one
 entry per conf/<group>/<name>.yaml, its description the first sentence of the YAML's
@@ -6,6 +6,8 @@ header comment (the target's docstring when the YAML has none) and its paper the
 year-bearing parentheses of that sentence, e.g. "(Sundararajan et al. 2017)" (the
 docstring's first sentence when the header names none). No list is kept by hand.
 Targets outside the allowed prefixes (bench.checks.ALLOWED_TARGETS) are not imported.
+`families` lists the metric families (metrics.FAMILIES, in the report's order) and the metrics
+each holds; a metric's family is `metrics.family` of its target (the module that defines it).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from bench.checks import ALLOWED_TARGETS
 from bench.config import CONF
 
 GROUPS = {"methods": "method", "metrics": "metric", "models": "model", "datasets": "dataset"}
+OTHER = "other"                 # a metric outside metrics/ (a user's own): family() cannot place it
 _YEAR = re.compile(r"\b(?:19|20)\d{2}[a-z]?\b")
 _PAREN = re.compile(r"\s*\(([^()]*)\)")
 # a sentence ends at . ! ? followed by a space or the end, but not after "al", "e.g", "i.e", "vs", "cf"
@@ -32,12 +35,14 @@ _SENTENCE_END = re.compile(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)(?<!\bvs)(?<!\bcf)[.
 
 @dataclass(frozen=True)
 class Entry:
-    """One config of a group: its name (the file stem), `_target_`, one-line description and paper."""
+    """One config of a group: its name (the file stem), `_target_`, one-line description, paper and, for a
+    metric, its family."""
 
     name: str
     target: str
     description: str
     paper: str
+    family: str = ""
 
 
 def _first_sentence(text: str) -> str:
@@ -86,16 +91,32 @@ def _node(group: str, name: str, cfg: Any, path: Path) -> DictConfig:
     return node
 
 
-def _docstring(target: str) -> str:
-    """The target's docstring, or a note why it could not be read; only allowed prefixes are imported."""
+def _resolve(target: str) -> tuple[Any, str]:
+    """(the target's object, "") or (None, why it was not read); only allowed prefixes are imported."""
     if not target.startswith(ALLOWED_TARGETS):
-        return ""
+        return None, ""
     module, _, attr = target.rpartition(".")
     try:
-        obj = getattr(importlib.import_module(module), attr)
+        return getattr(importlib.import_module(module), attr), ""
     except (ImportError, AttributeError) as e:
-        return f"(target {target} cannot be imported: {type(e).__name__}: {e})"
-    return inspect.getdoc(obj) or ""
+        return None, f"(target {target} cannot be imported: {type(e).__name__}: {e})"
+
+
+def _docstring(target: str) -> str:
+    """The target's docstring, or a note why it could not be read."""
+    obj, why = _resolve(target)
+    return why if obj is None else inspect.getdoc(obj) or ""
+
+
+def _family(target: str) -> str:
+    """The metric family of a target (metrics.family), OTHER where it is not a metric of metrics/."""
+    import metrics
+
+    obj, _ = _resolve(target)
+    try:
+        return metrics.family(obj) if obj is not None else OTHER
+    except ValueError:
+        return OTHER
 
 
 def catalog(group: str, *, conf: Path | str = CONF) -> list[Entry]:
@@ -111,30 +132,57 @@ def catalog(group: str, *, conf: Path | str = CONF) -> list[Entry]:
         header = _first_sentence(_header(path))
         doc = _first_sentence(_docstring(target).split("\n\n")[0])
         description = _without_papers(header or doc)
-        entries.append(Entry(path.stem, target, description, _papers(header) or _papers(doc)))
+        entries.append(Entry(path.stem, target, description, _papers(header) or _papers(doc),
+                             _family(target) if group == "metrics" else ""))
     return entries
 
 
+def families(*, conf: Path | str = CONF) -> dict[str, list[Entry]]:
+    """The metrics of conf/metric/ by family: every family of metrics.FAMILIES in order (empty ones too),
+    then OTHER where some metric is not in one."""
+    from metrics import FAMILIES
+
+    entries = catalog("metrics", conf=conf)
+    out = {f: [e for e in entries if e.family == f] for f in FAMILIES}
+    other = [e for e in entries if e.family not in FAMILIES]
+    return {**out, OTHER: other} if other else out
+
+
 def format_table(entries: Sequence[Entry]) -> str:
-    """Aligned lines: name, paper (- when none), description."""
+    """Aligned lines: name, family (metrics only), paper (- when none), description."""
     if not entries:
         return "(none)"
     w_name = max(len(e.name) for e in entries)
+    w_family = max(len(e.family) for e in entries)
     w_paper = max(len(e.paper or "-") for e in entries)
-    return "\n".join(f"{e.name:<{w_name}}  {e.paper or '-':<{w_paper}}  {e.description}" for e in entries)
+    return "\n".join(f"{e.name:<{w_name}}  " + (f"{e.family:<{w_family}}  " if w_family else "")
+                     + f"{e.paper or '-':<{w_paper}}  {e.description}" for e in entries)
+
+
+def format_families(groups: dict[str, list[Entry]]) -> str:
+    """One line per family: its name, how many metrics, and their names."""
+    w = max(len(f) for f in groups)
+    return "\n".join(f"{f:<{w}}  {len(es):>2}  {', '.join(e.name for e in es) or '(none yet)'}"
+                     for f, es in groups.items())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.catalog", description=__doc__.splitlines()[0])
-    parser.add_argument("groups", nargs="*", metavar="{" + ",".join(GROUPS) + "}",
-                        help="config groups to list (default: all four)")
+    parser.add_argument("groups", nargs="*", metavar="{" + ",".join([*GROUPS, "families"]) + "}",
+                        help="config groups to list, or the metric families (default: all)")
     parser.add_argument("--conf", type=Path, default=CONF, help="the conf/ directory (default: the suite's own)")
     args = parser.parse_args(argv)
-    unknown = [g for g in args.groups if g not in GROUPS]
+    unknown = [g for g in args.groups if g not in (*GROUPS, "families")]
     if unknown:
-        parser.error(f"unknown group {unknown[0]!r}: choose from {', '.join(GROUPS)}")
-    groups = args.groups or list(GROUPS)
+        parser.error(f"unknown group {unknown[0]!r}: choose from {', '.join([*GROUPS, 'families'])}")
+    groups = args.groups or [*GROUPS, "families"]
     for i, group in enumerate(groups):
+        if group == "families":
+            found = families(conf=args.conf)
+            print(("\n" if i else "") + f"families ({len(found)}, metrics.family: the module of metrics/ that "
+                  "defines a metric)")
+            print(format_families(found))
+            continue
         entries = catalog(group, conf=args.conf)
         print(("\n" if i else "") + f"{group} ({len(entries)}, conf/{GROUPS[group]}/<name>.yaml)")
         print(format_table(entries))

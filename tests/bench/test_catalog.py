@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.catalog import GROUPS, catalog, main
+from bench.catalog import GROUPS, catalog, families, main
 from bench.config import CONF
 
 
@@ -57,3 +57,35 @@ def test_docstring_fallback_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["methods", "widgets"])
     assert exit_info.value.code == 2 and "unknown group 'widgets'" in capsys.readouterr().err
+
+
+def test_families_list_every_metric_once_in_report_order(capsys):
+    from metrics import FAMILIES, family
+    import metrics
+
+    found = families()
+    assert list(found) == list(FAMILIES)                                   # every metric is in one of them
+    stems = sorted(p.stem for p in (CONF / "metric").glob("*.yaml"))
+    assert sorted(e.name for es in found.values() for e in es) == stems
+    by_name = {e.name: f for f, es in found.items() for e in es}
+    assert by_name["focus"] == "localization" and by_name["pixel_flipping"] == "faithfulness"
+    assert by_name["input_invariance"] == "axiomatic" and by_name["mprt"] == "randomization"
+    for e in catalog("metrics"):                                            # the same as metrics.family of the target
+        assert e.family == family(getattr(metrics, e.target.rpartition(".")[2]))
+    assert main(["families"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"families ({len(FAMILIES)}, metrics.family")
+    loc = next(line for line in lines if line.startswith("localization "))
+    assert loc.split()[1] == str(len(found["localization"])) and "focus" in loc and "pointing_game" in loc
+    assert main(["metrics"]) == 0                                           # the metrics table names the family
+    focus_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("focus "))
+    assert focus_line.split()[1:4] == ["localization", "Arias-Duart", "et"]
+
+
+def test_a_metric_outside_metrics_is_listed_as_other(tmp_path):
+    (tmp_path / "metric").mkdir()
+    (tmp_path / "metric" / "mine.yaml").write_text("# Mine (Doe 2020).\nmine:\n  _target_: bench.stats.holm\n")
+    (tmp_path / "metric" / "rma.yaml").write_text("rma:\n  _target_: metrics.relevance_mass_accuracy\n")
+    found = families(conf=tmp_path)
+    assert [e.name for e in found["other"]] == ["mine"] and [e.name for e in found["localization"]] == ["rma"]
+    assert found["robustness"] == []
