@@ -14,8 +14,8 @@ class ReportCallback(Callback):
     """Write the leaderboard and figures of everything below `results_dir` once the job(s) end.
 
     With `gallery` (default true) the report also holds, for every run, the gallery of maps and
-    the MPRT grid (bench.gallery), which recompute maps on a few samples from the cached models;
-    a run that cannot be reloaded is logged and left out of them, never fails the report.
+    the MPRT grid, drawn from the maps the run kept in the store (bench.keep); no model is loaded.
+    A run that kept none (an older runner) is logged and left out of them, never fails the report.
     """
 
     def _report(self, config: DictConfig) -> None:

@@ -1,4 +1,5 @@
-"""Report figures (seaborn/matplotlib), each saved as PNG (pages, READMEs) and PDF (papers)."""
+"""Report figures (seaborn/matplotlib) drawn from bench.tables' tables, each saved as PNG (pages, READMEs) and
+PDF (papers)."""
 from __future__ import annotations
 
 from functools import partial
@@ -9,12 +10,13 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from bench.report import _COLUMN_KEYS, Results, _summarise, overall_rank
-from bench.store import write_atomic
+from bench.files import write_atomic
+from bench.tables import COLUMN_KEYS, OTHER, by_family, overall_rank
 
 
-def plot_curves(results: Results, out_dir: str | Path, *, n_boot: int = 1000, seed: int = 0) -> list[Path]:
-    """One PNG per (metric, curve): mean y vs x per method, 95% bootstrap band, one column per model.
+def plot_curves(band: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """One PNG per (metric, curve) of `band` (bench.tables.curve_bands): mean y vs x per method, 95% bootstrap
+    band, one column per model.
 
     A metric that stores both a "morf" and a "lerf" curve (pixel flipping or ROAD with
     order="both") gets one figure `curves_<metric>_morf_lerf` with both orders: MoRF solid,
@@ -23,8 +25,6 @@ def plot_curves(results: Results, out_dir: str | Path, *, n_boot: int = 1000, se
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys = ["dataset", "model", "method", "metric", "curve", "x", "x_label"]
-    band = _summarise(results.curves, keys, value="y", n_boot=n_boot, seed=seed)
     methods = sorted(band["method"].unique())
     palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
     paths = []
@@ -54,7 +54,7 @@ def plot_curves(results: Results, out_dir: str | Path, *, n_boot: int = 1000, se
                 g.set_titles("{row_name} / {col_name}").set_axis_labels(
                     *(("fraction removed", "target output") if two else ("x", curve)))
                 g.figure.suptitle(f"{metric}: {what} (mean, 95% bootstrap CI over samples)", y=1.03)
-                paths.append(_save_figure(g.figure, out_dir / f"curves_{metric}_{curve}"))
+                paths.append(save_figure(g.figure, out_dir / f"curves_{metric}_{curve}"))
             finally:
                 plt.close(g.figure)
     return paths
@@ -67,8 +67,8 @@ def plot_critical_difference(ranks: pd.DataFrame, friedman: pd.DataFrame, out_di
     """Demšar (2006) diagrams: methods on an axis of average rank, bars join methods whose average ranks
     differ by less than the critical difference (not significantly different). One PNG per column."""
     paths = []
-    for key, part in ranks.groupby(_COLUMN_KEYS, sort=True):
-        row = friedman.set_index(_COLUMN_KEYS).loc[key]
+    for key, part in ranks.groupby(COLUMN_KEYS, sort=True):
+        row = friedman.set_index(COLUMN_KEYS).loc[key]
         part = part.sort_values("average_rank")
         r, names, cd, k = part["average_rank"].to_numpy(), part["method"].to_numpy(), row["critical_difference"], len(part)
         fig, ax = plt.subplots(figsize=(8, 1.0 + 0.2 * k))
@@ -98,7 +98,7 @@ def plot_critical_difference(ranks: pd.DataFrame, friedman: pd.DataFrame, out_di
         for side in ("left", "right", "top"):
             ax.spines[side].set_visible(False)
         try:
-            paths.append(_save_figure(fig, Path(out_dir) / f"cd_{key[0]}_{key[1]}_{key[2]}_{key[3]}"))
+            paths.append(save_figure(fig, Path(out_dir) / f"cd_{key[0]}_{key[1]}_{key[2]}_{key[3]}"))
         finally:
             plt.close(fig)
     return paths
@@ -112,7 +112,8 @@ def plot_summary(board: pd.DataFrame, agreement: pd.DataFrame, out_dir: str | Pa
     for (dataset, model), table in board.groupby(["dataset", "model"], sort=True):
         order = overall[overall["dataset"].eq(dataset) & overall["model"].eq(model)].sort_values("rank")["method"]
         table = table.assign(column=table["metric"] + "/" + table["score"] + np.where(table["higher_is_better"], " ↑", " ↓"))
-        columns = sorted(table["column"].unique())
+        columns = by_family(table)                              # panels grouped by the metrics' families
+        family = dict(zip(table["column"], table["family"] if "family" in table else [OTHER] * len(table)))
         ncols = min(len(columns), _PANELS_PER_ROW)
         nrows = -(-len(columns) // ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, nrows * (0.4 * len(order) + 1.2)), sharey=True,
@@ -123,16 +124,16 @@ def plot_summary(board: pd.DataFrame, agreement: pd.DataFrame, out_dir: str | Pa
             ax.errorbar(t["mean"], y, xerr=[t["mean"] - t["ci_low"], t["ci_high"] - t["mean"]], fmt="o", capsize=3)
             ax.set_yticks(y, order)
             ax.tick_params(axis="y", labelleft=ax.get_subplotspec().is_first_col())
-            ax.set_title(column, fontsize=9)
+            ax.set_title(f"{family[column]}: {column}", fontsize=9)
         for ax in axes.flat[len(columns):]:
             ax.set_visible(False)                               # the last row's unused panels
         axes[0, 0].invert_yaxis()
         fig.tight_layout()
         fig.suptitle(f"{dataset} / {model}: mean and 95% bootstrap CI", y=1.02)
-        paths.append(_save_figure(fig, Path(out_dir) / f"scores_{dataset}_{model}"))
+        paths.append(save_figure(fig, Path(out_dir) / f"scores_{dataset}_{model}"))
         plt.close(fig)
         for name, wide, kwargs in [
-            ("ranks", table.pivot(index="method", columns="column", values="rank").reindex(order),
+            ("ranks", table.pivot(index="method", columns="column", values="rank").reindex(index=order, columns=columns),
              {"cmap": "viridis_r", "fmt": ".1f"}),
             ("agreement", _square(agreement[agreement["dataset"].eq(dataset) & agreement["model"].eq(model)]),
              {"cmap": "RdBu", "vmin": -1, "vmax": 1, "fmt": ".2f"}),
@@ -144,7 +145,7 @@ def plot_summary(board: pd.DataFrame, agreement: pd.DataFrame, out_dir: str | Pa
             ax.set_title(f"{dataset} / {model}: " + ("rank per column (1 = best)" if name == "ranks"
                                                       else "Kendall tau between method rankings"), fontsize=9)
             ax.set_xlabel(""), ax.set_ylabel("")
-            paths.append(_save_figure(fig, Path(out_dir) / f"{name}_{dataset}_{model}"))
+            paths.append(save_figure(fig, Path(out_dir) / f"{name}_{dataset}_{model}"))
             plt.close(fig)
     return paths
 
@@ -163,7 +164,7 @@ def _square(agreement: pd.DataFrame) -> pd.DataFrame:
 
 
 
-def _save_figure(fig, stem: Path) -> Path:
+def save_figure(fig, stem: Path) -> Path:
     """Write `fig` as stem.png (for pages and READMEs) and stem.pdf (for papers); return the PNG path.
 
     The tight bounding box (what bbox_inches="tight" computes, padded by 0.1 in) is measured once

@@ -121,7 +121,7 @@ def keep_report_maps(out_dir: Path, cfg: DictConfig, model: nn.Module, dataset: 
     if _load(path, key) is not None:
         return entry
     try:
-        kept = _compute(cfg, model, dataset, methods, index, grids)
+        kept = compute_report_maps(cfg, model, dataset, methods, index, grids)
         store.write_atomic(path, lambda tmp: torch.save({"key": key, **kept}, tmp))
     except (OSError, RuntimeError, ValueError) as e:              # the cells are stored: the run stands without them
         log.warning("no report maps kept in %s: %s: %s", path.parent, type(e).__name__, e)
@@ -132,7 +132,7 @@ def keep_report_maps(out_dir: Path, cfg: DictConfig, model: nn.Module, dataset: 
     return entry
 
 
-def _compute(cfg: DictConfig, model: nn.Module, dataset: Any, methods: dict[str, Callable[..., Tensor]],
+def compute_report_maps(cfg: DictConfig, model: nn.Module, dataset: Any, methods: dict[str, Callable[..., Tensor]],
              index: Tensor, grids: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The kept samples (x, target, sample_id, mask), each method's map and each mprt metric's grid, on CPU."""
     device = next(iter(model.parameters()), torch.empty(0)).device

@@ -14,11 +14,13 @@ import torch                                                                # no
 from hydra import compose, initialize_config_dir                            # noqa: E402
 from scipy.stats import spearmanr                                           # noqa: E402
 
-from bench import figures                                                   # noqa: E402
+from bench import figures, gallery                                          # noqa: E402
 from bench.config import CONF
 from bench.gallery import (_grid_figure, display_scale, load_items, load_run, main,  # noqa: E402
                            mprt_configs, mprt_grid, pick_samples, write_gallery)
-from bench.report import load, write_report                                 # noqa: E402
+from bench.keep import read_report_maps                                     # noqa: E402
+from bench.report import write_report                                       # noqa: E402
+from bench.results import load                                              # noqa: E402
 from bench.run import run                                                   # noqa: E402
 from bench.zoo import SmallCNN                                              # noqa: E402
 from methods import saliency                                               # noqa: E402
@@ -34,6 +36,10 @@ TINY = [                                                                    # as
 ]
 
 
+def _no_model(*args, **kwargs):
+    raise AssertionError("the report loaded a model")
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> SimpleNamespace:
     """A stored run of small_cnn (width 4, one epoch) on 4 shapes: saliency and random x (pixel flipping
@@ -42,14 +48,15 @@ def tiny(tmp_path_factory) -> SimpleNamespace:
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=TINY + [f"cache_dir={tmp / 'cache'}"])
     run(cfg, out_dir=tmp / "results" / "shapes" / "small_cnn")
-    drawn, save = {}, figures._save_figure
+    drawn, save = {}, figures.save_figure
 
     def record(fig, stem):
         drawn[stem.name] = [(line.get_linestyle(), line.get_color()) for ax in fig.axes for line in ax.lines
                             if len(line.get_xdata())]
         return save(fig, stem)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(figures, "_save_figure", record)
+        m.setattr(figures, "save_figure", record)
+        m.setattr(gallery, "load_model", _no_model)                 # the report draws the kept maps only
         report = write_report(tmp / "results", n_boot=20, gallery=True)
     return SimpleNamespace(root=tmp / "results", report=report, drawn=drawn)
 
@@ -104,7 +111,7 @@ def test_gallery_and_grid_of_a_stored_run(tiny: SimpleNamespace):
                      **mprt_configs(run_.cfg)["mprt"])
     S = len(SmallCNN.mprt_layers)
     assert grid.labels == list(SmallCNN.mprt_layers)[::-1] and list(grid.maps) == ["saliency", "random"]
-    fig, axes = _grid_figure(run_, one, grid, "mprt")
+    fig, axes = _grid_figure({**one, "classes": None}, run_.manifest, grid, "mprt")
     assert axes.shape == (2, S + 1) and all(len(ax.images) == 1 for ax in axes.flat)
     matplotlib.pyplot.close(fig)
 
@@ -146,3 +153,31 @@ def test_cli_refuses_missing_runs_and_uncached_models(tiny: SimpleNamespace, tmp
     assert exit_.value.code == 2 and "is not in the cache" in err and "--cache-dir" in err
     # inside a report the same run is logged and left out, and the report goes on
     assert write_gallery(tiny.root, tmp_path / "o", cache_dir=tmp_path / "empty", errors="warn") == []
+
+
+def test_the_run_keeps_the_maps_the_report_draws(tiny: SimpleNamespace):
+    """The runner stored, under its run's key, one sample per class with every method's map and the MPRT stages:
+    the maps are the methods' maps of those samples on the cached model, the grid's similarities the stored scores."""
+    path = tiny.root / "shapes" / "small_cnn" / "manifest.json"
+    run_ = load_run(path)
+    kept = read_report_maps(path, run_.manifest)
+    assert kept["sample_id"].tolist() == [0, 1, 2, 3] and kept["target"].tolist() == [0, 1, 2, 3]   # one per class
+    data = load_items(run_, torch.arange(4))
+    torch.testing.assert_close(kept["x"], data["x"].cpu())
+    torch.testing.assert_close(kept["maps"]["saliency"], to_map(saliency(run_.model, data["x"], data["target"]), "abs_sum"))
+    grid = kept["grids"]["mprt"]
+    assert grid["labels"] == list(SmallCNN.mprt_layers)[::-1] and grid["maps"]["saliency"].shape == (len(SmallCNN.mprt_layers) + 1, 4, 64, 64)
+    s = load(tiny.root).scores
+    s = s[s.metric.eq("mprt") & s.method.eq("saliency")].set_index(["score", "sample_id"])["value"]
+    stored = [[s[f"spearman@{layer}", i] for i in range(4)] for layer in grid["labels"]]
+    np.testing.assert_allclose(grid["spearman"]["saliency"].numpy(), stored, rtol=0, atol=1e-6)
+
+
+def test_a_stale_runs_maps_are_never_drawn(tiny: SimpleNamespace, tmp_path: Path, caplog):
+    path = tiny.root / "shapes" / "small_cnn" / "manifest.json"
+    manifest = load_run(path).manifest
+    assert read_report_maps(path, {**manifest, "report_maps": {**manifest["report_maps"], "key": "0" * 16}}) is None
+    assert "of another key" in caplog.text
+    assert read_report_maps(path, {k: v for k, v in manifest.items() if k != "report_maps"}) is None
+    with pytest.raises(ValueError, match="outside its folder"):
+        read_report_maps(path, {**manifest, "report_maps": {"file": "../../x.pt", "key": "k"}})

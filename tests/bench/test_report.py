@@ -12,7 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.report import bootstrap_ci, format_leaderboard, leaderboard, load, main, overall_rank, write_report
+from bench import store
+from bench.report import format_leaderboard, main, write_report
+from bench.results import load
+from bench.tables import bootstrap_ci, family_rank, leaderboard, overall_rank, wide_ranks
 
 NAN = np.nan
 # run 1: (shapes, cnn); per method and score, the values of samples 0..3
@@ -87,8 +90,9 @@ def test_load_reads_exactly_the_listed_cells(tree: Path) -> None:
     assert len(results.curves) == 4 * (3 * 3 + 3 * 2 + 2 * 3)
     assert sorted(results.meta["score"]) == sorted(m["score"] for m in META)
     assert results.failures.to_dict("records") == [{"run_id": "shapes-mlp-2", "dataset": "shapes", "model": "mlp",
-                                                     "method": "gamma", "metric": None,
-                                                     "error": "ValueError: no conv layer"}]
+                                                     "method": "gamma", "metric": None, "sample_id": None,
+                                                     "stage": None, "error": "ValueError: no conv layer"}]
+    assert list(results.failures.columns) == store.FAILURE_COLUMNS          # the one failure schema
 
 
 def test_load_rejects_conflicting_directions_and_empty_folders(tmp_path: Path) -> None:
@@ -222,3 +226,72 @@ def test_spread_of_repeated_draws_is_not_ranked(tmp_path: Path) -> None:
     results = load(tmp_path)
     assert "spearman_std" in set(results.scores["score"])
     assert set(leaderboard(results, n_boot=20)["score"]) == {"spearman"}
+
+
+def test_every_column_carries_its_family_and_methods_rank_per_family(tree: Path) -> None:
+    """The family of a metric comes from its run's `_target_` (metrics.family); a target outside metrics. is
+    'other' and is never imported. Per-family mean ranks by hand from the ranks above: faithfulness (flip/auc,
+    flip/aopc) alpha (1.5 + 1) / 2, beta 3, gamma (1.5 + 2) / 2; localization (point/hit) 2, 3, 1."""
+    run = tree / "sweep" / "shapes-cnn-1"
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config"] = {"metric": {"flip": {"_target_": "metrics.pixel_flipping"},
+                                     "point": {"_target_": "metrics.pointing_game"},
+                                     "mprt": {"_target_": "os.system"}}}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    board = leaderboard(load(tree), n_boot=20)
+    cnn = board[board["model"] == "cnn"]
+    assert dict(zip(cnn["metric"], cnn["family"])) == {"flip": "faithfulness", "point": "localization",
+                                                        "mprt": "other"}
+    ranks = family_rank(cnn).set_index(["family", "method"])["mean_rank"]
+    assert ranks["faithfulness"].to_dict() == {"alpha": 1.25, "beta": 3.0, "gamma": 1.75}
+    assert ranks["localization"].to_dict() == {"alpha": 2.0, "beta": 3.0, "gamma": 1.0}
+    wide = wide_ranks(cnn)
+    assert list(wide.columns[:8]) == ["dataset", "model", "method", "mean_rank", "rank", "rank faithfulness",
+                                      "rank localization", "rank other"]
+    text = format_leaderboard(cnn)
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    assert header.split(" | ")[1:4] == ["faithfulness · flip/aopc (↑)", "faithfulness · flip/auc (↓)",
+                                        "localization · point/hit (↑)"]
+    assert header.endswith("| mean rank (faithfulness) | mean rank (localization) | mean rank (other) | mean rank |")
+    alpha = next(line for line in text.splitlines() if line.startswith("| alpha"))
+    assert alpha.endswith("| 1.25 | 2.00 | 1.00 | 1.38 |")
+
+
+def test_failures_table_has_one_row_per_failed_sample(tmp_path: Path) -> None:
+    failure = {"method": "beta", "metric": "flip", "stage": "metric", "error": "RuntimeError: x",
+               "n_samples": 2, "sample_ids": [1, 3]}
+    _write_run(tmp_path, "shapes-cnn-1", "cnn", {("flip", "auc"): SCORES[("flip", "auc")]}, meta=META[:1],
+               failures=(failure,))
+    rows = load(tmp_path).failures
+    assert rows[["method", "metric", "sample_id", "stage"]].to_dict("records") == [
+        {"method": "beta", "metric": "flip", "sample_id": s, "stage": "metric"} for s in (1, 3)]
+    out = write_report(tmp_path, n_boot=10)
+    assert list(pd.read_csv(out / "failures.csv").columns) == store.FAILURE_COLUMNS
+
+
+def test_the_report_layers_import_downwards_only() -> None:
+    """bench/*.py import one another without a cycle, and the report's stack only downwards: files < store <
+    results < tables < figures < gallery < page < report < callbacks (bench.keep sits beside the runner)."""
+    import ast
+
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    graph = {}
+    for path in bench.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        graph[path.stem] = {n.split(".")[1] for n in names if n.startswith("bench.")} - {path.stem}
+    graph = {m: {d for d in deps if d in graph} for m, deps in graph.items()}    # modules of bench/, not packages
+    order, done = [], set()
+    while len(done) < len(graph):
+        ready = sorted(m for m in graph if m not in done and graph[m] <= done)
+        assert ready, f"import cycle among {sorted(set(graph) - done)}"
+        order += ready
+        done |= set(ready)
+    stack = ["files", "store", "results", "tables", "figures", "gallery", "page", "report", "callbacks"]
+    for i, module in enumerate(stack):
+        assert not graph[module] & set(stack[i + 1:]), f"bench.{module} imports {graph[module] & set(stack[i + 1:])}"
+    assert "keep" in graph["run"] and not graph["keep"] & set(stack[2:]) and "run" not in graph["gallery"]

@@ -12,14 +12,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.report import bootstrap_ci, format_sanity, leaderboard, load, sanity, write_report
+from bench.report import format_sanity, write_report
+from bench.results import load
+from bench.tables import bootstrap_ci, leaderboard, sanity
 
 NAN = np.nan
-# metric name -> its config in the run (the table finds tests by _target_, not by name)
+# metric name -> its config in the run
 CONFIG = {"mprt": {"_target_": "metrics.mprt", "order": "cascading_top_down"},
           "mprt_independent": {"_target_": "metrics.mprt", "order": "independent"},
           "rl": {"_target_": "metrics.random_logit"},
           "flip": {"_target_": "metrics.pixel_flipping"}}
+# what each metric's YAML declares for the sanity table (`_sanity_`, `_staged_`), as the runner records it in the
+# manifest: the table takes its tests from these declarations, never from a name or a hand list
+SANITY = ["spearman", "spearman_signed"]
+DECLARED = {"mprt": {"sanity": SANITY, "staged": True}, "mprt_independent": {"sanity": SANITY, "staged": True},
+            "rl": {"sanity": SANITY, "staged": False}, "flip": {"sanity": [], "staged": False}}
 # (metric, score) -> method -> values of samples 0..3
 SCORES = {
     ("mprt", "spearman"): {"saliency": [0.1, 0.2, 0.3, NAN], "edge": [1.0] * 4, "grad_cam": [NAN] * 4},
@@ -47,7 +54,7 @@ def _write_run(root: Path) -> None:
             cells.append({"method": method, "metric": metric, "scores": f"{stem}.scores.parquet", "curves": None})
     meta = [{"metric": m, "score": s, "higher_is_better": False} for m, s in SCORES]
     manifest = {**keys, "cells": cells, "score_meta": meta, "failures": [], "timings": {},
-                "config": {"metric": CONFIG}, "model_info": {}}
+                "config": {"metric": CONFIG}, "metrics": DECLARED, "model_info": {}}
     (run / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -138,3 +145,21 @@ def test_sanity_first_stage_from_the_curves(tmp_path: Path) -> None:
     assert first.loc[("spearman", "saliency"), "passed"] is False and pd.isna(first.loc[("spearman", "grad_cam"), "passed"])
     assert set(table.stage) == {"fc", "last"} and len(first) == 6                       # rl has no stages
     assert "mprt ABS @fc" in format_sanity(table)
+
+
+def test_the_sanity_table_follows_the_declarations_not_the_target(tree: Path) -> None:
+    """A metric joins the table by its declaration alone: undeclared mprt stays out, a declared pixel flipping
+    score comes in, and a declared score other than Spearman is labelled by its own name."""
+    run = tree / "shapes" / "cnn"
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["metrics"] = {**DECLARED, "mprt": {"sanity": [], "staged": False},
+                           "flip": {"sanity": ["auc"], "staged": False}}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    results = load(tree)
+    table = sanity(leaderboard(results, n_boot=20), results.manifests, threshold=0.3, results=results, n_boot=20)
+    assert sorted(set(zip(table["metric"], table["score"]))) == [("flip", "auc"), ("rl", "spearman")]
+    assert "| method | flip auc | rl ABS |" in format_sanity(table)
+    del manifest["metrics"]                                     # an older runner's manifest declares nothing
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    results = load(tree)
+    assert sanity(leaderboard(results, n_boot=20), results.manifests).empty

@@ -1,0 +1,127 @@
+"""What the runs below a folder stored, as tidy tables: the report's one reader of the store.
+
+Every ``manifest.json`` below a folder (bench.files.read_manifests) and exactly the Parquet cells it
+lists; other Parquet files beside a manifest (stale cells of an older config) are ignored. NaN values
+are kept: they mean "undefined for this sample".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pandas as pd
+
+from bench.files import inside, read_manifests
+from bench.store import CURVE_COLUMNS, FAILURE_COLUMNS, SCORE_COLUMNS
+
+META_COLUMNS = ["metric", "score", "higher_is_better"]
+SAMPLE_COLUMNS = ["run_id", "sample_id", "target"]
+_NUMERIC = {"sample_id", "value", "step", "x", "y"}
+
+
+@dataclass(frozen=True)
+class Results:
+    """Everything the runs below one folder stored, as tidy tables."""
+
+    scores: pd.DataFrame      # SCORE_COLUMNS: one row per sample and score
+    curves: pd.DataFrame      # CURVE_COLUMNS: one row per sample and step; x_label "" when absent
+    meta: pd.DataFrame        # META_COLUMNS: one row per (metric, score)
+    failures: pd.DataFrame    # store.FAILURE_COLUMNS: one row per failed sample (None: the manifest lists none)
+    manifests: list[dict]
+    paths: list[Path] = field(default_factory=list)   # each manifest's file, in the order of `manifests`
+    samples: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SAMPLE_COLUMNS))   # each sample's class
+
+
+def load(root: str | Path) -> Results:
+    """Read every run below `root`: each manifest.json and exactly the cells it lists."""
+    manifests, paths, scores, curves, meta, failures, samples = [], [], [], [], [], [], []
+    for path, manifest in read_manifests(root):
+        manifests.append(manifest)
+        paths.append(path)
+        if manifest.get("samples"):
+            samples.append(_read_cell(path, manifest["samples"]).assign(run_id=manifest["run_id"])[SAMPLE_COLUMNS])
+        for cell in manifest["cells"]:                   # the manifest says whose a cell is (it may be a copy)
+            scores.append(_read_cell(path, cell.get("scores")).assign(run_id=manifest["run_id"]))
+            if cell.get("curves"):
+                curves.append(_read_cell(path, cell["curves"]).assign(run_id=manifest["run_id"]))
+        meta += manifest.get("score_meta", [])
+        failures += _failure_rows(manifest)
+    return Results(scores=_table(scores, SCORE_COLUMNS), curves=_table(curves, CURVE_COLUMNS),
+                   meta=_directions(pd.DataFrame(meta, columns=META_COLUMNS)),
+                   failures=pd.DataFrame(failures, columns=FAILURE_COLUMNS), manifests=manifests, paths=paths,
+                   samples=pd.concat(samples, ignore_index=True) if samples else pd.DataFrame(columns=SAMPLE_COLUMNS))
+
+
+def _failure_rows(manifest: dict) -> list[dict]:
+    """The manifest's failure summary as FAILURE_COLUMNS rows, one per failed sample (metric None: the method
+    failed, for every metric); an entry without sample ids gives one row with sample_id None."""
+    run = {key: manifest[key] for key in ("run_id", "dataset", "model")}
+    rows = []
+    for f in manifest.get("failures", []):
+        for sample_id in f.get("sample_ids") or [None]:
+            rows.append({**run, "method": f.get("method"), "metric": f.get("metric"), "sample_id": sample_id,
+                         "stage": f.get("stage"), "error": f.get("error")})
+    return rows
+
+
+def group_of(manifest: dict) -> str:
+    """The report group of a run: its identity's group (bench.run.identity: tag and configuration, less dataset and
+    model), so the models of one experiment share a table and other experiments or swept values do not."""
+    return str((manifest.get("identity") or {}).get("group") or "legacy")
+
+
+def groups(results: Results) -> dict[str, tuple[Results, list[str]]]:
+    """Split `results` by `group_of`: {group: (its results, notes)}. Within a group, a (dataset, model) with
+    several runs keeps the newest (by `finished`); each superseded run is named in the notes, never mixed in."""
+    by_group: dict[str, dict[tuple[str, str], list[int]]] = {}
+    for i, m in enumerate(results.manifests):
+        by_group.setdefault(group_of(m), {}).setdefault((m["dataset"], m["model"]), []).append(i)
+    out = {}
+    for group, pairs in sorted(by_group.items()):
+        keep, notes = [], []
+        for (dataset, model), idx in sorted(pairs.items()):
+            idx = sorted(idx, key=lambda i: str(results.manifests[i].get("finished", "")))
+            keep.append(idx[-1])
+            notes += [f"{dataset} / {model}: run {results.manifests[i]['run_id']} ({results.paths[i].parent}) is "
+                      f"superseded by the newer run {results.manifests[idx[-1]]['run_id']} and left out" for i in idx[:-1]]
+        runs = {results.manifests[i]["run_id"] for i in keep}
+        out[group] = (replace(results, scores=_rows_of(results.scores, runs), curves=_rows_of(results.curves, runs),
+                              failures=_rows_of(results.failures, runs), samples=_rows_of(results.samples, runs),
+                              manifests=[results.manifests[i] for i in keep],
+                              paths=[results.paths[i] for i in keep]), notes)
+    return out
+
+
+def _rows_of(table: pd.DataFrame, runs: set[str]) -> pd.DataFrame:
+    """The rows of `table` whose run_id is one of `runs`."""
+    return table[table["run_id"].astype(str).isin(runs)].reset_index(drop=True)
+
+
+def _read_cell(manifest: Path, relative: str | None) -> pd.DataFrame:
+    """Read one Parquet file listed in a manifest, relative to the manifest's folder."""
+    path = inside(manifest, relative, "cell") if relative else None
+    if path is None or not path.is_file():
+        raise ValueError(f"{manifest} lists the cell file {relative!r}, which is missing; re-run that run")
+    return pd.read_parquet(path)
+
+
+def _table(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    """Concatenate cells into one table with plain string keys (categories differ between files)."""
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    if missing := sorted(set(columns) - set(df.columns)):
+        raise ValueError(f"result cells lack columns {missing}; re-run them with the current runner")
+    df = df[columns].copy()
+    for c in set(columns) - _NUMERIC:
+        df[c] = df[c].astype(object).fillna("").astype(str)
+    return df
+
+
+def _directions(meta: pd.DataFrame) -> pd.DataFrame:
+    """One direction per (metric, score); runs that disagree are an error."""
+    meta = meta.astype({"higher_is_better": bool}).drop_duplicates(ignore_index=True)
+    clash = meta.loc[meta.duplicated(["metric", "score"]), ["metric", "score"]]
+    if len(clash):
+        names = ", ".join(clash["metric"] + "/" + clash["score"])
+        raise ValueError(f"runs disagree on whether higher is better for {names} (e.g. pixel flipping "
+                         "MoRF vs LeRF); report them from separate folders")
+    return meta
