@@ -1,4 +1,5 @@
-"""Shared plumbing of every method: the contract wrapper, baselines and seeded draws."""
+"""Shared plumbing of every method: the contract wrapper and seeded draws (baselines, the target output
+and argument checks are shared with the metrics: metrics.baselines, metrics.checks)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,10 +14,8 @@ from typing import Any, Callable, Iterator, Literal, Union
 import torch
 from torch import Tensor, nn
 
-from metrics.batching import gaussian_blur                    # one blur for methods and metrics
+from metrics.baselines import renamed
 
-Baseline = Union[float, Literal["zeros", "min", "mean", "blur", "uniform"]]
-BASELINES: tuple[str, ...] = ("zeros", "min", "mean", "blur", "uniform")
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 
@@ -61,6 +60,8 @@ def _accepts(hint: Any, value: object) -> str | None:
     if origin is Union or origin is types.UnionType:
         wants = [_accepts(arm, value) for arm in typing.get_args(hint)]
         return None if None in wants else " or ".join(wants)
+    if hint is Tensor:
+        return None if isinstance(value, Tensor) else "a tensor"
     if hint is type(None):
         return None if value is None else "null"
     if hint is bool:
@@ -86,6 +87,8 @@ def _checked_options(fn: Callable[..., Tensor]) -> Callable[[dict], None]:
     def check(options: dict) -> None:
         for name, value in options.items():
             wanted = _accepts(params[name], value) if name in params else None
+            if wanted is not None and name == "baseline" and renamed(value):
+                raise ValueError(f"{fn.__name__}: {renamed(value)}")
             if wanted is not None:
                 raise ValueError(f"{fn.__name__}: {name} must be {wanted}, got {value!r}")
     return check
@@ -120,13 +123,6 @@ def input_gradient(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     return torch.autograd.grad(out, x)[0]                                          # (B, C, H, W)
 
 
-def score(model: nn.Module, x: Tensor, target: Tensor, output: Literal["logit", "softmax"] = "logit") -> Tensor:
-    """Target logit or probability, (B,)."""
-    out = model(x)
-    out = out.softmax(dim=1) if output == "softmax" else out
-    return out.gather(1, target[:, None]).squeeze(1)
-
-
 def generator(seed: int) -> torch.Generator:
     """A CPU generator: draws are made on the CPU, then moved, so CPU and GPU see the same numbers."""
     if isinstance(seed, bool) or not isinstance(seed, Integral):
@@ -137,45 +133,3 @@ def generator(seed: int) -> torch.Generator:
 def value_range(x: Tensor) -> Tensor:
     """Per-sample max - min over all pixels and channels, (B, 1, 1, 1)."""
     return (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).view(-1, 1, 1, 1)
-
-
-def baseline_for(x: Tensor, baseline: Baseline, *, seed: int = 0, blur_sigma: float = 5.0) -> Tensor:
-    """One reference input per sample, (B, C, H, W), in the normalised input space.
-
-    A number: that constant; 0.0 (= zeros) is the dataset's mean colour, mid-grey, not black.
-    zeros: 0, the same as 0.0. min: each channel at the image's own minimum, the data's "black"
-    (for an image that has black pixels, exactly the normalised black -mean_c / std_c; it moves
-    with a constant input shift, so IG from it is input invariant, as Kindermans et al. 2019's
-    black-image reference). mean: each channel at the sample's mean colour. blur: the sample
-    blurred with `blur_sigma` pixels (Sturmfels et al. 2020). uniform: U(min, max) of the
-    sample's own range, the pattern drawn once from `seed` and shared by every sample.
-    """
-    if isinstance(baseline, Real) and not isinstance(baseline, bool):
-        check_finite("baseline", baseline)
-        return torch.full_like(x, float(baseline))
-    if baseline == "zeros":
-        return torch.zeros_like(x)
-    if baseline == "min":
-        return x.amin(dim=(2, 3), keepdim=True).expand_as(x).clone()
-    if baseline == "mean":
-        return x.mean(dim=(2, 3), keepdim=True).expand_as(x).clone()
-    if baseline == "blur":
-        check_positive("blur_sigma", blur_sigma, "pixels")
-        return gaussian_blur(x, blur_sigma)
-    if baseline == "uniform":
-        u = torch.rand(x.shape[1:], generator=generator(seed)).to(device=x.device, dtype=x.dtype)   # (C, H, W)
-        return x.amin(dim=(1, 2, 3), keepdim=True) + value_range(x) * u
-    raise ValueError(f"baseline must be a number or one of {', '.join(map(repr, BASELINES))}, got {baseline!r}")
-
-
-def check_finite(name: str, value: object, unit: str = "") -> None:
-    """ValueError unless value is a finite real number (not a bool, a string, NaN or inf)."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number{f' ({unit})' if unit else ''}, got {value!r}")
-
-
-def check_positive(name: str, value: object, unit: str = "") -> None:
-    """ValueError unless value is a finite number > 0."""
-    check_finite(name, value, unit)
-    if not value > 0:
-        raise ValueError(f"{name} must be positive{f' ({unit})' if unit else ''}, got {value!r}")

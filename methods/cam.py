@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods._common import attribution_method, cannot_run, score
+from methods._common import attribution_method, cannot_run
 from methods.gradient import guided_backprop
+from metrics.baselines import target_output
 from metrics.batching import chunked
 
 
@@ -53,7 +54,7 @@ def _activations(model: nn.Module, module: nn.Module, x: Tensor, target: Tensor)
     store: list[Tensor] = []
     handle = module.register_forward_hook(lambda _m, _i, out: store.append(out))
     try:
-        f = score(model, x, target)
+        f = target_output(model, x, target)
     finally:
         handle.remove()
     if len(store) != 1 or not isinstance(store[0], Tensor) or store[0].ndim != 4:
@@ -137,7 +138,7 @@ def score_cam(
     def masked_score(i: Tensor) -> Tensor:                                        # i: (N',) flat index into (B, K)
         b, k = i.div(K, rounding_mode="floor"), i % K
         n = N[b, k][:, None]                                                       # (N', 1, H, W)
-        return score(model, x[b] * n + baseline * (1 - n), target[b], output)
+        return target_output(model, x[b] * n + baseline * (1 - n), target[b], output)
 
     with torch.no_grad():
         s = chunked(masked_score, B * K, chunk_size, device=x.device, like=x).view(B, K, 1, 1)

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods._common import attribution_method, check_finite, check_positive
+from methods._common import attribution_method
+from metrics.checks import check_float
 
 
 def _fingerprint(model: nn.Module | None) -> bytes:
@@ -87,7 +88,7 @@ def centre(model: nn.Module, x: Tensor, target: Tensor, *, sigma: float = 0.25) 
     sizes the single maximum is pixel (H/2, W/2), the point itself; at an odd size the point lies
     between two pixels on that axis and both tie. Model-free.
     """
-    check_positive("sigma", sigma, "a fraction of the image size")
+    check_float("sigma", sigma, 0, low_open=True, meaning=" (a fraction of the image size)")
     B, C, H, W = x.shape
     ys = (torch.arange(H, dtype=torch.float64, device=x.device) - H / 2) / H
     xs = (torch.arange(W, dtype=torch.float64, device=x.device) - W / 2) / W
@@ -98,5 +99,5 @@ def centre(model: nn.Module, x: Tensor, target: Tensor, *, sigma: float = 0.25) 
 @attribution_method
 def constant(model: nn.Module, x: Tensor, target: Tensor, *, value: float = 1.0) -> Tensor:
     """Constant map: every pixel equal, so every ranking is one big tie (tests each metric's tie rule)."""
-    check_finite("value", value)
+    check_float("value", value)
     return torch.full_like(x, value)

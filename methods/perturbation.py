@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods._common import attribution_method, check_positive, generator, score
+from methods._common import attribution_method, generator
+from metrics.baselines import target_output
 from metrics.batching import chunked
+from metrics.checks import check_float
 
 
 def grid_segments(height: int, width: int, *, cells: int = 8, device: torch.device | str = "cpu") -> Tensor:
@@ -37,7 +39,7 @@ def _masked_scores(model: nn.Module, x: Tensor, target: Tensor, keep: Tensor, *,
     def forward(i: Tensor) -> Tensor:                                             # i: (N,) flat index into (B, K)
         b, k = i.div(K, rounding_mode="floor"), i % K
         m = keep[k][:, None]                                                       # (N, 1, H, W)
-        return score(model, x[b] * m + baseline * (1 - m), target[b], output)
+        return target_output(model, x[b] * m + baseline * (1 - m), target[b], output)
 
     with torch.no_grad():
         return chunked(forward, B * K, chunk_size, device=x.device, like=x).view(B, K)
@@ -117,7 +119,7 @@ def lime(
     the cosine distance of z to all-ones and w = kernel_width (the lime package's image
     defaults: w = 0.25, ridge alpha = 1, class probability).
     """
-    check_positive("kernel_width", kernel_width)
+    check_float("kernel_width", kernel_width, 0, low_open=True)
     S = int(grid_segments(*x.shape[2:], cells=cells).max()) + 1
     z = _coalitions(S, samples, generator(seed), "lime").to(x)                      # (K, S)
     seg, y = _segment_scores(model, x, target, z, cells=cells, baseline=baseline, output=output,

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods._common import (Baseline, attribution_method, baseline_for, cannot_run, generator, input_gradient,
-                             value_range)
+from methods._common import attribution_method, cannot_run, generator, input_gradient, value_range
+from metrics.baselines import BLUR_SIGMA, Baseline, baseline_fill
 from metrics.batching import chunked, draws_per_pass, retry_smaller
 
 # elementwise nonlinearities: the Rescale rule m = (y - y') / (z - z'); linear layers keep their gradient
@@ -34,7 +34,7 @@ def integrated_gradients(
     steps: int = 32,
     baseline: Baseline = 0.0,
     rule: Literal["gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right"] = "gausslegendre",
-    blur_sigma: float = 5.0,
+    blur_sigma: float = BLUR_SIGMA,
     seed: int = 0,
     internal_batch_size: int | None = None,
 ) -> Tensor:
@@ -43,17 +43,17 @@ def integrated_gradients(
     IG_i = (x_i - x'_i) * integral_0^1 d f_target(x' + a (x - x')) / d x_i da, the
     integral approximated with `steps` nodes of `rule`; completeness: sum_i IG_i
     = f(x) - f(x') up to that approximation. `baseline`: a number in the normalised space
-    (0.0 = zeros = the normalisation's mean colour, mid-grey: not black), min (each channel's
+    (0.0 = the normalisation's mean colour, mid-grey: not black), channel_min (each channel's
     minimum in the image: the data's black, as Sundararajan et al.'s black image; it moves with
-    a constant input shift, so IG from it is input invariant, Kindermans et al. 2019), mean, blur
-    or uniform (see methods._common.baseline_for; uniform is drawn from `seed`). `internal_batch_size`:
+    a constant input shift, so IG from it is input invariant, Kindermans et al. 2019), image_min,
+    mean, blur, uniform (drawn from `seed`) or a tensor: metrics.baselines. `internal_batch_size`:
     images per forward/backward pass, at least one node for the whole batch; None sizes it from
     the memory budget of metrics.batching (on CPU 64-image passes ran 1.3-1.4x faster than 256);
     out of memory, it is retried once at half the size.
     """
     if steps < 1:
         raise ValueError(f"integrated_gradients: steps must be a positive integer, got {steps}")
-    ref = baseline_for(x, baseline, seed=seed, blur_sigma=blur_sigma)
+    ref = baseline_fill(x, baseline, seed=seed, blur_sigma=blur_sigma).expand_as(x)
     ig = captum.attr.IntegratedGradients(model)
     return retry_smaller(lambda size: ig.attribute(x.requires_grad_(), baselines=ref, target=target, n_steps=steps,
                                                    method=rule, internal_batch_size=size),
@@ -61,28 +61,28 @@ def integrated_gradients(
                          name="internal_batch_size")                                             # (B, C, H, W)
 
 
-def _references(x: Tensor, k: Tensor, baseline: Literal["uniform", "zeros", "min", "mean", "blur"], pattern: Tensor,
-                blur_sigma: float) -> Tensor:
-    """References for draws k: (K', B, C, H, W); uniform ones rescale the shared pattern to each sample's range."""
-    if baseline == "uniform":
-        return x.amin(dim=(1, 2, 3), keepdim=True)[None] + value_range(x)[None] * pattern[k][:, None]
-    return baseline_for(x, baseline, blur_sigma=blur_sigma)[None].expand(len(k), *x.shape)
+def _references(x: Tensor, baseline: Baseline, pattern: Tensor, blur_sigma: float) -> Callable[[Tensor], Tensor]:
+    """References for draws k, (K', B, C, H, W): uniform ones rescale draw k's pattern to each sample's
+    range; any other baseline (metrics.baselines) is one fixed reference for every draw."""
+    if isinstance(baseline, str) and baseline == "uniform":
+        lo, span = x.amin(dim=(1, 2, 3), keepdim=True)[None], value_range(x)[None]
+        return lambda k: lo + span * pattern[k][:, None]
+    fixed = baseline_fill(x, baseline, blur_sigma=blur_sigma).expand_as(x)
+    return lambda k: fixed[None].expand(len(k), *x.shape)
 
 
-def _check_draws(samples: int, baseline: str) -> None:
+def _check_samples(samples: int) -> None:
     if samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples}")
-    if baseline not in ("uniform", "zeros", "min", "mean", "blur"):
-        raise ValueError(f"baseline must be one of 'uniform', 'zeros', 'min', 'mean', 'blur', got {baseline!r}")
 
 
 @attribution_method
 def expected_gradients(
     model: nn.Module, x: Tensor, target: Tensor, *,
     samples: int = 32,
-    baseline: Literal["uniform", "zeros", "min", "mean", "blur"] = "uniform",
+    baseline: Baseline = "uniform",
     noise: float = 0.0,
-    blur_sigma: float = 5.0,
+    blur_sigma: float = BLUR_SIGMA,
     seed: int = 0,
     chunk_size: int | None = None,
 ) -> Tensor:
@@ -94,10 +94,10 @@ def expected_gradients(
     to the input, then InputBaselineXGradient interpolates and multiplies by x~ - x'), so
     E[sum_i GS_i] ~ E f(x~) - E f(x'). noise = 0 is expected gradients. The references are
     uniform noise over the sample's range (no training set reaches a method; captum draws them
-    from a given set), or one fixed zeros/min/mean/blur reference. Draws (patterns, a, e, in that
+    from a given set), or one fixed reference (a number, channel_min, image_min, mean, blur, a tensor). Draws (patterns, a, e, in that
     order) come from `seed` and are shared by all samples; sigma is per sample, captum's stdevs one.
     """
-    _check_draws(samples, baseline)
+    _check_samples(samples)
     if noise < 0:
         raise ValueError(f"noise must be >= 0 (a fraction of the input range), got {noise}")
     g = generator(seed)
@@ -105,9 +105,10 @@ def expected_gradients(
     alpha = torch.rand(samples, generator=g).to(x)                                # (K,)
     eps = torch.randn(samples, *x.shape[1:], generator=g).to(x)                   # (K, C, H, W)
     sigma = noise * value_range(x)                                                # (B, 1, 1, 1)
+    references = _references(x, baseline, pattern, blur_sigma)
 
     def contributions(k: Tensor) -> Tensor:                                       # k: (K',) draw indices
-        ref = _references(x, k, baseline, pattern, blur_sigma)                     # (K', B, C, H, W)
+        ref = references(k)                                                        # (K', B, C, H, W)
         noisy = x[None] + sigma[None] * eps[k][:, None]                            # (K', B, C, H, W)
         point = ref + alpha[k].view(-1, 1, 1, 1, 1) * (noisy - ref)
         grad = input_gradient(model, point.flatten(0, 1), target.repeat(len(k))).view_as(ref)
@@ -118,7 +119,7 @@ def expected_gradients(
 
 @attribution_method
 def deeplift(
-    model: nn.Module, x: Tensor, target: Tensor, *, baseline: Baseline = 0.0, blur_sigma: float = 5.0, seed: int = 0,
+    model: nn.Module, x: Tensor, target: Tensor, *, baseline: Baseline = 0.0, blur_sigma: float = BLUR_SIGMA, seed: int = 0,
 ) -> Tensor:
     """DeepLIFT (Shrikumar et al. 2017) with the Rescale rule, against one baseline x'.
 
@@ -129,7 +130,7 @@ def deeplift(
     captum's: captum 0.9 drops the max-pool rule behind a ReLU (summation then fails on
     SmallCNN). Baselines as in integrated_gradients.
     """
-    ref = baseline_for(x, baseline, seed=seed, blur_sigma=blur_sigma)
+    ref = baseline_fill(x, baseline, seed=seed, blur_sigma=blur_sigma).expand_as(x)
     return _rescale(model, x, ref, target, method="deeplift")
 
 
@@ -137,8 +138,8 @@ def deeplift(
 def deeplift_shap(
     model: nn.Module, x: Tensor, target: Tensor, *,
     samples: int = 16,
-    baseline: Literal["uniform", "zeros", "min", "mean", "blur"] = "uniform",
-    blur_sigma: float = 5.0,
+    baseline: Baseline = "uniform",
+    blur_sigma: float = BLUR_SIGMA,
     seed: int = 0,
     chunk_size: int | None = None,
 ) -> Tensor:
@@ -147,11 +148,12 @@ def deeplift_shap(
     The references are drawn as in expected_gradients, from `seed`, shared by all
     samples; sum_i attribution_i = f(x) - mean_k f(x'_k).
     """
-    _check_draws(samples, baseline)
+    _check_samples(samples)
     pattern = torch.rand(samples, *x.shape[1:], generator=generator(seed)).to(x)  # (K, C, H, W)
+    references = _references(x, baseline, pattern, blur_sigma)
 
     def attributions(k: Tensor) -> Tensor:                                        # k: (K',) draw indices
-        ref = _references(x, k, baseline, pattern, blur_sigma).flatten(0, 1)     # (K' B, C, H, W)
+        ref = references(k).flatten(0, 1)                                          # (K' B, C, H, W)
         xs = x[None].expand(len(k), *x.shape).flatten(0, 1)
         a = _rescale(model, xs, ref, target.repeat(len(k)), method="deeplift_shap")
         return a.view(len(k), *x.shape).sum(0, keepdim=True)                     # (1, B, C, H, W)

@@ -1,19 +1,19 @@
-"""Helpers of the perturbation metrics: input checks, removal order, baselines, ROAD's imputation."""
+"""Helpers of the perturbation metrics: input checks, removal order, fills, ROAD's imputation.
+
+Baselines and the target output are public, shared with the methods: metrics.baselines."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Union
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metrics._check import check_classes, check_finite, check_float, check_target
-from metrics.batching import chunked, gaussian_blur
+from metrics._check import check_finite, check_target
+from metrics.baselines import Baseline, baseline_fill as _baseline_fill, target_output as _target_output  # noqa: F401
+from metrics.batching import chunked
 
-Baseline = Union[float, Literal["black", "mean", "blur", "uniform"], Tensor]
-BASELINES: tuple[str, ...] = ("black", "mean", "blur", "uniform")
-BLUR_SIGMA = 5.0                  # px; the `blur` baseline's Gaussian, truncated at 3 sigma
 # ROAD's noisy linear imputation (Rong et al. 2022): a removed pixel is the weighted mean of its
 # 8 neighbours, 1/6 for the 4 direct and 1/12 for the 4 diagonal ones
 _ROAD_KERNEL = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
@@ -72,34 +72,6 @@ def _removed_at(attribution: Tensor, *, steps: int, descending: bool, patch: int
     return at.reshape(B, H * W)                                                      # (B, HW)
 
 
-
-def _baseline_fill(x: Tensor, baseline: Baseline, *, seed: int) -> Tensor:
-    """The replacement values, broadcastable to x (B, C, H, W); each sample's from that sample alone."""
-    if isinstance(baseline, Tensor):
-        try:
-            torch.broadcast_shapes(baseline.shape, x.shape)
-        except RuntimeError:
-            raise ValueError(f"a baseline tensor must broadcast to x's shape {tuple(x.shape)}, "
-                             f"got {tuple(baseline.shape)}") from None
-        check_finite("baseline", baseline, "pass finite replacement values")
-        return baseline.to(device=x.device, dtype=x.dtype)
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        value = check_float("baseline", baseline, meaning=" (a constant in the model's input space)")
-        return torch.as_tensor(value, dtype=x.dtype, device=x.device)
-    if not isinstance(baseline, str) or baseline not in BASELINES:
-        raise ValueError(f"baseline must be a float, a tensor or one of {BASELINES}, got {baseline!r}")
-    if baseline == "black":
-        return x.amin(dim=(1, 2, 3), keepdim=True)                                 # (B, 1, 1, 1)
-    if baseline == "mean":
-        return x.mean(dim=(2, 3), keepdim=True)                                    # (B, C, 1, 1)
-    if baseline == "blur":
-        return gaussian_blur(x, BLUR_SIGMA)                                       # (B, C, H, W)
-    # uniform: one seeded noise field shared by all samples, scaled to each image's [min, max]
-    u = torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(seed), dtype=x.dtype).to(x.device)
-    lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
-    return lo + u * (hi - lo)                                                      # (B, C, H, W)
-
-
 def _static_fill(fill: Tensor) -> FillFn:
     """A fill that does not depend on the removal mask: index its batch axis if it has one."""
     per_sample = fill.ndim == 4 and fill.shape[0] > 1
@@ -134,19 +106,6 @@ def _noisy_linear_imputation(x: Tensor, keep: Tensor, noise: Tensor, *, iteratio
         p = z + rz_new / rz.clamp_min(1e-30) * p
         rz = rz_new
     return torch.where(keep, x, v + noise)
-
-
-def _target_output(model: nn.Module, x: Tensor, target: Tensor, output: str, *, check: Tensor | None = None,
-                   top1: bool = False) -> Tensor:
-    """Target logit or softmax probability, (N,); with `top1` also whether the target is the model's
-    prediction (argmax, first index on ties), (N, 2). `check`: all targets, checked against the outputs."""
-    out = model(x)
-    if check is not None:
-        check_classes(check, out.shape[1])
-    value = (out.softmax(dim=1) if output == "softmax" else out).gather(1, target[:, None]).squeeze(1)
-    if not top1:
-        return value
-    return torch.stack([value, (out.argmax(dim=1) == target).to(value.dtype)], dim=1)
 
 
 def _perturbation_curves(

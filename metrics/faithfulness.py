@@ -15,13 +15,13 @@ Shared conventions of the perturbation metrics (helpers in metrics._perturb):
 - Every (sample, step) goes through the model `chunk_size` inputs at a time; None (default)
   sizes chunks from a memory budget (metrics.batching.CHUNK_BYTES: 2 MiB of inputs on CPU, where
   cache-sized chunks run fastest, 512 MiB on a GPU). Numbers never depend on the chunk size.
-- Baselines (`baseline=`): a float is a constant in the model's (normalised) input space
-  (0.0 = the dataset mean for standardised data, mid-grey on `shapes`); "black" is each
-  image's own minimum over channels and pixels (Quantus' convention; the data's darkest
-  value, not zero); "mean" each image's per-channel mean; "blur" a Gaussian blur of the image
-  (sigma = 5 px); "uniform" a seeded noise field, shared by all samples, scaled to each image's
-  [min, max]; a tensor broadcastable to x (B, C, H, W) is used as given. ROAD's noisy linear
-  imputation depends on the removal mask and is `road`'s own fill.
+- Baselines (`baseline=`) are the methods' vocabulary, metrics.baselines: a float is a constant in
+  the model's (normalised) input space (0.0 = the dataset mean for standardised data, mid-grey on
+  `shapes`); "image_min" each image's minimum over channels and pixels (Quantus' "black");
+  "channel_min" each channel's minimum (the data's black); "mean" each image's per-channel mean;
+  "blur" a Gaussian blur of the image (sigma = 5 px); "uniform" a seeded noise field, shared by all
+  samples, scaled to each image's [min, max]; a tensor broadcastable to x (B, C, H, W) is used as
+  given. ROAD's noisy linear imputation depends on the removal mask and is `road`'s own fill.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from metrics._perturb import (
     _static_fill, _target_output,
 )
 from metrics._result import Curve, MetricResult
+from metrics._similarity import _pearson                      # the one Pearson (float64), also spearman's
 
 __all__ = ["pixel_flipping", "deletion", "insertion", "road", "faithfulness_correlation", "infidelity"]
 
@@ -275,14 +276,8 @@ def faithfulness_correlation(
         f0 = _target_output(model, x, target, output, check=target)                # (B,)
         delta = f0[:, None] - chunked(forward, B * subsets, chunk_size, device=x.device, like=x).view(B, subsets)
     a_sum = attribution.reshape(B, 1, H * W).to(delta.dtype).mul(drop.to(delta.dtype)).sum(dim=2)     # (B, S)
-    return MetricResult(scores={"pearson": _pearson(a_sum, delta)}, higher_is_better={"pearson": True})
-
-
-def _pearson(u: Tensor, v: Tensor) -> Tensor:
-    """Row-wise Pearson correlation of (B, S) tensors; NaN where a row is constant."""
-    u, v = u - u.mean(dim=1, keepdim=True), v - v.mean(dim=1, keepdim=True)
-    den = u.norm(dim=1) * v.norm(dim=1)
-    return torch.where(den > 0, (u * v).sum(dim=1) / den, torch.nan)
+    r = _pearson(a_sum, delta).to(delta.dtype)                                    # (B,)
+    return MetricResult(scores={"pearson": r}, higher_is_better={"pearson": True})
 
 
 @consumes("signed")

@@ -56,7 +56,7 @@ def test_gradient_shap_on_a_quadratic_model_by_hand():
 
     x = torch.tensor([[[[1.0, 3.0], [-1.0, 0.5]]]])                                      # (1, 1, 2, 2), range 4
     K, noise, seed = 5, 0.25, 11
-    gs = methods.expected_gradients(Quadratic(), x, torch.tensor([1]), samples=K, baseline="zeros", noise=noise,
+    gs = methods.expected_gradients(Quadratic(), x, torch.tensor([1]), samples=K, baseline=0.0, noise=noise,
                                     seed=seed)
     _, alpha, eps = _draws(x, K, seed)
     noisy = x + 1.0 * eps                                                                # sigma = 0.25 * 4
@@ -67,16 +67,22 @@ def test_gradient_shap_on_a_quadratic_model_by_hand():
 
 
 def test_integrated_gradients_baselines(linear_batch):
-    """zeros is 0.0; min is each channel's minimum over the image (the data's black): on a linear model
-    IG = w (x - x') exactly, for any steps."""
+    """channel_min is each channel's minimum over the image (the data's black), image_min the minimum over
+    channels and pixels: on a linear model IG = w (x - x') exactly, for any steps. The names of earlier
+    versions name their replacements."""
     model, x, target = linear_batch
     w = model.weight.detach()[target]
-    zero = methods.integrated_gradients(model, x, target, steps=3, baseline=0.0)
-    assert torch.equal(methods.integrated_gradients(model, x, target, steps=3, baseline="zeros"), zero)
+    torch.testing.assert_close(methods.integrated_gradients(model, x, target, steps=3, baseline=0.0), w * x)
     black = x.amin(dim=(2, 3), keepdim=True)                                             # (B, C, 1, 1)
-    torch.testing.assert_close(methods.integrated_gradients(model, x, target, steps=3, baseline="min"),
+    torch.testing.assert_close(methods.integrated_gradients(model, x, target, steps=3, baseline="channel_min"),
                                w * (x - black))
-    torch.testing.assert_close(methods.deeplift(model, x, target, baseline="min"), w * (x - black))
+    torch.testing.assert_close(methods.deeplift(model, x, target, baseline="channel_min"), w * (x - black))
+    lowest = x.amin(dim=(1, 2, 3), keepdim=True)                                         # (B, 1, 1, 1)
+    torch.testing.assert_close(methods.deeplift(model, x, target, baseline="image_min"), w * (x - lowest))
+    for old, new in [("zeros", "0.0"), ("min", "'channel_min'"), ("black", "'image_min'")]:
+        for method in (methods.integrated_gradients, methods.deeplift, methods.expected_gradients):
+            with pytest.raises(ValueError, match=f"baseline '{old}' is now called {new}"):
+                method(model, x, target, baseline=old)
 
 
 BAD = [  # (method, option, value, message)
@@ -84,8 +90,10 @@ BAD = [  # (method, option, value, message)
     ("integrated_gradients", "steps", "8", "steps must be an integer, got '8'"),
     ("integrated_gradients", "steps", True, "steps must be an integer, got True"),
     ("integrated_gradients", "steps", 0, "steps must be a positive integer, got 0"),
-    ("integrated_gradients", "baseline", float("nan"), "baseline must be a finite number or one of 'zeros', 'min'"),
-    ("integrated_gradients", "baseline", "black", "baseline must be a finite number or one of"),
+    ("integrated_gradients", "baseline", float("nan"), "baseline must be a finite number or one of 'channel_min', "
+     "'image_min', 'mean', 'blur', 'uniform' or a tensor, got nan"),
+    ("integrated_gradients", "baseline", "black", "baseline 'black' is now called 'image_min'"),
+    ("deeplift_shap", "baseline", "zeros", "baseline 'zeros' is now called 0.0"),
     ("integrated_gradients", "rule", "simpson", "rule must be one of 'gausslegendre'"),
     ("integrated_gradients", "internal_batch_size", 2.0, "internal_batch_size must be an integer or null"),
     ("smoothgrad", "noise", float("nan"), "noise must be a finite number, got nan"),

@@ -153,7 +153,8 @@ def test_bad_shapes(tiny_cnn, batch):
 from scipy import ndimage  # noqa: E402
 
 from metrics import deletion, faithfulness_correlation, infidelity, insertion, road  # noqa: E402
-from metrics._perturb import BLUR_SIGMA, _baseline_fill, _noisy_linear_imputation  # noqa: E402
+from metrics._perturb import _noisy_linear_imputation  # noqa: E402
+from metrics.baselines import BLUR_SIGMA, baseline_fill as _baseline_fill  # noqa: E402
 
 
 def region_reference(model, x, target, attribution, *, steps, patch, order="morf", seed=0):
@@ -225,13 +226,16 @@ def test_baselines_hand_computed(pixel_sum):
     x = torch.tensor([[[[1.0, 2.0]]]])                    # MoRF removes the 2, then the 1
     curve = lambda baseline: pixel_flipping(pixel_sum, x, torch.tensor([0]), x[:, 0], steps=2,
                                             baseline=baseline).curves["curve"].y
-    torch.testing.assert_close(curve("black"), torch.tensor([[3.0, 2.0, 2.0]]))       # the image's minimum, 1
+    torch.testing.assert_close(curve("image_min"), torch.tensor([[3.0, 2.0, 2.0]]))   # the image's minimum, 1
     torch.testing.assert_close(curve("mean"), torch.tensor([[3.0, 2.5, 3.0]]))        # the channel mean, 1.5
     torch.testing.assert_close(curve(-1.0), torch.tensor([[3.0, 0.0, -2.0]]))
     torch.testing.assert_close(curve(torch.tensor([10.0, 20.0]).view(1, 1, 1, 2)), torch.tensor([[3.0, 21.0, 30.0]]))
-    # two-channel image: "black" is the minimum over channels and pixels, "mean" is per channel
+    # two-channel image: "image_min" is the minimum over channels and pixels, "channel_min" and "mean" per channel
     x2 = torch.tensor([[[[1.0, 2.0]], [[5.0, 7.0]]]])
-    torch.testing.assert_close(_baseline_fill(x2, "black", seed=0), torch.tensor(1.0).view(1, 1, 1, 1))
+    torch.testing.assert_close(_baseline_fill(x2, "image_min", seed=0), torch.tensor(1.0).view(1, 1, 1, 1))
+    torch.testing.assert_close(_baseline_fill(x2, "channel_min", seed=0), torch.tensor([1.0, 5.0]).view(1, 2, 1, 1))
+    with pytest.raises(ValueError, match="baseline 'black' is now called 'image_min'"):
+        pixel_flipping(pixel_sum, x, torch.tensor([0]), x[:, 0], steps=2, baseline="black")
     torch.testing.assert_close(_baseline_fill(x2, "mean", seed=0), torch.tensor([1.5, 6.0]).view(1, 2, 1, 1))
 
 
@@ -383,7 +387,7 @@ def test_infidelity_matches_captum(tiny_cnn, batch, pixel_sum):
 NEW = {
     "region": lambda m, x, t, a, **kw: pixel_flipping(m, x, t, a, steps=5, order="both", patch=3, **kw),
     "uniform": lambda m, x, t, a, **kw: pixel_flipping(m, x, t, a, steps=5, baseline="uniform", **kw),
-    "deletion": lambda m, x, t, a, **kw: deletion(m, x, t, a, steps=5, baseline="black", **kw),
+    "deletion": lambda m, x, t, a, **kw: deletion(m, x, t, a, steps=5, baseline="image_min", **kw),
     "insertion": lambda m, x, t, a, **kw: insertion(m, x, t, a, steps=5, **kw),
     "road": lambda m, x, t, a, **kw: road(m, x, t, a, steps=3, **kw),
     "faithfulness_correlation": lambda m, x, t, a, **kw: faithfulness_correlation(m, x, t, a, subsets=6, fraction=0.15, **kw),
@@ -412,7 +416,7 @@ def test_new_metrics_are_batch_and_chunk_invariant(tiny_cnn, batch, name):
 @pytest.mark.parametrize("fn,kwargs,message", [
     (pixel_flipping, {"patch": 0}, r"patch must be between 1 and min\(H, W\) \(8\), got 0"),
     (pixel_flipping, {"patch": 2, "steps": 17}, r"steps must be between 1 and the number of patches \(16\)"),
-    (pixel_flipping, {"baseline": "white"}, "baseline must be a float, a tensor or one of"),
+    (pixel_flipping, {"baseline": "white"}, "baseline must be a finite number, a tensor or one of"),
     (pixel_flipping, {"baseline": torch.zeros(2, 3, 8, 8)}, "a baseline tensor must broadcast to x's shape"),
     (insertion, {"output": "prob"}, "output must be 'logit' or 'softmax'"),
     (road, {"noise": -1.0}, r"noise must be >= 0 \(the imputation noise's standard deviation\), got -1.0"),

@@ -6,7 +6,7 @@ Where the two differ, and how the tests bridge it:
 - Features: Quantus flattens C x H x W and, given our map repeated over the channels, ranks every
   channel of a pixel equally; with no ties between pixels `features_in_step = C * p` therefore
   removes p whole pixels per step, as ours does (steps = HW / p).
-- "black": Quantus' is each image's minimum value over channels and pixels: our baseline="black".
+- "black": Quantus' is each image's minimum value over channels and pixels: our baseline="image_min".
 - Normalisation: Quantus divides the maps by one maximum over the whole batch (normalise=True),
   which does not change any sample's order; we never normalise across the batch.
 - Curves: Quantus' pixel-flipping curve starts after the first step (ours has the unperturbed
@@ -45,7 +45,7 @@ def test_pixel_flipping_matches_quantus(tiny_cnn, batch, pixels_per_step, seed):
     a = torch.randn(5, 6, 6, generator=torch.Generator().manual_seed(seed))       # continuous: no ties
     theirs = _quiet(quantus.PixelFlipping(features_in_step=3 * pixels_per_step, perturb_baseline="black",
                                           disable_warnings=True, display_progressbar=False), tiny_cnn, x, target, a)
-    ours = pixel_flipping(tiny_cnn, x, target, a, steps=36 // pixels_per_step, baseline="black")
+    ours = pixel_flipping(tiny_cnn, x, target, a, steps=36 // pixels_per_step, baseline="image_min")
     assert theirs.shape == (5, 36 // pixels_per_step)
     np.testing.assert_allclose(ours.curves["curve"].y[:, 1:].numpy(), theirs, atol=1e-5, rtol=1e-5)
 
@@ -59,11 +59,11 @@ def test_region_perturbation_matches_quantus(tiny_cnn, batch, patch, order):
     theirs = _quiet(quantus.RegionPerturbation(patch_size=patch, order=order, regions_evaluation=regions,
                                                perturb_baseline="black", disable_warnings=True,
                                                display_progressbar=False), tiny_cnn, x, target, a)
-    ours = pixel_flipping(tiny_cnn, x, target, a, steps=regions, order=order, patch=patch, baseline="black")
+    ours = pixel_flipping(tiny_cnn, x, target, a, steps=regions, order=order, patch=patch, baseline="image_min")
     y = ours.curves["curve"].y
     np.testing.assert_allclose((y[:, :1] - y[:, 1:]).numpy(), theirs, atol=1e-5, rtol=1e-5)
     # the same through order="both"
-    both = pixel_flipping(tiny_cnn, x, target, a, steps=regions, order="both", patch=patch, baseline="black")
+    both = pixel_flipping(tiny_cnn, x, target, a, steps=regions, order="both", patch=patch, baseline="image_min")
     torch.testing.assert_close(both.curves[order].y, y)
 
 
@@ -90,7 +90,7 @@ def test_region_perturbation_budget_matches_quantus(tiny_cnn, batch, regions):
     theirs = _quiet(quantus.RegionPerturbation(patch_size=2, order="morf", regions_evaluation=regions,
                                                perturb_baseline="black", disable_warnings=True,
                                                display_progressbar=False), tiny_cnn, x, target, a)
-    ours = pixel_flipping(tiny_cnn, x, target, a, steps=regions, patch=2, max_fraction=regions / 16, baseline="black")
+    ours = pixel_flipping(tiny_cnn, x, target, a, steps=regions, patch=2, max_fraction=regions / 16, baseline="image_min")
     y = ours.curves["curve"].y
     assert theirs.shape == (5, regions)
     np.testing.assert_allclose((y[:, :1] - y[:, 1:]).numpy(), theirs, atol=1e-5, rtol=1e-5)

@@ -92,7 +92,7 @@ def test_which_methods_are_input_invariant(cls, data, one_thread):
     model, (x, target) = _zoo(cls), data
     invariant = {"gradient": methods.gradient, "lrp_epsilon_plus_flat": methods.lrp_epsilon_plus_flat,
                  "lrp_epsilon_gamma_box": methods.lrp_epsilon_gamma_box,
-                 "ig_min": lambda m, z, t: methods.integrated_gradients(m, z, t, steps=8, baseline="min")}
+                 "ig_min": lambda m, z, t: methods.integrated_gradients(m, z, t, steps=8, baseline="channel_min")}
     changed = {"gradient_x_input": methods.gradient_x_input, "lrp_epsilon": methods.lrp_epsilon,
                "lrp_alpha1_beta0": methods.lrp_alpha1_beta0,
                "ig_zero": lambda m, z, t: methods.integrated_gradients(m, z, t, steps=8, baseline=0.0),
