@@ -146,7 +146,7 @@ def workload(name: str, model: nn.Module, d: dict[str, Tensor], impl: str) -> tu
     if name == "pixel_flipping":
         if impl == "ours":
             return (lambda: pixel_flipping(model, d["x"], d["target"], d["map"], steps=STEPS, order="both",
-                                           baseline="black")), 1 + 2 * STEPS
+                                           baseline="image_min")), 1 + 2 * STEPS
         metric = quantus.PixelFlipping(features_in_step=size * size // STEPS, perturb_baseline="black",
                                        normalise=False, disable_warnings=True)
         return (lambda: _quantus_call(metric, model, d, softmax=False)), STEPS
