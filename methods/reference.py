@@ -31,7 +31,7 @@ _NO_RULE = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.LayerNorm, nn.GroupNorm, n
 @attribution_method
 def integrated_gradients(
     model: nn.Module, x: Tensor, target: Tensor, *,
-    steps: int = 32,
+    steps: int = 16,
     baseline: Baseline = 0.0,
     rule: Literal["gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right"] = "gausslegendre",
     blur_sigma: float = BLUR_SIGMA,

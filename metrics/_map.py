@@ -25,8 +25,8 @@ CONSUMES: tuple[str, ...] = ("raw", "signed", "reduced")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def to_map(attribution: Tensor, reduce: Reduce = "sum") -> Tensor:
-    """Reduce an attribution over channels: sum (signed), abs_sum, max_abs or l2 (Euclidean norm).
+def to_map(attribution: Tensor, reduce: Reduce = "abs_sum") -> Tensor:
+    """Reduce an attribution over channels: sum (signed), abs_sum (the default, as a run's), max_abs or l2.
 
     `sum` keeps the sign, so evidence for and against the target stay apart; the
     other three give non-negative maps. The reduction is part of every run's manifest.
