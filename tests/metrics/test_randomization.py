@@ -76,8 +76,8 @@ def test_stage_equals_manual_randomization(tiny_cnn, batch):
     a = to_map(methods.gradient_x_input(tiny_cnn, x, target), "abs_sum")     # Adebayo's ABS map: sum_c |E_c|
     b = to_map(methods.gradient_x_input(manual, x, target), "abs_sum")
     torch.testing.assert_close(r.scores["spearman"], spearman(a, b))
-    torch.testing.assert_close(r.scores["spearman_signed"], spearman(to_map(methods.gradient_x_input(tiny_cnn, x, target)),
-                                                                     to_map(methods.gradient_x_input(manual, x, target))))
+    torch.testing.assert_close(r.scores["spearman_signed"], spearman(to_map(methods.gradient_x_input(tiny_cnn, x, target), "sum"),
+                                                                     to_map(methods.gradient_x_input(manual, x, target), "sum")))
 
 
 def test_independent_order_resets_one_layer(tiny_cnn, batch):
@@ -86,7 +86,7 @@ def test_independent_order_resets_one_layer(tiny_cnn, batch):
     manual = copy.deepcopy(tiny_cnn)
     torch.manual_seed(5 + 0)
     manual.conv1.reset_parameters()
-    expected = spearman(to_map(methods.saliency(tiny_cnn, x, target)), to_map(methods.saliency(manual, x, target)))
+    expected = spearman(to_map(methods.saliency(tiny_cnn, x, target), "sum"), to_map(methods.saliency(manual, x, target), "sum"))
     torch.testing.assert_close(r.scores["spearman@conv1"], expected)
 
 
@@ -223,7 +223,7 @@ def test_orders_and_alias(tiny_cnn, batch):
     torch.testing.assert_close(bu.scores["ssim@conv1"], ind.scores["ssim@conv1"])
     # bottom-up after conv2 = conv1 and conv2 randomized, by hand
     manual = _manual(tiny_cnn, [("conv1", 4), ("conv2", 5)])
-    a, b = to_map(methods.saliency(tiny_cnn, x, target)), to_map(methods.saliency(manual, x, target))
+    a, b = to_map(methods.saliency(tiny_cnn, x, target), "sum"), to_map(methods.saliency(manual, x, target), "sum")
     torch.testing.assert_close(bu.scores["ssim@conv2"], similarities(a, b)["ssim"])
 
 
@@ -233,7 +233,7 @@ def test_shared_seed_normal_init_and_exclude(tiny_cnn, batch):
              init_std=0.5, exclude=["conv1"], measures=["spearman_signed"])
     assert set(r.scores) == {"spearman_signed@fc", "spearman_signed@conv2", "spearman_signed"}
     manual = _manual(tiny_cnn, [("fc", 9), ("conv2", 9)], init="normal", std=0.5)
-    a, b = to_map(methods.gradient_x_input(tiny_cnn, x, target)), to_map(methods.gradient_x_input(manual, x, target))
+    a, b = to_map(methods.gradient_x_input(tiny_cnn, x, target), "sum"), to_map(methods.gradient_x_input(manual, x, target), "sum")
     torch.testing.assert_close(r.scores["spearman_signed"], spearman(a, b))
 
 
@@ -251,8 +251,8 @@ def test_emprt_equals_relative_entropy_rise(tiny_cnn, batch):
     x, target = batch
     r = emprt(tiny_cnn, x, target, methods.saliency, seed=2, bins=20)
     manual = _manual(tiny_cnn, [("conv1", 2), ("conv2", 3), ("fc", 4)])
-    h0 = _entropy(to_map(methods.saliency(tiny_cnn, x, target)), 20)
-    h1 = _entropy(to_map(methods.saliency(manual, x, target)), 20)
+    h0 = _entropy(to_map(methods.saliency(tiny_cnn, x, target), "sum"), 20)
+    h1 = _entropy(to_map(methods.saliency(manual, x, target), "sum"), 20)
     torch.testing.assert_close(r.scores["emprt"], ((h1 - h0) / h0).float())
     assert r.higher_is_better == {"emprt": True}
     assert emprt(tiny_cnn, x, target, methods.edge).scores["emprt"].abs().max().item() == 0.0
