@@ -8,9 +8,8 @@ sum_c |E_c| and signed map sum_c E_c are built from it whatever the run's `reduc
 """
 from __future__ import annotations
 
-import copy
 from numbers import Integral
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +19,7 @@ from metrics._map import consumes
 from metrics._result import Curve, MetricResult
 from metrics._similarity import (SIMILARITIES, Constant, Correlation, Window, hog, hog_similarity, similarities,
                                  spearman, ssim, top_k_overlap)
+from metrics._stages import Order, _fully_randomized, mprt_stages, randomization_layers
 
 __all__ = ["mprt", "mprt_stages", "emprt", "smprt", "random_logit", "data_randomization",
            "randomization_layers", "similarities", "spearman", "ssim", "hog", "hog_similarity",
@@ -27,7 +27,6 @@ __all__ = ["mprt", "mprt_stages", "emprt", "smprt", "random_logit", "data_random
 
 Method = Callable[[nn.Module, Tensor, Tensor], Tensor]          # (model, x, target) -> (B, C, H, W)
 Measure = Literal["spearman", "spearman_signed", "ssim", "hog", "top_k"]
-Order = Literal["cascading_top_down", "cascading_bottom_up", "independent", "cascading"]
 Explain = Literal["label", "prediction"]
 _DRAW_STRIDE = 100_003          # draw r re-draws layer i from seed + r * _DRAW_STRIDE + i: no two draws share a seed
 
@@ -83,46 +82,6 @@ def _mean_std(draws: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 # ---------------------------------------------------------------- model parameter randomization
-
-def randomization_layers(model: nn.Module) -> list[str]:
-    """Names of the layers MPRT randomizes, from input to output.
-
-    A model may declare them as `mprt_layers` (e.g. one entry per residual block);
-    otherwise every module that owns parameters directly, in registration order.
-    """
-    declared = getattr(model, "mprt_layers", None)
-    if declared is not None:
-        return list(declared)
-    return [name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
-
-
-def _randomize(layer: nn.Module, seed: int, init: Literal["default", "normal"], std: float) -> None:
-    """Re-draw a layer's parameters (default initialisation, or N(0, std^2)) without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        for m in layer.modules():
-            if init == "default" and hasattr(m, "reset_parameters"):
-                m.reset_parameters()                          # batch norm: also its running statistics
-            elif init == "normal":
-                for p in m.parameters(recurse=False):
-                    p.normal_(0.0, std)
-
-
-def _stages(model: nn.Module, layers: Sequence[str] | None, exclude: Sequence[str],
-            order: str) -> list[tuple[int, str]]:
-    """(input-to-output index, name) of each layer in the order the stages randomize them."""
-    names = [n for n in (list(layers) if layers is not None else randomization_layers(model)) if n not in exclude]
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing or not names:
-        raise ValueError(f"layers {missing or names} are not modules of {type(model).__name__}; "
-                         f"choose among {[n for n in modules if n]}")
-    if order not in ("cascading_top_down", "cascading_bottom_up", "independent", "cascading"):
-        raise ValueError("order must be 'cascading_top_down' (alias 'cascading'), 'cascading_bottom_up' "
-                         f"or 'independent', got {order!r}")
-    indexed = list(enumerate(names))
-    return indexed if order == "cascading_bottom_up" else indexed[::-1]
-
 
 def _result(draws: list[list[dict[str, Tensor]]], labels: Sequence[str], x: Tensor) -> MetricResult:
     """Scores `<measure>@<label>` per stage and `<measure>` for the last stage, means over draws (with
@@ -205,47 +164,6 @@ def mprt(
             per_stage.append(similarities(original, stage, reference=reference, **options))
         draws.append(per_stage)
     return _result(draws, names, x)
-
-
-def mprt_stages(
-    model: nn.Module,
-    *,
-    order: Order = "cascading_top_down",
-    layers: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
-    seed: int = 0,
-    layer_seed: Literal["offset", "shared"] = "offset",
-    init: Literal["default", "normal"] = "default",
-    init_std: float = 0.01,
-) -> Iterator[tuple[str, nn.Module]]:
-    """The randomized models of `mprt`'s stages, in its order and with its seeds: yields (layer, model).
-
-    Same arguments and conventions as `mprt` (its first draw; draw r of `repeats` is seed + 100003 r):
-    one deep copy of `model` is changed stage by stage (`independent`: the layer is restored when
-    the next stage is asked for), so code that recomputes maps at each yield sees exactly the models
-    `mprt` compares (the report's MPRT grid of maps does). `model` is never modified, nor the global RNG.
-    """
-    stages = _stages(model, layers, exclude, order)                  # arguments checked now, not at first next()
-    if layer_seed not in ("offset", "shared") or init not in ("default", "normal"):
-        raise ValueError(f"layer_seed must be 'offset' or 'shared' and init 'default' or 'normal', "
-                         f"got {layer_seed!r} and {init!r}")
-
-    def stage_models() -> Iterator[tuple[str, nn.Module]]:
-        randomized = copy.deepcopy(model)
-        modules = dict(randomized.named_modules())
-        for i, name in stages:
-            saved = {k: v.clone() for k, v in modules[name].state_dict().items()} if order == "independent" else None
-            _randomize(modules[name], seed + i if layer_seed == "offset" else seed, init, init_std)
-            yield name, randomized
-            if saved is not None:
-                modules[name].load_state_dict(saved)
-    return stage_models()
-
-
-def _fully_randomized(model: nn.Module, layers: Sequence[str] | None, exclude: Sequence[str], seed: int) -> nn.Module:
-    """A copy of `model` with every MPRT layer re-drawn as at mprt's last cascading stage."""
-    *_, (_, randomized) = mprt_stages(model, order="cascading_bottom_up", layers=layers, exclude=exclude, seed=seed)
-    return randomized
 
 
 def _entropy(m: Tensor, bins: int) -> Tensor:

@@ -293,7 +293,7 @@ def test_auc_keys_in_every_encoding_match_sklearn():
 
 def test_auc_int32_and_int64_keys_agree():
     """The int64 keys (GPU path and CPU fallback) count exactly as the int32 keys."""
-    from metrics.localization import _narrow_keys, _twice_u, _wide_keys
+    from metrics._rank import _narrow_keys, _twice_u, _wide_keys
     g = torch.Generator().manual_seed(4)
     a = torch.randn(5, 300, generator=g).round(decimals=1)              # ties
     a[0] = a[0].abs()
