@@ -19,7 +19,6 @@ from omegaconf import DictConfig
 
 from bench import config
 from bench.config import CONF
-from bench.run import identity, run
 
 log = logging.getLogger("bench")
 COMMANDS = ("report", "gallery", "catalog", "perf")           # saliency-bench <command>: python -m bench.<command>
@@ -61,6 +60,8 @@ def unknown_choice(argv: list[str]) -> str | None:
 
 @hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from bench.run import identity, run                         # torch and the rest: after the CLI's checks
+
     hydra_cfg = HydraConfig.get()
     tag, overrides = hydra_cfg.runtime.choices.get("experiment"), list(hydra_cfg.overrides.task)
     try:

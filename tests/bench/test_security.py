@@ -187,6 +187,33 @@ def test_a_preset_cannot_smuggle_a_target(tmp_path, sentinel):
     assert not marker.exists()
 
 
+def test_a_yaml_on_the_search_path_is_checked_like_the_suites_own(tmp_path, sentinel, monkeypatch):
+    """A user's folder (hydra.searchpath) adds names, never code: its targets pass only under allowed_targets,
+    which lets in the package's own objects, not what it imports (tests/plugin_example imports torch)."""
+    payload, marker = sentinel
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "plugin_example"))
+    own = tmp_path / "own"
+    (own / "method").mkdir(parents=True)
+    (own / "method" / "evil.yaml").write_text(
+        f"evil:\n  _target_: my_saliency.torch.load\n  f: {payload}\n  weights_only: false\n")
+    (own / "method" / "nested.yaml").write_text(
+        f"nested:\n  _target_: my_saliency.gradient_squared\n  _partial_: true\n  scale:\n"
+        f"    _target_: methods.cam.torch.load\n    f: {payload}\n    weights_only: false\n")
+    search = f"hydra.searchpath=[file://{own}]"
+    for method, target, reason in (("evil", "my_saliency.torch.load", "my_saliency.torch is the module torch"),
+                                   ("nested", "methods.cam.torch.load", "methods.cam.torch is the module torch")):
+        key = "method.evil._target_" if method == "evil" else "method.nested.scale._target_"
+        _refused(_cfg(*TINY[:-2], f"method=[{method}]", "metric=[pointing_game]", search,
+                      "allowed_targets=[my_saliency.]", f"cache_dir={tmp_path / 'cache'}"),
+                 rf"^{key}='{target}' is not an allowed target: {reason}", tmp_path)
+    _refused(_cfg(*TINY[:-2], "method=[gradient_squared]", "metric=[pointing_game]",
+                  f"hydra.searchpath=[file://{ROOT / 'tests' / 'plugin_example' / 'conf'}]",
+                  f"cache_dir={tmp_path / 'cache'}"),
+             r"^method.gradient_squared._target_='my_saliency.gradient_squared' is not an allowed target: it is "
+             r"outside the allowed packages", tmp_path)
+    assert not marker.exists() and not (tmp_path / "cache").exists()
+
+
 def test_the_cli_exits_with_the_message_and_runs_nothing(tmp_path, sentinel):
     payload, marker = sentinel
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SALIENCY_BENCH_CACHE": str(tmp_path / "cache")}
