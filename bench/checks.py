@@ -2,7 +2,7 @@
 
 Options, `_target_`s and names, the dataset (streamed once: shape, NaN/Inf, targets, duplicate ids,
 named by sample id), the model against the data, and the space the results will take. The runner
-(bench/run.py) calls them in its validation phase; `stream` also feeds its batches.
+(bench/run.py) calls them in its validation phase, on the batches of bench/data/stream.py.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import hashlib
 import importlib
 import inspect
 import math
-import operator
 import os
 import re
 import tempfile
@@ -21,8 +20,9 @@ from typing import Any, Iterator
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from torch import Tensor, nn
+from torch import nn
 
+from bench.data.stream import Batches
 from bench.config import CONF
 from metrics import REDUCTIONS
 
@@ -141,7 +141,7 @@ def check_targets(cfg: DictConfig) -> None:
     """Refuse any `_target_` (nested ones, in every group and anywhere else in the config) that names an
     object not defined in the suite's packages, torchvision.models or the user's `allowed_targets`.
 
-    The object is resolved as Hydra resolves it, step by step, so `bench.run.os.system` (a module
+    The object is resolved as Hydra resolves it, step by step, so `bench.calls.os.system` (a module
     imported into an allowed one) and `bench.checks.instantiate` (a function imported into one) are
     refused by what they are, not allowed by their prefix; nothing outside the allowed packages is
     imported or called.
@@ -299,62 +299,15 @@ def check_cache_dir(cache_dir: Any) -> Path:
     return path
 
 
-def collate(items: list[Any], ids_hint: range, expect: dict[str, tuple] | None) -> dict[str, Tensor]:
-    """Stack dataset items into a batch, refusing, by sample id, items of the wrong kind or shape."""
-    out: dict[str, list[Tensor]] = {}
-    for i, item in zip(ids_hint, items):
-        if not isinstance(item, dict) or not {"x", "target", "sample_id"} <= set(item):
-            raise ValueError(f"dataset item {i} must be a dict with x, target, sample_id (and mask), got "
-                             f"{sorted(item) if isinstance(item, dict) else type(item).__name__}")
-        try:
-            sid = operator.index(item["sample_id"])                 # int, or a numpy / torch integer scalar
-        except TypeError:
-            raise ValueError(f"dataset item {i}: sample_id must be an integer, got {item['sample_id']!r}") from None
-        x = item["x"]
-        if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 3:
-            raise ValueError(f"sample_id {sid}: image x must be a float tensor (C, H, W), got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
-                             f"{' ' + str(x.dtype) if isinstance(x, Tensor) else ''}")
-        first = expect or {"x": tuple(x.shape), "mask": "mask" in item}
-        if tuple(x.shape) != first["x"]:
-            raise ValueError(f"sample_id {sid}: image has shape {tuple(x.shape)}, expected {first['x']} like the "
-                             "dataset's other images; resize or drop it")
-        if ("mask" in item) != first["mask"]:
-            raise ValueError(f"sample_id {sid}: {'has' if 'mask' in item else 'lacks'} a mask, unlike the dataset's "
-                             "other items")
-        if first["mask"] and (not isinstance(item["mask"], Tensor) or tuple(item["mask"].shape) != first["x"][1:]):
-            raise ValueError(f"sample_id {sid}: mask must have shape {first['x'][1:]}, got "
-                             f"{tuple(getattr(item['mask'], 'shape', ()))}")
-        target = torch.as_tensor(item["target"])
-        if target.numel() != 1 or target.is_floating_point() or target.dtype == torch.bool:
-            raise ValueError(f"sample_id {sid}: target must be one integer class index, got {item['target']!r}")
-        expect = first
-        for k, v in (("x", x), ("target", target.reshape(())), ("sample_id", torch.tensor(sid)),
-                     *((("mask", item["mask"].bool()),) if first["mask"] else ())):
-            out.setdefault(k, []).append(v)
-    return {k: torch.stack(v) for k, v in out.items()}
-
-
-def stream(dataset: Any, batch_size: int, device: torch.device, *, stop: int | None = None) -> Iterator[tuple[int, dict]]:
-    """(start, batch) for consecutive batches; items are fetched on demand, one batch held at a time."""
-    n = len(dataset) if stop is None else min(stop, len(dataset))
-    expect = None
-    for start in range(0, n, batch_size):
-        span = range(start, min(n, start + batch_size))
-        batch = collate([dataset[i] for i in span], span, expect)
-        expect = expect or {"x": tuple(batch["x"].shape[1:]), "mask": "mask" in batch}
-        yield start, {k: v.to(device) for k, v in batch.items()}
-
-
-def scan(dataset: Any, batch_size: int) -> dict[str, Any]:
+def scan(batches: Batches) -> dict[str, Any]:
     """Stream every item once and refuse bad data by sample id; returns what the keys and checks need."""
-    n = len(dataset)
+    n = batches.n
     if n < 1:
         raise ValueError("the dataset has no samples: check dataset.n_samples and the split")
     seen: set[int] = set()
     ids = hashlib.sha256()
     info: dict[str, Any] = {"n": n, "max_target": (-1, None)}
-    for _, batch in stream(dataset, batch_size, torch.device("cpu")):
+    for _, batch in batches.stream(torch.device("cpu")):
         sid = batch["sample_id"]                                               # (B,)
         bad = ~torch.isfinite(batch["x"]).flatten(1).all(dim=1)                # (B,)
         if bad.any():
@@ -377,12 +330,11 @@ def scan(dataset: Any, batch_size: int) -> dict[str, Any]:
     return info
 
 
-def check_model(model: nn.Module, dataset: Any, batch_size: int, device: torch.device, info: dict,
-                 names: dict[str, str]) -> float:
+def check_model(model: nn.Module, batches: Batches, device: torch.device, info: dict, names: dict[str, str]) -> float:
     """The model takes the dataset's images and has a class for every target; returns its accuracy."""
     correct = 0
     with torch.inference_mode():
-        for _, batch in stream(dataset, batch_size, device):
+        for _, batch in batches.stream(device):
             try:
                 out = model(batch["x"])
             except Exception as e:                                  # noqa: BLE001 - re-raised with names

@@ -10,7 +10,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from bench.config import CONF
-from bench.run import _call_metric, check_targets
+from bench.calls import METRIC_INPUTS, call_metric, missing_inputs
+from bench.checks import check_targets
+from bench.data.contract import BenchDataset, FileDataset, members
+from bench.provenance import metric_meta, without_meta
 from metrics import FAMILIES, consumed, family, metric_input, randomization_layers
 
 
@@ -48,16 +51,19 @@ def test_metric_contract(name, tiny_cnn, batch):
     cfg = _compose(f"metric=[{name}]")
     assert list(cfg.metric) == [name]
     check_targets(cfg)
-    metric = instantiate(cfg.metric[name])
+    metric_meta(name, cfg.metric[name])                      # _sanity_ and _staged_, where given, are well formed
+    metric = instantiate(without_meta(cfg.metric[name]))
     x, target = batch
     method = instantiate(_compose("method=[saliency]").method.saliency)
     mask = torch.zeros(5, 8, 8, dtype=torch.bool)
-    mask[:, 2:6, 2:6] = True
+    mask[:, :4, :4] = True                                   # a whole quadrant: focus scores 2x2 mosaics
     attribution = metric_input(method(tiny_cnn, x, target), consumed(metric), "abs_sum")   # what the runner hands it
     inputs = {"model": tiny_cnn, "x": x, "target": target, "attribution": attribution, "mask": mask,
               "method": method, "reduce": "abs_sum", "label_randomized_model": copy.deepcopy(tiny_cnn)}
+    assert set(inputs) == set(METRIC_INPUTS)                 # every input the runner may hand a metric, no other
+    assert missing_inputs(metric, METRIC_INPUTS) == []       # the metric needs nothing the runner lacks
     state = copy.deepcopy(tiny_cnn.state_dict())
-    result = _call_metric(metric, inputs)
+    result = call_metric(metric, inputs)
     assert result.scores and set(result.higher_is_better) == set(result.scores)
     for score in result.scores.values():
         assert score.shape == (5,) and score.dtype == x.dtype
@@ -98,6 +104,12 @@ def test_dataset_contract(name, tmp_path):
         assert name in kinds, f"dataset {name} needs a root: add a generated tiny root for it here"
         extra = {"root": str(write_example(tmp_path, kinds[name])), "size": 32}
     dataset = instantiate(cfg.dataset, n_samples=4, **extra)
+    assert isinstance(dataset, BenchDataset), f"{name} lacks {[m for m in members() if not hasattr(dataset, m)]}"
+    assert isinstance(dataset.name, str) and dataset.split == cfg.dataset.split and dataset.n_samples == 4
+    assert isinstance(dataset.num_classes, int) and dataset.num_classes >= 2
+    assert len(dataset.mean) == len(dataset.std) == 3 and all(s > 0 for s in dataset.std)
+    if "root" in extra:                                                            # read from files: keyed by bytes
+        assert isinstance(dataset, FileDataset) and dataset.content_digest() == dataset.content_digest()
     data = dataset.tensors()
     B, C, H, W = data["x"].shape
     assert B == 4 and data["target"].shape == (4,) and data["sample_id"].shape == (4,)

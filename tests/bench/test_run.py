@@ -67,7 +67,7 @@ def test_run_writes_tidy_cells_and_manifest(tmp_path):
 def test_each_metric_gets_the_form_of_the_attribution_it_declares(kind, expected):
     """DESIGN: a metric declares what its formula consumes and the runner hands it exactly that, whatever the
     run's `reduce` (here abs_sum, under which a signed map would otherwise arrive as |.|)."""
-    from bench.run import _inputs
+    from bench.calls import metric_inputs as _inputs
     from metrics import consumes
 
     @consumes(kind)

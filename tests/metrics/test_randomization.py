@@ -346,7 +346,7 @@ def test_runner_loads_the_label_randomized_model_once(tmp_path):
     """bench.run's wiring: the zoo model with the metric's `retrain` overrides and permute_labels, cached."""
     from hydra.utils import instantiate
 
-    from bench.run import _label_randomized_inputs
+    from bench.calls import label_randomized_inputs as _label_randomized_inputs
     from bench.zoo import load_model
     over = ["metric=[data_randomization,mprt]", "metric.data_randomization.retrain.n_train=16",
             "metric.data_randomization.retrain.epochs=1", f"cache_dir={tmp_path}"]
