@@ -31,6 +31,7 @@ from bench.checks import (check_cache_dir, check_name, check_names, check_option
                           instantiate_checked)
 from bench.config import CONF, unknown_choice
 from bench.data.stream import stream
+from bench.provenance import without_meta
 from bench.zoo import load_model
 from metrics import MetricResult
 
@@ -137,7 +138,7 @@ def metric(name: str, *, reduce: str | None = None, search_path: Folders = (), a
     cfg = _built("metric", name, options, [f"reduce={reduce}"] if reduce else [], search_path, allowed_targets,
                  f"metric=[{name}]")
     check_options(cfg)
-    return Metric(name, instantiate_checked(f"metric.{name}", cfg.metric[name]), str(cfg.reduce))
+    return Metric(name, instantiate_checked(f"metric.{name}", without_meta(cfg.metric[name])), str(cfg.reduce))
 
 
 def batch(data: Any, n: int | None = None, *, device: str | torch.device = "cpu") -> dict[str, Tensor]:

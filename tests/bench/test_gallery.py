@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import numpy as np                                                          # noqa: E402
+import pandas as pd                                                         # noqa: E402
 import pytest                                                               # noqa: E402
 import torch                                                                # noqa: E402
 from hydra import compose, initialize_config_dir                            # noqa: E402
@@ -140,6 +141,10 @@ def test_report_draws_morf_and_lerf_in_one_figure_and_embeds_the_gallery(tiny: S
     assert len({c for _, c in lines}) == 2
     page = (tiny.report / "leaderboard.html").read_text(encoding="utf-8")
     assert "<figcaption>gallery_shapes_small_cnn</figcaption>" in page
+    # mprt.yaml declares its sanity scores (_sanity_, _staged_): the runner records them, the table follows them
+    sanity = pd.read_csv(tiny.report / "sanity.csv")
+    assert set(zip(sanity["metric"], sanity["score"], sanity["stage"])) == {
+        ("mprt", "spearman", "last"), ("mprt", "spearman", SmallCNN.mprt_layers[-1])}
     assert "<figcaption>mprt_grid_shapes_small_cnn_mprt_0</figcaption>" in page
 
 
