@@ -347,11 +347,12 @@ def test_runner_loads_the_label_randomized_model_once(tmp_path):
     from hydra.utils import instantiate
 
     from bench.calls import label_randomized_inputs as _label_randomized_inputs
+    from bench.provenance import without_meta
     from bench.zoo import load_model
     over = ["metric=[data_randomization,mprt]", "metric.data_randomization.retrain.n_train=16",
             "metric.data_randomization.retrain.epochs=1", f"cache_dir={tmp_path}"]
     cfg = _zoo_cfg(*over)
-    metrics = {n: instantiate(v) for n, v in cfg.metric.items()}
+    metrics = {n: instantiate(without_meta(v)) for n, v in cfg.metric.items()}     # _sanity_: the report's
     extra = _label_randomized_inputs(cfg, metrics, torch.device("cpu"))
     model, info = load_model(_with_train(cfg.model, n_train=16, epochs=1, permute_labels=True), cfg.dataset,
                              cache_dir=tmp_path)
