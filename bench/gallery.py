@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -37,7 +36,6 @@ from bench import figures
 from bench.files import find_manifests, read_manifest
 from bench.keep import (MprtGrid, compute_report_maps, grid_of, method_maps, mprt_configs, mprt_grid,
                         pick_samples)
-from bench.zoo import cache_key, load_model
 
 __all__ = ["MprtGrid", "Run", "display_scale", "draw", "load_items", "load_run", "main", "method_maps", "mprt_configs",
            "mprt_grid", "pick_samples", "write_gallery"]
@@ -67,6 +65,10 @@ def load_run(manifest_path: str | Path, *, cache_dir: str | Path | None = None,
     `cache_dir` overrides the run's cache_dir (e.g. results copied from another machine);
     `device` its device ("auto" = cuda if available).
     """
+    from hydra.utils import instantiate                              # the model's stack only when a model is loaded
+
+    from bench.zoo import cache_key, load_model
+
     path = Path(manifest_path)
     manifest = read_manifest(path)
     if "config" not in manifest:

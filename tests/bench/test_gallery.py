@@ -15,7 +15,7 @@ import torch                                                                # no
 from hydra import compose, initialize_config_dir                            # noqa: E402
 from scipy.stats import spearmanr                                           # noqa: E402
 
-from bench import figures, gallery                                          # noqa: E402
+from bench import figures, zoo                                              # noqa: E402
 from bench.config import CONF
 from bench.gallery import (_grid_figure, display_scale, load_items, load_run, main,  # noqa: E402
                            mprt_configs, mprt_grid, pick_samples, write_gallery)
@@ -57,7 +57,7 @@ def tiny(tmp_path_factory) -> SimpleNamespace:
         return save(fig, stem)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(figures, "save_figure", record)
-        m.setattr(gallery, "load_model", _no_model)                 # the report draws the kept maps only
+        m.setattr(zoo, "load_model", _no_model)                     # the report draws the kept maps only
         report = write_report(tmp / "results", n_boot=20, gallery=True)
     return SimpleNamespace(root=tmp / "results", report=report, drawn=drawn)
 
