@@ -89,7 +89,7 @@ def faithfulness_estimate(
         f0 = _target_output(model, x, target, output, check=target)                      # (B,)
     delta = f0[:, None] - _group_outputs(model, x, target, at, _constant_fill(x, baseline, seed), steps=K, draws=1,
                                          output=output, chunk_size=chunk_size)[..., 0]   # (B, K)
-    rho = _pearson(_group_sums(attribution, at, K, delta.dtype), delta)
+    rho = _pearson(_group_sums(attribution, at, K, delta.dtype), delta).to(x.dtype)
     return MetricResult(scores={"pearson": rho}, higher_is_better={"pearson": True})
 
 
@@ -126,7 +126,7 @@ def monotonicity_correlation(
 ) -> MetricResult:
     """Monotonicity correlation (Nguyen & Martinez 2020): Spearman_k(|a|_k, v_k), v_k = E_d[(f(x) - f(x_k^d))^2].
 
-    x_k^d replaces group k of pixels (ranked least relevant first) alone by draw d of `baseline`;
+    x_k^d replaces group k of pixels (ranked by |map|, smallest first) alone by draw d of `baseline`;
     the default "uniform" draws `samples` seeded noise fields, shared by all samples, each scaled to
     the image's [min, max] (the paper's uniform perturbation of the feature); a deterministic
     baseline makes every draw equal (use samples=1). |a|_k is the group's sum of |map| (the paper
@@ -138,7 +138,7 @@ def monotonicity_correlation(
     _check_options(output, seed)
     K = _groups(x, steps, 2)
     D = check_int("samples", samples, 1, meaning=" (draws of the perturbation per pixel group)")
-    at = _removed_at(attribution, steps=K, descending=False, patch=1, seed=seed)            # (B, HW)
+    at = _removed_at(attribution.abs(), steps=K, descending=False, patch=1, seed=seed)      # (B, HW) by |map|
     if isinstance(baseline, str) and baseline == "uniform":
         g = torch.Generator().manual_seed(seed)
         u = torch.rand(D, *x.shape[1:], generator=g, dtype=x.dtype).to(x.device)         # (D, C, H, W)
@@ -195,7 +195,7 @@ def sensitivity_n(
         f0 = _target_output(model, x, target, output, check=target)
         delta = f0[:, None] - chunked(forward, B * J * S, chunk_size, device=x.device, like=x).view(B, J * S)
     a_sum = attribution.reshape(B, H * W).to(delta.dtype) @ drop.to(delta.dtype).T       # (B, J S)
-    r = _pearson(a_sum.reshape(B * J, S), delta.reshape(B * J, S)).view(B, J)            # (B, J)
+    r = _pearson(a_sum.reshape(B * J, S), delta.reshape(B * J, S)).view(B, J).to(x.dtype)   # (B, J)
     return MetricResult(scores={"pearson": r.nanmean(dim=1)}, higher_is_better={"pearson": True},
                         curves={"curve": Curve((n.to(x.device, r.dtype) / (H * W)), r)})
 
