@@ -3,8 +3,9 @@
 The YAMLs live in the repository's top-level `conf/`; the wheel ships the same files as the
 package data `bench/conf/` (pyproject maps one onto the other). `CONF` is the installed copy when
 there is one, else the checkout's. A user's own YAML folders join through Hydra's search path
-(`hydra.searchpath=[file:///path/to/conf]`); `search_dirs` reads it from a command line and
-`entries` lists a group's names across the suite's tree and those folders.
+(`hydra.searchpath=[file:///path/to/conf]`); `search_dirs` reads it from a command line, `entries`
+lists a group's names across the suite's tree and those folders, and `unknown_choice` is the name
+check that the CLI and bench.api make before Hydra composes.
 """
 from __future__ import annotations
 
