@@ -28,7 +28,8 @@ def test_leaderboard_covers_the_whole_catalogue():
     cfg = _compose("experiment=leaderboard")
     assert set(cfg.method) == {p.stem for p in (CONF / "method").glob("*.yaml")}
     needs_training = {"data_randomization"}          # its own memorising model: in the adebayo2018 preset
-    assert set(cfg.metric) == {p.stem for p in (CONF / "metric").glob("*.yaml")} - needs_training
+    needs_mosaics = {"focus"}                         # scores 2x2 mosaics only: dataset=shapes_mosaic
+    assert set(cfg.metric) == {p.stem for p in (CONF / "metric").glob("*.yaml")} - needs_training - needs_mosaics
     embedded = {p.stem for p in (CONF / "model").glob("*.yaml") if "\ntrain:" in p.read_text()}   # suite-trained
     assert set(cfg.hydra.sweeper.params.model.split(",")) == embedded
 
@@ -39,3 +40,32 @@ def test_paper_presets_configure_the_papers_protocol():
     adebayo = _compose("experiment=adebayo2018").metric
     assert adebayo.mprt.order == "cascading_top_down" and adebayo.mprt_independent.order == "independent"
     assert _compose("experiment=arras2022").dataset.name == "shapes_multi"
+
+
+def test_latec2024_has_latecs_metrics_per_family_and_arguments():
+    """LATEC's 20 image metrics (configs/eval_method/image.yaml), by family as our report ranks them."""
+    from hydra.utils import instantiate
+
+    from metrics import family
+
+    cfg = _compose("experiment=latec2024")
+    families: dict[str, set[str]] = {}
+    for name, node in cfg.metric.items():
+        families.setdefault(family(instantiate(node)), set()).add(name)
+    assert families == {
+        "faithfulness": {"faithfulness_correlation", "faithfulness_estimate", "monotonicity_correlation",
+                         "pixel_flipping", "region_perturbation", "insertion", "deletion", "irof", "road",
+                         "sufficiency", "infidelity"},        # LATEC's robustness criterion holds infidelity
+        "robustness": {"local_lipschitz_estimate", "max_sensitivity", "continuity", "relative_input_stability",
+                       "relative_output_stability", "relative_representation_stability"},
+        "complexity": {"sparseness", "complexity", "effective_complexity"},
+    }
+    m = cfg.metric
+    assert (m.faithfulness_correlation.subsets, m.faithfulness_estimate.steps, m.pixel_flipping.steps) == (100, 224, 224)
+    assert (m.monotonicity_correlation.steps, m.monotonicity_correlation.samples) == (16, 10)
+    rp = m.region_perturbation
+    assert (rp.patch, rp.steps, rp.max_fraction * 256, rp.baseline) == (4, 10, 10, "uniform")
+    assert (m.max_sensitivity.samples, m.local_lipschitz_estimate.samples, m.relative_input_stability.samples) == (10, 5, 5)
+    assert m.infidelity.perturbations == 50 and m.road.noise == 0.1
+    assert len(cfg.method) == 15 and "expected_gradients" in cfg.method        # 14 of LATEC's 17, plus random
+    assert cfg.hydra.sweeper.params.model == "small_cnn,resnet,vit"
