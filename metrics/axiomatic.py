@@ -100,6 +100,8 @@ def non_sensitivity(
     the number of units in one set and not the other, as Quantus 0.6 counts them (in [0, units];
     lower is better; 0 for a map that is zero exactly where the model is insensitive). One forward
     pass per (sample, unit), all in chunks of `chunk_size`; `seed` draws the "uniform" baseline.
+    Consumes the run's reduced map, the pixels a user reads as unattributed (under abs_sum: all channels
+    zero); Quantus thresholds its a_batch, the channel-reduced map in its image examples, the same way.
     """
     target = _check_inputs(x, target, attribution)
     eps = check_float("eps", eps, 0, meaning=" (the |a| at or below which a pixel counts as unattributed)")
