@@ -7,7 +7,6 @@ The fresh venv sees this environment's dependencies through a .pth file and gets
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ import subprocess
 import sys
 import sysconfig
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,22 @@ def _python_files(folder: Path) -> set[str]:
     return {p.relative_to(ROOT).as_posix() for p in folder.rglob("*.py") if "__pycache__" not in p.parts}
 
 
+def _isolation() -> list[str]:
+    """--no-build-isolation (offline, fast) when this environment's setuptools meets pyproject's build
+    requirement; else pip builds in isolation, fetching it from the package index."""
+    try:
+        import tomllib                                          # Python >= 3.11
+        from packaging.requirements import Requirement
+    except ImportError:
+        return []
+    (need,) = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]]
+    try:
+        have = metadata.version(need.name)
+    except metadata.PackageNotFoundError:
+        return []
+    return ["--no-build-isolation"] if need.specifier.contains(have, prereleases=True) else []
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The wheel built from a copy of the sources (the checkout gets no build/ folder)."""
@@ -44,8 +60,7 @@ def wheel(tmp_path_factory) -> Path:
             shutil.copytree(ROOT / name, tmp / "src" / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(ROOT / name, tmp / "src" / name)
-    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(tmp / "dist"),
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *_isolation(), "-w", str(tmp / "dist"),
                            str(tmp / "src")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (found,) = (tmp / "dist").glob("saliency_bench-*.whl")
