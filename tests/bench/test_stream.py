@@ -5,18 +5,17 @@ import importlib
 import sys
 import tempfile
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from bench.config import CONF
 from bench.data import Shapes
 from bench.data.stream import Batches, stream
 from bench.provenance import metric_meta
 from bench.run import run
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 N = 10
 USER = '''
 from collections import Counter

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from scipy.spatial.distance import cdist
 from torch import nn
 
+from bench.config import CONF
 from metrics import (faithfulness_estimate, irof, monotonicity, monotonicity_correlation, pixel_flipping,
                      sensitivity_n, sufficiency)
 
-CONF = __import__("pathlib").Path(__file__).resolve().parents[2] / "conf"
 NEW = [faithfulness_estimate, monotonicity, monotonicity_correlation, sensitivity_n, irof]
 X4 = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])                                   # (1, 1, 2, 2)
 T0 = torch.tensor([0])
