@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -154,3 +155,12 @@ def test_the_name_check_honours_the_search_path_and_quotes():
     assert "gradient_squared, gradient_x_input" in message
     assert unknown_choice(["method=['gradient_squared']"]).startswith("method=gradient_squared: no conf/method/")
     assert unknown_choice(["--cfg", "job", "model=[tiny_net]"]).startswith("model=tiny_net: no conf/model/")
+
+
+def test_one_place_knows_where_conf_is():
+    """bench.config.CONF, never a path computed from a module's own file (wrong once installed)."""
+    computed = re.compile(r"""parents\[\d+\]\s*/\s*["']conf["']|["']\.\./conf["']""")
+    found = [f"{p.relative_to(ROOT)}:{i}" for folder in ("bench", "methods", "metrics", "tests")
+             for p in sorted((ROOT / folder).rglob("*.py"))
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if computed.search(line)]
+    assert not found, f"use bench.config.CONF at {found}"
