@@ -154,9 +154,11 @@ def _relative_stability(model, x, target, method, attribution, samples, radius, 
             h = model(x)                                                           # (B, K) logits
         stat = lambda b, xp, ap, out, rep: rel_a(b, ap) / _norm(out - h[b]).clamp_min(_EPS_MIN)
     elif layers is not None:
-        stat = lambda b, xp, ap, out, rep: rel_a(b, ap) / _norm(relative(rep[1][b], rep[0], _EPS_MIN)).clamp_min(_EPS_MIN)
+        stat = lambda b, xp, ap, out, rep: \
+            rel_a(b, ap) / _norm(relative(rep[1][b], rep[0], _EPS_MIN)).clamp_min(_EPS_MIN)   # rep: (L(x'), L(x))
     else:
-        stat = lambda b, xp, ap, out, rep: rel_a(b, ap) / _norm(relative(x[b], xp, _EPS_MIN)).clamp_min(_EPS_MIN)
+        stat = lambda b, xp, ap, out, rep: \
+            rel_a(b, ap) / _norm(relative(x[b], xp, _EPS_MIN)).clamp_min(_EPS_MIN)
     ratio, moved = explain_perturbed(model, x, target, method, lambda b, s: x[b] + delta[s], stat, samples,
                                      chunk_size, layers=layers)
     return _result(name, ratio, moved, "max", changed)
@@ -164,7 +166,8 @@ def _relative_stability(model, x, target, method, attribution, samples, radius, 
 
 _RS_DOC = """Relative {long} stability (Agarwal et al. 2022): {key} = max_{{x'}} ||(e_x - e_x') / e_x||_2 / max({den}, eps).
 
-    e is the raw attribution; x' = x + U[-radius, radius] over `samples` seeded draws, and the
+    e is the raw attribution; x' = x + U[-radius, radius] (noise="gaussian": N(0, radius^2)) over
+    `samples` seeded draws, and the
     maximum runs over the x' whose predicted class is x's (`changed="drop"`, the paper's
     constraint; NaN where every draw changed it; Quantus 0.6 returns NaN as soon as one draw does).
     Ratios are elementwise; an exactly-zero entry of e_x{zero} is replaced by eps = 1e-6, as Quantus
