@@ -167,9 +167,9 @@ def _relative_stability(model, x, target, method, attribution, samples, radius, 
 _RS_DOC = """Relative {long} stability (Agarwal et al. 2022): {key} = max_{{x'}} ||(e_x - e_x') / e_x||_2 / max({den}, eps).
 
     e is the raw attribution; x' = x + U[-radius, radius] (noise="gaussian": N(0, radius^2)) over
-    `samples` seeded draws, and the
-    maximum runs over the x' whose predicted class is x's (`changed="drop"`, the paper's
-    constraint; NaN where every draw changed it; Quantus 0.6 returns NaN as soon as one draw does).
+    `samples` seeded draws; the maximum runs over the x' whose predicted class is x's
+    (`changed="drop"`, the paper's constraint; NaN where every draw changed it; Quantus 0.6 returns
+    NaN as soon as one draw does).
     Ratios are elementwise; an exactly-zero entry of e_x{zero} is replaced by eps = 1e-6, as Quantus
     does. Lower is better.{extra}
     """
@@ -211,7 +211,8 @@ def relative_representation_stability(
 
 
 relative_input_stability.__doc__ = _RS_DOC.format(long="input", key="RIS", den="||(x - x') / x||_2", zero=" and x",
-                                                  extra=" Quantus: RelativeInputStability(nr_samples=samples).")
+                                                  extra="\n    Quantus: RelativeInputStability(nr_samples=samples, perturb_func_kwargs={'lower_bound': -radius,\n"
+                                                        "    'upper_bound': radius}, normalise=False, abs=False).")
 relative_output_stability.__doc__ = _RS_DOC.format(
     long="output", key="ROS", den="||h(x) - h(x')||_2", zero="",
     extra="\n    h is the model's output (logits), as in the paper and Quantus' RelativeOutputStability.")
