@@ -57,9 +57,14 @@ def format_latex(board: pd.DataFrame) -> str:
     for (dataset, model), table in board.groupby(["dataset", "model"], sort=True):
         arrow = np.where(table["higher_is_better"], r" $\uparrow$", r" $\downarrow$")
         cells = [rf"\textbf{{{c[2:-2]}}}" if c.startswith("**") else c for c in _cells(table)]
-        wide = table.assign(column=_tex_escape(table["metric"] + "/" + table["score"]) + arrow, cell=cells)
-        wide = wide.pivot(index="method", columns="column", values="cell").fillna("--")
+        table = table.assign(column=_tex_escape(table["metric"] + "/" + table["score"]) + arrow, cell=cells)
+        columns = by_family(table)                                  # grouped under their family's name
+        family = dict(zip(table["column"], table.get("family", pd.Series("other", index=table.index))))
+        spans = [(f, sum(family[c] == f for c in columns)) for f in dict.fromkeys(family[c] for c in columns)]
+        wide = table.pivot(index="method", columns="column", values="cell")[columns].fillna("--")
         lines = [f"% {dataset} / {model}", r"\begin{tabular}{l" + "r" * wide.shape[1] + "}", r"\toprule",
+                 " & ".join(["", *(rf"\multicolumn{{{n}}}{{c}}{{{_tex_escape(pd.Series([f]))[0]}}}" for f, n in spans)])
+                 + r" \\",
                  " & ".join(["method", *wide.columns]) + r" \\", r"\midrule",
                  *(" & ".join([m, *row]) + r" \\" for m, row in zip(_tex_escape(wide.index.to_series()), wide.to_numpy())),
                  r"\bottomrule", r"\end{tabular}"]

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from bench import store
-from bench.report import format_leaderboard, main, write_report
+from bench.report import format_latex, format_leaderboard, main, write_report
 from bench.results import load
 from bench.tables import bootstrap_ci, family_rank, leaderboard, overall_rank, wide_ranks
 
@@ -255,6 +255,9 @@ def test_every_column_carries_its_family_and_methods_rank_per_family(tree: Path)
     assert header.endswith("| mean rank (faithfulness) | mean rank (localization) | mean rank (other) | mean rank |")
     alpha = next(line for line in text.splitlines() if line.startswith("| alpha"))
     assert alpha.endswith("| 1.25 | 2.00 | 1.00 | 1.38 |")
+    assert (r" & \multicolumn{2}{c}{faithfulness} & \multicolumn{1}{c}{localization} & \multicolumn{1}{c}{other} \\"
+            "\nmethod & flip/aopc $\\uparrow$ & flip/auc $\\downarrow$ & point/hit $\\uparrow$ & mprt/spearman") \
+        in format_latex(cnn)
 
 
 def test_failures_table_has_one_row_per_failed_sample(tmp_path: Path) -> None:
