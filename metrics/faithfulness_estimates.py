@@ -1,9 +1,9 @@
 """Faithfulness, continued: correlation and monotonicity estimates over removed pixels, and sufficiency.
 
-The conventions of metrics/faithfulness.py hold: a pixel is removed in all channels; the baseline
-vocabulary is `baseline=` of pixel_flipping (metrics._perturb); ties in a ranking are broken by one
-seeded permutation of positions shared by every map; random draws (subsets, noise fields) are seeded
-and shared by all samples, so a sample's score depends on that sample alone (sufficiency excepted:
+The conventions of metrics/faithfulness.py hold: a pixel is removed in all channels; `baseline=` is
+the one vocabulary of metrics.baselines; ties in a ranking are broken by one seeded permutation of
+positions shared by every map; random draws (subsets, noise fields) are seeded and shared by all
+samples, so a sample's score depends on that sample alone (sufficiency excepted:
 its definition compares a sample with the others of its batch). Every (sample, step, draw) goes
 through the model `chunk_size` inputs at a time. "Groups": the map's pixels ranked (MoRF, or LeRF
 where stated) and cut into `steps` consecutive groups of ceil(k n / steps) - ceil((k - 1) n / steps)
@@ -19,13 +19,12 @@ from torch import Tensor, nn
 
 from metrics._check import check_choice, check_float, check_int
 from metrics._map import consumes
-from metrics._perturb import (
-    Baseline, _baseline_fill, _check_inputs, _perturbation_curves, _removed_at, _static_fill, _target_output,
-)
+from metrics._perturb import _check_inputs, _perturbation_curves, _removed_at, _static_fill
 from metrics._result import Curve, MetricResult
-from metrics._similarity import spearman
+from metrics._similarity import _pearson, spearman
+from metrics.baselines import Baseline, baseline_fill, target_output
 from metrics.batching import chunked
-from metrics.faithfulness import _check_options, _pearson
+from metrics.faithfulness import _check_options
 
 __all__ = ["faithfulness_estimate", "monotonicity", "monotonicity_correlation", "sensitivity_n", "sufficiency"]
 FAMILY = "faithfulness"
@@ -55,7 +54,7 @@ def _group_outputs(model: nn.Module, x: Tensor, target: Tensor, at: Tensor, fill
         b, j = i.div(J, rounding_mode="floor"), i % J
         k, d = j.div(draws, rounding_mode="floor") + 1, j % draws
         keep = (at[b] != k[:, None].to(at.dtype)).view(-1, 1, H, W)                # (N, 1, H, W)
-        return _target_output(model, torch.where(keep, x.index_select(0, b), fill(b, d)), target[b], output)
+        return target_output(model, torch.where(keep, x.index_select(0, b), fill(b, d)), target[b], output)
 
     with torch.inference_mode():
         return chunked(forward, B * J, chunk_size, device=x.device, like=x).view(B, steps, draws)
@@ -63,7 +62,7 @@ def _group_outputs(model: nn.Module, x: Tensor, target: Tensor, at: Tensor, fill
 
 def _constant_fill(x: Tensor, baseline: Baseline, seed: int) -> Callable[[Tensor, Tensor], Tensor]:
     """fill(b, d) of a baseline that is the same for every draw d."""
-    fill = _static_fill(_baseline_fill(x, baseline, seed=seed))
+    fill = _static_fill(baseline_fill(x, baseline, seed=seed))
     return lambda b, d: fill(None, None, b, None)
 
 
@@ -86,7 +85,7 @@ def faithfulness_estimate(
     K = _groups(x, steps, 2)
     at = _removed_at(attribution, steps=K, descending=True, patch=1, seed=seed)            # (B, HW) in 1..K
     with torch.inference_mode():
-        f0 = _target_output(model, x, target, output, check=target)                      # (B,)
+        f0 = target_output(model, x, target, output, check=target)                      # (B,)
     delta = f0[:, None] - _group_outputs(model, x, target, at, _constant_fill(x, baseline, seed), steps=K, draws=1,
                                          output=output, chunk_size=chunk_size)[..., 0]   # (B, K)
     rho = _pearson(_group_sums(attribution, at, K, delta.dtype), delta).to(x.dtype)
@@ -110,7 +109,7 @@ def monotonicity(
     _check_options(output, seed)
     K = _groups(x, steps, 2)
     at = _removed_at(attribution, steps=K, descending=False, patch=1, seed=seed)[None]     # (1, B, HW)
-    fill = _static_fill(_baseline_fill(x, baseline, seed=seed))
+    fill = _static_fill(baseline_fill(x, baseline, seed=seed))
     y = _perturbation_curves(model, x, target, at, fill, steps=K, insert=True, output=output,
                              chunk_size=chunk_size)                                       # (B, 1 + K)
     monotonic = (y[:, 2:] >= y[:, 1:-1]).all(dim=1).to(x.dtype)
@@ -147,7 +146,7 @@ def monotonicity_correlation(
     else:
         fill = _constant_fill(x, baseline, seed)
     with torch.inference_mode():
-        f0 = _target_output(model, x, target, output, check=target)
+        f0 = target_output(model, x, target, output, check=target)
     f = _group_outputs(model, x, target, at, fill, steps=K, draws=D, output=output, chunk_size=chunk_size)   # (B, K, D)
     v = (f0[:, None, None] - f).square().mean(dim=2)                                    # (B, K)
     rho = spearman(_group_sums(attribution.abs(), at, K, v.dtype), v).to(x.dtype)
@@ -183,16 +182,16 @@ def sensitivity_n(
     g = torch.Generator().manual_seed(seed)
     position = torch.rand(J * S, H * W, generator=g).argsort(dim=1).argsort(dim=1)        # (J S, HW) uniform ranks
     drop = (position < n.repeat_interleave(S)[:, None]).to(x.device)                      # (J S, HW)
-    fill = _static_fill(_baseline_fill(x, baseline, seed=seed))
+    fill = _static_fill(baseline_fill(x, baseline, seed=seed))
 
     def forward(i: Tensor) -> Tensor:                                                    # i: flat into (B, J S)
         b, s = i.div(J * S, rounding_mode="floor"), i % (J * S)
         xb = x.index_select(0, b)
         keep = ~drop[s].view(-1, 1, H, W)
-        return _target_output(model, torch.where(keep, xb, fill(xb, keep, b, s)), target[b], output)
+        return target_output(model, torch.where(keep, xb, fill(xb, keep, b, s)), target[b], output)
 
     with torch.inference_mode():
-        f0 = _target_output(model, x, target, output, check=target)
+        f0 = target_output(model, x, target, output, check=target)
         delta = f0[:, None] - chunked(forward, B * J * S, chunk_size, device=x.device, like=x).view(B, J * S)
     a_sum = attribution.reshape(B, H * W).to(delta.dtype) @ drop.to(delta.dtype).T       # (B, J S)
     r = _pearson(a_sum.reshape(B * J, S), delta.reshape(B * J, S)).view(B, J).to(x.dtype)   # (B, J)

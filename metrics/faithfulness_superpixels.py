@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from metrics._check import check_float, check_int
-from metrics._perturb import Baseline, _baseline_fill, _check_inputs, _perturbation_curves, _removal_rank, _static_fill
+from metrics._perturb import _check_inputs, _perturbation_curves, _removal_rank, _static_fill
+from metrics.baselines import Baseline, baseline_fill
 from metrics._result import MetricResult
 from metrics.faithfulness import _check_options
 
@@ -82,7 +83,7 @@ def irof(
     mean = torch.where(size > 0, total / size.clamp_min(1), -torch.inf)                   # (B, L): absent last
     rank = _removal_rank(mean, descending=True, seed=seed)                                # (B, L)
     removed_at = (rank.gather(1, seg) + 1).to(torch.int32)                                # (B, HW) in 1..K_b
-    fill = _static_fill(_baseline_fill(x, baseline, seed=seed))
+    fill = _static_fill(baseline_fill(x, baseline, seed=seed))
     y = _perturbation_curves(model, x, target, removed_at[None], fill, steps=L, insert=False, output=output,
                              chunk_size=chunk_size)                                       # (B, 1 + L)
     r = torch.where(y[:, :1] != 0, y / y[:, :1], torch.nan)                               # (B, 1 + L)
