@@ -187,6 +187,9 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
             interrupted = True
         except OSError as e:                                       # a full disk: keep the manifest of what completed
             write_error = e
+        if not (interrupted or write_error):                       # the maps the report draws, under the run's keys
+            report_maps = keep.keep_report_maps(out_dir, cfg, model, dataset, methods, data["targets"],
+                                                digest(base))      # and settings (determinism, precision)
     batches.close()
 
     cells, meta, failures = [], {}, [pd.DataFrame(lost, columns=store.FAILURE_COLUMNS)]
@@ -219,9 +222,8 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
         "timings": {**{k: round(v, 3) for k, v in ctx.timings.items()}, "total": round(time.perf_counter() - started, 2)},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if not (interrupted or write_error):          # the maps the report draws, kept under this run's keys
-        manifest["report_maps"] = keep.keep_report_maps(out_dir, cfg, model, dataset, methods, data["targets"],
-                                                        digest(base))
+    if not (interrupted or write_error):
+        manifest["report_maps"] = report_maps
     try:
         if len(failed):
             store.write_table(failed.assign(run_id=run_id, **names), out_dir / "failures.parquet")
