@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -24,18 +23,15 @@ log = logging.getLogger("bench")
 COMMANDS = ("report", "gallery", "catalog", "perf")           # saliency-bench <command>: python -m bench.<command>
 
 
-_HYDRA_TARGET = re.compile(r"^[+~]*hydra[./].*(_target_|callbacks|job_logging|hydra_logging)")
-
-
 def hydra_target(argv: list[str]) -> str | None:
     """A message when the command line sets a `_target_` (or callbacks, logging factories) inside Hydra's own
     config: Hydra instantiates those itself before the run starts, so bench.checks.check_targets cannot see
     them. Hydra's config groups (`hydra/launcher=joblib`) stay allowed: they name YAML files, not code."""
     for arg in argv:
-        if _HYDRA_TARGET.match(arg.split("=", 1)[0]):
+        if config.HYDRA_CODE.match(arg.split("=", 1)[0]):
             return (f"{arg.split('=', 1)[0]}: the command line may not set code in Hydra's own config (Hydra would "
                     "run it before the suite's checks); pick a Hydra config group instead, e.g. hydra/launcher=joblib")
-    return None
+    return config.hydra_code_in(config.search_dirs(argv) or [])
 
 
 def unwritable_results_dir(argv: list[str]) -> str | None:

@@ -10,10 +10,14 @@ check that the CLI and bench.api make before Hydra composes.
 from __future__ import annotations
 
 import importlib.resources
+import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 GROUPS = ("dataset", "model", "method", "metric", "experiment")
+# keys of Hydra's own config that name code: Hydra builds them itself, before the suite's checks run
+HYDRA_CODE = re.compile(r"^[+~]*hydra[./].*(_target_|callbacks|job_logging|hydra_logging)")
+_PACKAGE = re.compile(r"^#\s*@package\s+(\S+)", re.M)
 
 
 def conf_dir() -> Path:
@@ -119,4 +123,45 @@ def unknown_choice(argv: list[str]) -> str | None:
         if ov.key_or_group in GROUPS and ov.package is None and not ov.is_delete() and search is not None:
             if message := unknown_name(ov.key_or_group, _names(ov.value()) or [], search):
                 return message
+    return None
+
+
+def _keys(node: Any, where: str) -> Iterator[str]:
+    """Dotted paths of every key of a YAML document below `where`."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            path = f"{where}.{k}" if where else str(k)
+            yield path
+            yield from _keys(v, path)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _keys(v, f"{where}.{i}")
+
+
+def hydra_code_in(search: Sequence[Path]) -> str | None:
+    """A message when a search-path folder could hand Hydra code: a `hydra/` folder (Hydra's own config
+    groups) or a YAML that reaches Hydra's node (`# @package _global_` or `hydra...`) and sets a `_target_`,
+    callbacks or logging there. The command line may not (bench.__main__.hydra_target); neither may a folder.
+    Sweeper parameters and other plain settings of Hydra stay allowed."""
+    import yaml
+
+    for folder in search:
+        if (Path(folder) / "hydra").is_dir():
+            return (f"{Path(folder) / 'hydra'}: a search-path folder may add {', '.join(GROUPS)} entries, not "
+                    "Hydra's own config groups (Hydra would run their code before the suite's checks)")
+        for path in sorted(Path(folder).rglob("*.yaml")):
+            text = path.read_text(encoding="utf-8")
+            package = _PACKAGE.search(text)
+            if not package or not package[1].startswith(("_global_", "hydra")):
+                continue                                        # placed under its config group
+            root = package[1].removeprefix("_global_").lstrip(".")
+            try:
+                doc = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                return f"{path}: not valid YAML ({str(e).splitlines()[0]})"
+            for key in _keys(doc, root):
+                if HYDRA_CODE.match(key):
+                    return (f"{path} sets {key}: a YAML of your own may not set code in Hydra's own config (Hydra "
+                            "would run it before the suite's checks); plain settings such as hydra.sweeper.params "
+                            "are fine")
     return None

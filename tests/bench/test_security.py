@@ -214,6 +214,43 @@ def test_a_yaml_on_the_search_path_is_checked_like_the_suites_own(tmp_path, sent
     assert not marker.exists() and not (tmp_path / "cache").exists()
 
 
+def test_a_search_path_folder_cannot_hand_hydra_code(tmp_path):
+    """Hydra builds its callbacks and logging itself, before the run's checks: a user's folder may not set
+    them (a `_global_` preset, a `@package hydra...` file, a hydra/ group folder); plain settings pass."""
+    from bench.__main__ import hydra_target
+
+    marker = tmp_path / "PWNED"
+    own = tmp_path / "own"
+    (own / "experiment").mkdir(parents=True)
+    search = f"hydra.searchpath=[file://{own}]"
+    callback = f"evil:\n  _target_: builtins.open\n  file: {marker}\n  mode: w\n"
+    cases = {
+        "experiment/evil.yaml": ("# @package _global_\nhydra:\n  callbacks:\n    " + callback.replace("\n", "\n    "),
+                                 "hydra.callbacks"),
+        "method/evil.yaml": ("# @package hydra.callbacks\n" + callback, "hydra.callbacks"),
+        "experiment/logs.yaml": ("# @package _global_\nhydra:\n  job_logging:\n    handlers:\n      h:\n"
+                                 "        '()': os.system\n", "hydra.job_logging"),
+    }
+    for name, (text, key) in cases.items():
+        (own / name).parent.mkdir(exist_ok=True)
+        (own / name).write_text(text)
+        assert hydra_target([search, "experiment=evil"]).startswith(f"{own / name} sets {key}")
+        (own / name).unlink()
+    (own / "experiment" / "mine.yaml").write_text("# @package _global_\nhydra:\n  sweeper:\n    params:\n"
+                                                  "      model: tiny_net\n")
+    assert hydra_target([search, "experiment=mine"]) is None and hydra_target(["experiment=quick"]) is None
+    (own / "hydra" / "job_logging").mkdir(parents=True)
+    assert hydra_target([search]).startswith(f"{own / 'hydra'}: a search-path folder may add dataset, model")
+    shutil.rmtree(own / "hydra")
+    (own / "experiment" / "evil.yaml").write_text(cases["experiment/evil.yaml"][0])
+    proc = subprocess.run([sys.executable, "-m", "bench", search, "experiment=evil", "hydra.mode=RUN",
+                           f"results_dir={tmp_path / 'results'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "SALIENCY_BENCH_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {own / 'experiment' / 'evil.yaml'} sets "
+                                                           "hydra.callbacks")
+    assert not marker.exists() and not (tmp_path / "results").exists()
+
+
 def test_the_cli_exits_with_the_message_and_runs_nothing(tmp_path, sentinel):
     payload, marker = sentinel
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SALIENCY_BENCH_CACHE": str(tmp_path / "cache")}
