@@ -158,6 +158,51 @@ def test_monotonicity_of_a_linear_model_with_nonnegative_contributions(linear_ba
     assert monotonicity(model, x, target, a, output="logit").scores["monotonic"].tolist() == [1.0] * 4
 
 
+def _reference_groups(a, steps, descending):
+    """Pixel groups straight from the definition: sort (continuous map, no ties), group k holds the
+    pixels ranked ceil((k - 1) n / steps) .. ceil(k n / steps) - 1."""
+    order = sorted(range(a.numel()), key=lambda i: -a.flatten()[i].item() if descending else a.flatten()[i].item())
+    n = len(order)
+    return [order[math.ceil((k - 1) * n / steps):math.ceil(k * n / steps)] for k in range(1, steps + 1)]
+
+
+def _output(model, x, t):
+    with torch.no_grad():
+        return model(x[None])[0, t].item()
+
+
+@pytest.mark.parametrize("steps", [5, 7, 16])
+def test_against_per_sample_reference_loops(tiny_cnn, batch, steps):
+    """Uneven groups (16 pixels in 5 or 7 groups): each metric against a slow loop over samples and groups."""
+    x, target = batch
+    x = x[:, :, :4, :4].contiguous()
+    a = torch.randn(5, 4, 4, generator=torch.Generator().manual_seed(steps))
+    fe = faithfulness_estimate(tiny_cnn, x, target, a, steps=steps).scores["pearson"]
+    mono = monotonicity(tiny_cnn, x, target, a, steps=steps, output="logit").curves["curve"].y
+    mc = monotonicity_correlation(tiny_cnn, x, target, a, steps=steps, samples=1, baseline=0.0,
+                                  output="logit").scores["spearman"]
+    for b in range(5):
+        f0, drops, sums, curve, var, abs_sums = _output(tiny_cnn, x[b], target[b]), [], [], [], [], []
+        for group in _reference_groups(a[b], steps, descending=True):
+            keep = torch.ones(16, dtype=torch.bool)
+            keep[group] = False
+            drops.append(f0 - _output(tiny_cnn, torch.where(keep.view(1, 4, 4), x[b], 0.0), target[b]))
+            sums.append(a[b].flatten()[group].sum().item())
+        restored = torch.zeros(16, dtype=torch.bool)
+        for group in _reference_groups(a[b], steps, descending=False):
+            restored[group] = True
+            curve.append(_output(tiny_cnn, torch.where(restored.view(1, 4, 4), x[b], 0.0), target[b]))
+        for group in _reference_groups(a[b].abs(), steps, descending=False):
+            keep = torch.ones(16, dtype=torch.bool)
+            keep[group] = False
+            var.append((f0 - _output(tiny_cnn, torch.where(keep.view(1, 4, 4), x[b], 0.0), target[b])) ** 2)
+            abs_sums.append(a[b].abs().flatten()[group].sum().item())
+        assert fe[b].item() == pytest.approx(np.corrcoef(sums, drops)[0, 1], abs=1e-5)
+        np.testing.assert_allclose(mono[b, 1:].numpy(), curve, atol=1e-5)
+        rank = lambda v: np.argsort(np.argsort(v))
+        assert mc[b].item() == pytest.approx(np.corrcoef(rank(abs_sums), rank(var))[0, 1], abs=1e-5)
+
+
 # ------------------------------------------------------------------ invariances
 
 @pytest.mark.parametrize("metric", NEW, ids=lambda f: f.__name__)
