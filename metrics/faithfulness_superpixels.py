@@ -73,8 +73,8 @@ def irof(
     if segments is None:
         segments = slic_segments(x, n_segments=n_segments, compactness=compactness)
     elif not isinstance(segments, Tensor) or segments.shape != (B, H, W) or segments.is_floating_point():
-        raise ValueError(f"segments must be an integer tensor of superpixel labels, shape {(B, H, W)}, got "
-                         f"{getattr(segments, 'dtype', type(segments).__name__)} {tuple(getattr(segments, 'shape', ()))}")
+        got = f"{segments.dtype} {tuple(segments.shape)}" if isinstance(segments, Tensor) else type(segments).__name__
+        raise ValueError(f"segments must be an integer tensor of superpixel labels, shape {(B, H, W)}, got {got}")
     seg, K = _relabel(segments.to(x.device))                                              # (B, HW), (B,)
     L = int(K.max())
     a = attribution.reshape(B, H * W).double()
