@@ -7,7 +7,8 @@ similarity to the original (`mprt_grid`: what mprt scores). The file lies in the
 ``report_maps/<key>.pt``, written atomically; `key` is the run's cell key base plus the picked samples
 and the method and mprt configs, recorded in the manifest (``report_maps``) and inside the file, so
 `read_report_maps` never hands a stale run's maps to another run. A run whose key is unchanged reuses
-its file (resume).
+its file (resume), and a run beside it (results/<dataset>/<model>/*) with the same key gives its copy, as
+stored cells are reused.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import hashlib
 import inspect
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -23,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from bench import store
+from bench.files import write_atomic
 from metrics import mprt_stages, similarities, to_map
 
 log = logging.getLogger(__name__)
@@ -96,14 +98,15 @@ def mprt_grid(model: nn.Module, x: Tensor, target: Tensor, methods: dict[str, Ca
     return MprtGrid(stages.get("order", "cascading_top_down"), labels, stacked, rho)
 
 
-def mprt_configs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """The run's mprt metric configs by name (`_target_: metrics.mprt`); {"mprt": {}} (defaults) if none."""
+def mprt_configs(cfg: DictConfig, *, default: bool = True) -> dict[str, dict[str, Any]]:
+    """The run's mprt metric configs by name (`_target_: metrics.mprt`); if none, {"mprt": {}} (defaults) with
+    `default`, else {}."""
     out = {}
     for name, node in cfg.metric.items():
         node = OmegaConf.to_container(node, resolve=True)
         if isinstance(node, dict) and node.get("_target_") == "metrics.mprt":
             out[name] = {k: v for k, v in node.items() if k in _STAGE_KEYS | {"constant"}}
-    return out or {"mprt": {}}
+    return out or ({"mprt": {}} if default else {})
 
 
 def keep_report_maps(out_dir: Path, cfg: DictConfig, model: nn.Module, dataset: Any,
@@ -114,15 +117,19 @@ def keep_report_maps(out_dir: Path, cfg: DictConfig, model: nn.Module, dataset: 
     if not cfg.get("gallery", True):
         return None
     index = pick_samples(targets[:, 1], min(SAMPLES, len(targets)))
-    grids = mprt_configs(cfg)
+    grids = mprt_configs(cfg, default=False)                       # the grids of the run's own mprt metrics
     key = _digest([key, targets[index, 0].tolist(), OmegaConf.to_container(cfg.method, resolve=True), grids])
     path = Path(out_dir) / FOLDER / f"{key}.pt"
     entry = {"file": f"{FOLDER}/{key}.pt", "key": key}
     if _load(path, key) is not None:
         return entry
+    for other in sorted(Path(out_dir).parent.glob(f"*/{FOLDER}/{key}.pt")):   # a run beside it kept the same maps
+        if other.parent != path.parent and _load(other, key) is not None:
+            write_atomic(path, lambda tmp: shutil.copyfile(other, tmp))
+            return entry
     try:
         kept = compute_report_maps(cfg, model, dataset, methods, index, grids)
-        store.write_atomic(path, lambda tmp: torch.save({"key": key, **kept}, tmp))
+        write_atomic(path, lambda tmp: torch.save({"key": key, **kept}, tmp))
     except (OSError, RuntimeError, ValueError) as e:              # the cells are stored: the run stands without them
         log.warning("no report maps kept in %s: %s: %s", path.parent, type(e).__name__, e)
         return None
