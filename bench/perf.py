@@ -10,6 +10,8 @@ counterpart (Quantus 0.6, the `test` extra; skipped with a message where absent)
   grid            the default experiment's 7 methods x 4 metrics, batch by batch as `bench.run` runs them,
                   on the default model's 64 px and --grid-n samples (no scaling: it takes minutes)
   methods         every method of conf/method/ with its YAML defaults: seconds per 64 images
+  metrics         each metric of bench.perf_metrics.PAIRS (issue 20's) beside its Quantus pair on the same
+                  work, one row pair per metric (--metrics picks some; the workload column names the metric)
 Models: the zoo's small_cnn at 32 and 64 px and torchvision's resnet18 at 224 px, randomly
 initialised (timing does not need trained weights). Every figure is the best of `--repeat` runs
 after a warm-up. Peak memory is measured in a fresh process per (workload, size, n): the rise of
@@ -33,10 +35,11 @@ import torch
 from torch import Tensor, nn
 
 from bench.checks import PRECISIONS, autocast
+from bench.perf_metrics import PAIRS, metric_workload
 import methods
 from metrics import localization, mprt, pixel_flipping, random_logit, to_map
 
-WORKLOADS = ("pixel_flipping", "mprt", "random_logit", "localization", "grid", "methods")
+WORKLOADS = ("pixel_flipping", "mprt", "random_logit", "localization", "grid", "methods", "metrics")
 STEPS = 16                                                     # pixel-flipping steps
 QUANTUS_LOCALIZATION = {                                        # ours -> Quantus class name
     "pointing_game": "PointingGame", "relevance_mass_accuracy": "RelevanceMassAccuracy",
@@ -138,8 +141,10 @@ def _explainer(method: Callable[..., Tensor], reduce: str = "abs_sum") -> Callab
 def workload(name: str, model: nn.Module, d: dict[str, Tensor], impl: str) -> tuple[Callable[[], Any], int]:
     """A callable running the workload once for `impl` (ours | quantus), and its forward passes per
     sample where the workload is nothing but forward passes (pixel flipping), else 0."""
-    if name not in WORKLOADS:
-        raise ValueError(f"unknown workload {name!r}; choose among {list(WORKLOADS)}")
+    if name in PAIRS:                                          # one metric beside its Quantus pair
+        return metric_workload(name, model, d, impl), 0
+    if name not in WORKLOADS or name == "metrics":
+        raise ValueError(f"unknown workload {name!r}; choose among {list(WORKLOADS)} or a metric of {sorted(PAIRS)}")
     quantus = _quantus() if impl == "quantus" else None
     size = d["x"].shape[-1]
     layers = [n for n, m in model.named_modules() if hasattr(m, "reset_parameters")]
@@ -184,17 +189,18 @@ def _grid(model: nn.Module, d: dict[str, Tensor], impl: str) -> Callable[[], Any
     from hydra.utils import instantiate
 
     from bench.config import CONF
+    from bench.provenance import without_meta
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config")
     layers = [n for n, m in model.named_modules() if hasattr(m, "reset_parameters")]
     methods_ = {k: instantiate(v) for k, v in cfg.method.items()}
-    metrics_ = {k: instantiate(v) for k, v in cfg.metric.items()}
+    metrics_ = {k: instantiate(without_meta(v)) for k, v in cfg.metric.items()}   # less the report's _sanity_
     if "mprt" in metrics_:
         metrics_["mprt"] = functools.partial(metrics_["mprt"], layers=layers)
     batches = list(zip(*(d[k].split(cfg.batch_size) for k in ("x", "target", "mask"))))
     if impl == "ours":
-        from bench.run import _call_metric, _inputs
+        from bench.calls import call_metric as _call_metric, metric_inputs as _inputs
 
         def run() -> None:
             for method in methods_.values():
@@ -262,7 +268,7 @@ def measure(name: str, impl: str, size: int, n: int, device: str, repeat: int, t
     torch.set_num_threads(threads)
     dev = torch.device(device)
     model = make_model(size, dev, channels_last)
-    d = make_inputs(model, size, n, dev, saliency=name != "localization")
+    d = make_inputs(model, size, n, dev, saliency=name != "localization" and name not in PAIRS)
     run, passes = workload(name, model, d, impl)
 
     def fn() -> Any:
@@ -292,6 +298,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--sizes", nargs="+", type=int, default=[32, 64, 224])
     p.add_argument("--n", type=int, default=64, help="samples at scale 1x")
     p.add_argument("--scales", nargs="+", type=int, default=[1, 4, 16], help="multiples of n (time and memory growth)")
+    p.add_argument("--metrics", nargs="+", default=sorted(PAIRS), choices=sorted(PAIRS), metavar="METRIC",
+                   help="metrics of the metrics workload (default: every one with a Quantus pair)")
     p.add_argument("--localization-n", type=int, default=1000, help="maps for the localization workload at 1x")
     p.add_argument("--grid-n", type=int, default=128, help="samples of the grid workload (run at 64 px only)")
     p.add_argument("--device", default="cpu")
@@ -307,7 +315,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if not a.no_quantus and quantus is None:
         print("quantus is not installed (pip install 'saliency-bench[test]'): timing ours only")
     jobs = []
-    for name in [w for w in a.workloads if w != "methods"]:
+    names = [w for w in a.workloads if w not in ("methods", "metrics")]
+    names += a.metrics if "metrics" in a.workloads else []
+    for name in names:
         if name == "grid":                                       # the default model's size, once: it takes minutes
             size = 64 if 64 in a.sizes else a.sizes[0]
             jobs += [("grid", impl, size, a.grid_n) for impl in ("ours", "quantus") if impl == "ours" or quantus]

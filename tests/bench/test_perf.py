@@ -38,3 +38,45 @@ def test_grid_runs_ours_and_through_quantus():
         run, passes = perf.workload("grid", model, d, impl)
         assert passes == 0
         run()
+
+
+ISSUE_20 = {"focus", "sparseness", "complexity", "effective_complexity", "faithfulness_estimate", "irof",
+            "monotonicity", "monotonicity_correlation", "sensitivity_n", "sufficiency", "selectivity",
+            "max_sensitivity", "avg_sensitivity", "local_lipschitz_estimate", "continuity", "consistency",
+            "relative_input_stability", "relative_output_stability", "relative_representation_stability",
+            "completeness", "non_sensitivity"}
+
+
+def test_every_new_metric_has_a_quantus_pair():
+    quantus = pytest.importorskip("quantus")
+    from bench.config import CONF
+    from bench.perf_metrics import PAIRS
+
+    assert set(PAIRS) == ISSUE_20
+    for name, pair in PAIRS.items():
+        assert (CONF / "metric" / f"{name}.yaml").exists() and hasattr(quantus, pair(32).quantus), name
+
+
+# sparseness: Quantus broadcasts a (B, 1, H, W) map over x's 3 channels, so its Gini runs over 3 H W
+# values, which moves it by O(1 / n) (here 5e-4)
+@pytest.mark.parametrize("name, score, rtol", [("focus", "focus", 1e-4), ("sparseness", "gini", 2e-3),
+                                               ("max_sensitivity", None, 0)])
+def test_metric_workload_runs_both_on_the_same_maps(name, score, rtol):
+    """Ours and Quantus on the same inputs; where the definitions coincide, the same values."""
+    pytest.importorskip("quantus")
+    device = perf.torch.device("cpu")
+    model = perf.make_model(16, device)
+    d = perf.make_inputs(model, 16, 4, device, saliency=False)
+    ours, passes = perf.workload(name, model, d, "ours")
+    theirs, _ = perf.workload(name, model, d, "quantus")
+    result, q = ours(), theirs()
+    assert passes == 0 and len(q) == 4
+    if score is not None:
+        np = perf.np
+        np.testing.assert_allclose(result.scores[score].double().numpy(), q.astype(float), rtol=rtol, atol=1e-6)
+
+
+def test_metrics_workload_rows_name_the_metric(tmp_path):
+    df = perf.main(["--workloads", "metrics", "--metrics", "focus", "complexity", "--sizes", "16", "--n", "4",
+                    "--scales", "1", "--repeat", "1", "--no-quantus", "--threads", "1", "--out", str(tmp_path)])
+    assert sorted(df.workload) == ["complexity", "focus"] and (df.impl == "ours").all() and (df.seconds > 0).all()
