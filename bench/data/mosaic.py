@@ -30,8 +30,11 @@ class ShapesMosaic:
     the k-th target quadrant and the k-th other quadrant (k = 0, 1, in reading order) show shapes
     items 6 (2 i + k) + their class, so no image appears twice, in one mosaic or in two. Tiles are full-size, so a mosaic is 2 * size pixels a side
     (128 at the default 64): the zoo's convolutional models (small_cnn, resnet, vgg), trained on
-    single `shapes` images, pool globally and classify it as it is, as Arias-Duart et al. classify
-    ImageNet mosaics with ImageNet models (the zoo's vit has a fixed 8x8 token grid and refuses it).
+    single `shapes` images, pool globally and take it as it is, as Arias-Duart et al. feed ImageNet
+    mosaics to ImageNet models (the zoo's vit has a fixed 8x8 token grid and refuses it). Measured on
+    small_cnn (120 mosaics): 97.7% of the quadrants are classified right alone, but the mosaic's
+    argmax is its target only 35% of the time (half-size tiles in a 64 px mosaic: 19%, chance), so
+    methods explain the target class's logit, as in the paper, not the prediction.
     `train_on` names that shapes dataset, so bench.zoo.load_model uses (and caches) the models
     trained on it. The mask marks the target quadrants, as metrics.focus reads it; the layout and
     the classes of all four quadrants are in `plan(i)`. Inputs are normalised as `shapes` does.
