@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metrics._check import check_finite, check_target
-from metrics.baselines import Baseline, baseline_fill as _baseline_fill, target_output as _target_output  # noqa: F401
+from metrics.baselines import target_output
 from metrics.batching import chunked
 
 # ROAD's noisy linear imputation (Rong et al. 2022): a removed pixel is the weighted mean of its
@@ -131,7 +131,7 @@ def _perturbation_curves(
         at = removed_at[r, b]                                                      # (N, HW)
         keep = (at <= k if insert else at > k).view(-1, 1, H, W)                   # (N, 1, H, W)
         xb = x.index_select(0, b)                                                  # (N, C, H, W)
-        y = _target_output(model, torch.where(keep, xb, fill(xb, keep, b, j), out=xb), target[b], output,
+        y = target_output(model, torch.where(keep, xb, fill(xb, keep, b, j), out=xb), target[b], output,
                            check=target if unchecked[0] else None, top1=top1)
         unchecked[0] = False                                                       # after a chunk that ran
         return y

@@ -32,12 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from metrics._check import check_bool, check_choice, check_float, check_int
+from metrics.baselines import Baseline, baseline_fill, target_output
 from metrics.batching import chunked
 from metrics._map import consumes
-from metrics._perturb import (
-    Baseline, _baseline_fill, _check_inputs, _noisy_linear_imputation, _perturbation_curves, _removed_at,
-    _static_fill, _target_output,
-)
+from metrics._perturb import _check_inputs, _noisy_linear_imputation, _perturbation_curves, _removed_at, _static_fill
 from metrics._result import Curve, MetricResult
 from metrics._similarity import _pearson                      # the one Pearson (float64), also spearman's
 
@@ -120,7 +118,7 @@ def pixel_flipping(
     steps = m if steps is None else steps                                         # None: one unit per step
     removed_at = torch.stack([_removed_at(attribution, steps=steps, descending=o == "morf", patch=patch, seed=seed,
                                           budget=m) for o in orders])             # (R, B, HW)
-    fill = _static_fill(_baseline_fill(x, baseline, seed=seed))
+    fill = _static_fill(baseline_fill(x, baseline, seed=seed))
     y = _perturbation_curves(model, x, target, removed_at, fill, steps=steps, insert=False, output=output,
                              chunk_size=chunk_size)                               # (B, 1 + R steps)
     frac = _fraction_axis(n, m, steps, x.device, y.dtype)                         # (K,)
@@ -145,7 +143,7 @@ def _deletion_insertion(model: nn.Module, x: Tensor, target: Tensor, attribution
     _check_options(output, seed)
     n, _ = _check_steps(x, steps, 1)
     removed_at = _removed_at(attribution, steps=steps, descending=True, patch=1, seed=seed)[None]   # (1, B, HW)
-    fill = _static_fill(_baseline_fill(x, baseline, seed=seed))
+    fill = _static_fill(baseline_fill(x, baseline, seed=seed))
     y = _perturbation_curves(model, x, target, removed_at, fill, steps=steps, insert=insert, output=output,
                              chunk_size=chunk_size)                               # (B, K)
     frac = _fraction_axis(n, n, steps, x.device, y.dtype)
@@ -265,15 +263,15 @@ def faithfulness_correlation(
     g = torch.Generator().manual_seed(seed)
     chosen = torch.rand(subsets, H * W, generator=g).argsort(dim=1)[:, :subset_size].to(x.device)
     drop = torch.zeros(subsets, H * W, dtype=torch.bool, device=x.device).scatter_(1, chosen, True)   # (S, HW)
-    fill = _baseline_fill(x, baseline, seed=seed).expand_as(x)                      # (B, C, H, W)
+    fill = baseline_fill(x, baseline, seed=seed).expand_as(x)                      # (B, C, H, W)
 
     def forward(i: Tensor) -> Tensor:                                              # i: flat into (B, S)
         b, s = i.div(subsets, rounding_mode="floor"), i % subsets
         keep = ~drop[s].view(-1, 1, H, W)
-        return _target_output(model, torch.where(keep, x[b], fill[b]), target[b], output)
+        return target_output(model, torch.where(keep, x[b], fill[b]), target[b], output)
 
     with torch.inference_mode():
-        f0 = _target_output(model, x, target, output, check=target)                # (B,)
+        f0 = target_output(model, x, target, output, check=target)                # (B,)
         delta = f0[:, None] - chunked(forward, B * subsets, chunk_size, device=x.device, like=x).view(B, subsets)
     a_sum = attribution.reshape(B, 1, H * W).to(delta.dtype).mul(drop.to(delta.dtype)).sum(dim=2)     # (B, S)
     r = _pearson(a_sum, delta).to(delta.dtype)                                    # (B,)
@@ -307,10 +305,10 @@ def infidelity(
 
     def forward(i: Tensor) -> Tensor:                                              # i: flat into (B, S)
         b, s = i.div(perturbations, rounding_mode="floor"), i % perturbations
-        return _target_output(model, x[b] - noise[s], target[b], output)
+        return target_output(model, x[b] - noise[s], target[b], output)
 
     with torch.inference_mode():
-        f0 = _target_output(model, x, target, output, check=target)
+        f0 = target_output(model, x, target, output, check=target)
         f = chunked(forward, B * perturbations, chunk_size, device=x.device, like=x)
         delta = f0[:, None] - f.view(B, perturbations)
     dot = (noise.view(1, perturbations, H * W) * attribution.reshape(B, 1, H * W)).sum(dim=2).to(delta.dtype)  # (B, S)
