@@ -6,6 +6,8 @@ sample (pixel groups, draws, subsets), of re-explained inputs (robustness: the m
 saliency for both) and the same maps. Maps go to Quantus in the form ours consumes (metrics.consumed):
 raw (B, C, H, W), or the signed / abs-summed channel map (B, 1, H, W). Quantus' normalisation is off
 (ours has none). Where the two define a score differently the work still matches; the note says how.
+IROF has no row: Quantus 0.6's IROF stops on its own SLIC masks here ("The shape of arr must be the
+same as the mask shape"); tests/metrics/test_faithfulness_more_quantus.py compares it on given segments.
 """
 from __future__ import annotations
 
@@ -55,7 +57,6 @@ PAIRS: dict[str, Callable[[int], Pair]] = {       # metric (conf/metric/<name>.y
                                                      "perturb_baseline": 0.0}, {"sizes": 8, "subsets": s * s // 40},
                                     note="~0.2 H W passes each: Quantus one nested subset per n, ours sizes x subsets"),
     "sufficiency": lambda s: Pair("Sufficiency", {"threshold": 0.6}),
-    "irof": lambda s: Pair("IROF", {"segmentation_method": "slic", "perturb_baseline": "mean"}),
     "selectivity": lambda s: Pair("Selectivity", {"patch_size": 4, "perturb_baseline": "black"}),
     "max_sensitivity": lambda s: Pair("MaxSensitivity", {"nr_samples": 16, "lower_bound": 0.2}, {"samples": 16},
                                       explain=True),
