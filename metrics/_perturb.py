@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metrics._check import check_finite, check_target
+from metrics.checks import check_finite, check_target
 from metrics.baselines import target_output
 from metrics.batching import chunked
 

@@ -8,7 +8,7 @@ from typing import Callable, Iterator, Literal
 import torch
 from torch import Tensor, nn
 
-from metrics._check import check_choice, check_classes, check_finite, check_float, check_int, check_target
+from metrics.checks import check_choice, check_classes, check_finite, check_float, check_int, check_target
 from metrics.batching import chunked
 
 Method = Callable[[nn.Module, Tensor, Tensor], Tensor]          # (model, x, target) -> (B, C, H, W)

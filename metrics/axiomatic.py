@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metrics._check import check_bool, check_choice, check_float, check_int
+from metrics.checks import check_bool, check_choice, check_float, check_int
 from metrics._map import consumes
 from metrics._perturb import _check_inputs
 from metrics._result import MetricResult

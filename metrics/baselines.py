@@ -25,7 +25,7 @@ from typing import Literal, Union
 import torch
 from torch import Tensor, nn
 
-from metrics._check import check_classes, check_finite, check_float
+from metrics.checks import check_classes, check_finite, check_float
 from metrics.batching import gaussian_blur
 
 __all__ = ["BASELINES", "BLUR_SIGMA", "Baseline", "baseline_fill", "renamed", "target_output"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from metrics._check import check_bool, check_finite, check_float
+from metrics.checks import check_bool, check_finite, check_float
 from metrics._map import consumes
 from metrics._result import MetricResult
 

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from metrics._check import check_bool, check_choice, check_float, check_int
+from metrics.checks import check_bool, check_choice, check_float, check_int
 from metrics.baselines import Baseline, baseline_fill, target_output
 from metrics.batching import chunked
 from metrics._map import consumes

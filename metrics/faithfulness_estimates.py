@@ -17,7 +17,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor, nn
 
-from metrics._check import check_choice, check_float, check_int
+from metrics.checks import check_choice, check_float, check_int
 from metrics._map import consumes
 from metrics._perturb import _check_inputs, _perturbation_curves, _removed_at, _static_fill
 from metrics._result import Curve, MetricResult

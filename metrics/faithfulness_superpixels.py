@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from metrics._check import check_float, check_int
+from metrics.checks import check_float, check_int
 from metrics._perturb import _check_inputs, _perturbation_curves, _removal_rank, _static_fill
 from metrics.baselines import Baseline, baseline_fill
 from metrics._result import MetricResult

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metrics._check import check_bool, check_choice, check_finite, check_float, check_int, check_target
+from metrics.checks import check_bool, check_choice, check_finite, check_float, check_int, check_target
 from metrics._rank import _sorted_keys, _twice_u
 from metrics._result import MetricResult
 from metrics.batching import chunked

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from metrics._check import check_choice, check_finite
+from metrics.checks import check_choice, check_finite
 from metrics._result import MetricResult
 
 __all__ = ["focus"]

@@ -24,7 +24,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from metrics._check import check_choice, check_float, check_int
+from metrics.checks import check_choice, check_float, check_int
 from metrics._map import consumes
 from metrics._reexplain import (Changed, Method, Noise, explain_perturbed, noise_field, original, reduce_draws,
                                 relative, shifted)
