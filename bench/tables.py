@@ -13,6 +13,7 @@ import torch
 from bench import stats
 from bench.checks import resolve_target
 from bench.results import META_COLUMNS, Results
+from metrics import ranked
 
 BOARD_KEYS = ["dataset", "model", "method", "metric", "score"]
 COLUMN_KEYS = ["dataset", "model", "metric", "score"]   # one leaderboard column of one table
@@ -110,16 +111,16 @@ def by_family(table: pd.DataFrame) -> list[str]:
 
 
 def leaderboard(results: Results, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Tidy leaderboard: one row per (dataset, model, method, metric, score), "@" stage scores and "_std"
-    spreads of repeated randomization draws excluded (they describe a score, they are not ranked).
+    """Tidy leaderboard: one row per (dataset, model, method, metric, score) that metrics.ranked ranks ("@"
+    stage scores, "_std" spreads of repeated draws and context scores such as changed_fraction describe a
+    score or a run, they are not ranked).
 
     mean and n use the n non-NaN samples, n_nan counts the undefined ones; ci_low/ci_high
     are `bootstrap_ci` at 95%. rank orders methods within each (dataset, model, metric,
     score) by mean in the score's direction: 1 = best, ties averaged, NaN mean last.
     family: the metric's family (`families`).
     """
-    detail = results.scores["score"].str.contains("@", regex=False) | results.scores["score"].str.endswith("_std")
-    scores = results.scores[~detail]                        # per-stage scores and the spread of repeated draws
+    scores = results.scores[results.scores["score"].map(ranked).astype(bool)]
     board = summarise(scores, BOARD_KEYS, value="value", n_boot=n_boot, seed=seed)
     means, meta = _class_means(results, n_boot=n_boot, seed=seed)
     board = pd.concat([board, means], ignore_index=True) if len(means) else board
@@ -217,7 +218,7 @@ def significance(results: Results, *, alpha: float = 0.05) -> dict[str, pd.DataF
     - ``pairwise``: Wilcoxon signed-rank tests for every method pair, Holm-corrected;
     - ``ranks``: each method's average per-sample rank (1 = best), what the CD diagram draws.
     """
-    scores = results.scores[~results.scores["score"].str.contains("@", regex=False)]
+    scores = results.scores[results.scores["score"].map(ranked).astype(bool)]   # the leaderboard's columns only
     direction = results.meta.set_index(["metric", "score"])["higher_is_better"]
     friedman, pairwise, ranks = [], [], []
     for key, part in scores.groupby(COLUMN_KEYS, sort=True):

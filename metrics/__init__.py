@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from metrics._map import CONSUMES, REDUCTIONS, consumed, consumes, metric_input, to_map
-from metrics._result import Curve, MetricResult
+from metrics._result import CONTEXT_SCORES, Curve, MetricResult, ranked
 from metrics.axiomatic import *  # noqa: F403
 from metrics.complexity import *  # noqa: F403
 from metrics.faithfulness import *  # noqa: F403
@@ -43,6 +43,6 @@ def family(metric: Any) -> str:
     return name
 
 
-__all__ = ["CONSUMES", "Curve", "FAMILIES", "MetricResult", "REDUCTIONS", "consumed", "consumes", "family",
-           "metric_input", "to_map", *axiomatic.__all__, *faithfulness.__all__, *faithfulness_estimates.__all__, *faithfulness_superpixels.__all__, *localization.__all__, *mosaic.__all__,
+__all__ = ["CONSUMES", "CONTEXT_SCORES", "Curve", "FAMILIES", "MetricResult", "REDUCTIONS", "consumed", "consumes", "family",
+           "metric_input", "ranked", "to_map", *axiomatic.__all__, *faithfulness.__all__, *faithfulness_estimates.__all__, *faithfulness_superpixels.__all__, *localization.__all__, *mosaic.__all__,
            *randomization.__all__, *robustness.__all__, *_complexity_all]

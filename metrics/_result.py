@@ -1,10 +1,20 @@
-"""The one result type every metric returns."""
+"""The one result type every metric returns, and which of its scores a leaderboard ranks."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+
+# scores that describe a run's conditions, not the quality of a map: stored and reported, never ranked
+CONTEXT_SCORES = ("changed_fraction",)          # robustness: share of perturbations that changed the prediction
+
+
+def ranked(score: str) -> bool:
+    """Whether a leaderboard ranks methods by `score`: not a per-stage score ("mprt/spearman@fc"), the spread
+    of repeated draws ("..._std") or a context score (CONTEXT_SCORES)."""
+    return "@" not in score and not score.endswith("_std") and score not in CONTEXT_SCORES
 
 
 @dataclass(frozen=True)

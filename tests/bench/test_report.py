@@ -228,6 +228,18 @@ def test_spread_of_repeated_draws_is_not_ranked(tmp_path: Path) -> None:
     assert set(leaderboard(results, n_boot=20)["score"]) == {"spearman"}
 
 
+def test_context_scores_are_stored_not_ranked(tmp_path: Path) -> None:
+    """A robustness metric's changed_fraction (the share of perturbations that changed the prediction) describes
+    the run, not the map: a method that flips predictions must not win a column for it."""
+    scores = {("mprt", "spearman"): SCORES["mprt", "spearman"],
+              ("mprt", "changed_fraction"): {"alpha": [0.5] * 4, "beta": [0.0] * 4, "gamma": [0.25] * 4}}
+    _write_run(tmp_path, "shapes-cnn-1", "cnn", scores,
+               meta=[META[3], {"metric": "mprt", "score": "changed_fraction", "higher_is_better": False}])
+    results = load(tmp_path)
+    assert "changed_fraction" in set(results.scores["score"])
+    assert set(leaderboard(results, n_boot=20)["score"]) == {"spearman"}
+
+
 def test_every_column_carries_its_family_and_methods_rank_per_family(tree: Path) -> None:
     """The family of a metric comes from its run's `_target_` (metrics.family); a target outside metrics. is
     'other' and is never imported. Per-family mean ranks by hand from the ranks above: faithfulness (flip/auc,
