@@ -6,8 +6,10 @@ together). `Batches` decodes each item once: its first full pass reads the datas
 where files are opened and decoded) and spools every collated batch to a private temporary folder
 (`spool_dir`, default the system's, i.e. $TMPDIR); every later pass reads the spool back, bit for
 bit the same tensors. One batch is in memory at a time, so memory stays flat in the number of
-samples. A spool that cannot be written (a full disk) is dropped with a warning and later passes
-read the dataset again, as before.
+samples. The spool is bounded: a dataset whose decoded tensors would take more than SPOOL_BYTES, or
+more than half the spool folder's free space (50,000 ImageNet images at 224 px are 30 GB of float32),
+is not spooled, and neither is one whose spool cannot be written (a full disk): later passes read
+the dataset again, as before, with a log line saying why.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
+SPOOL_BYTES = 4 << 30           # the most a run's spool of decoded batches may take on disk
 
 
 def collate(items: list[Any], ids_hint: range, expect: dict[str, tuple] | None) -> dict[str, Tensor]:
@@ -80,6 +83,7 @@ class Batches:
         self.dataset, self.batch_size, self.n = dataset, batch_size, len(dataset)
         self._spool_dir = spool_dir
         self._folder: Path | None = None                   # the spool, once a first full pass wrote it whole
+        self._budget = 0                                   # bytes the spool may take (SPOOL_BYTES, half the free space)
         self.reads = 0                                     # passes over the dataset itself (for tests and logs)
 
     def __enter__(self) -> Batches:
@@ -106,6 +110,7 @@ class Batches:
         folder: Path | None = None
         try:
             folder = Path(tempfile.mkdtemp(prefix="saliency-bench-batches-", dir=self._spool_dir))
+            self._budget = min(SPOOL_BYTES, shutil.disk_usage(folder).free // 2)
         except OSError as e:
             log.warning("cannot create a folder to keep decoded batches in (%s): the dataset is read again on "
                         "every pass", e)
@@ -130,11 +135,18 @@ class Batches:
                 break
         return {k: torch.cat([p[k] for p in parts])[:n] for k in parts[0]}
 
-    @staticmethod
-    def _spool(folder: Path | None, i: int, batch: dict[str, Tensor]) -> Path | None:
-        """Write batch i into `folder`; None (and no spool) once a write fails."""
+    def _spool(self, folder: Path | None, i: int, batch: dict[str, Tensor]) -> Path | None:
+        """Write batch i into `folder`; None (and no spool) once a write fails or the spool would outgrow its
+        budget (SPOOL_BYTES, half the free space)."""
         if folder is None:
             return None
+        if i == 0:                                         # the whole spool, estimated from the first batch
+            need = sum(v.numel() * v.element_size() for v in batch.values()) * -(-self.n // self.batch_size)
+            if need > self._budget:
+                log.info("the decoded dataset would take %.2f GB, over the spool's budget of %.2f GB in %s: "
+                         "the dataset is read again on every pass", need / 1e9, self._budget / 1e9, folder.parent)
+                shutil.rmtree(folder, ignore_errors=True)
+                return None
         try:
             torch.save(batch, folder / f"{i:06d}.pt")
             return folder

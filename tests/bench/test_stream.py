@@ -98,6 +98,24 @@ def test_a_spool_that_cannot_be_written_falls_back_to_reading_the_dataset(tmp_pa
     assert ds.reads == Counter({i: 2 for i in range(N)}) and batches.reads == 2
 
 
+def test_a_dataset_over_the_spool_budget_is_read_again_not_spooled(tmp_path, monkeypatch, caplog):
+    """ImageNet's validation split decoded is 30 GB of float32: a spool over its budget is never written."""
+    import bench.data.stream as streaming
+    item = 3 * 16 * 16 * 4 + 8 + 8 + 16 * 16                       # x float32, target, sample_id, mask bytes
+    monkeypatch.setattr(streaming, "SPOOL_BYTES", N * item - 1)
+    caplog.set_level("INFO", logger="bench.data.stream")
+    ds = _Counting(n_samples=N, size=16)
+    with Batches(ds, 4, spool_dir=tmp_path) as batches:
+        passes = [list(batches.stream(torch.device("cpu"))) for _ in range(2)]
+        assert not list(tmp_path.iterdir()) and "over the spool's budget" in caplog.text
+    assert all(torch.equal(a["x"], b["x"]) for (_, a), (_, b) in zip(*passes))
+    assert ds.reads == Counter({i: 2 for i in range(N)}) and batches.reads == 2
+    monkeypatch.setattr(streaming, "SPOOL_BYTES", 3 * 4 * item)     # three batches of 4: it fits
+    with Batches(_Counting(n_samples=N, size=16), 4, spool_dir=tmp_path) as batches:
+        [list(batches.stream(torch.device("cpu"))) for _ in range(2)]
+        assert batches.reads == 1
+
+
 @pytest.fixture
 def user(tmp_path, monkeypatch):
     (tmp_path / "usercount.py").write_text(USER)
