@@ -6,8 +6,9 @@ sample (pixel groups, draws, subsets), of re-explained inputs (robustness: the m
 saliency for both) and the same maps. Maps go to Quantus in the form ours consumes (metrics.consumed):
 raw (B, C, H, W), or the signed / abs-summed channel map (B, 1, H, W). Quantus' normalisation is off
 (ours has none). Where the two define a score differently the work still matches; the note says how.
-IROF has no row: Quantus 0.6's IROF stops on its own SLIC masks here ("The shape of arr must be the
-same as the mask shape"); tests/metrics/test_faithfulness_more_quantus.py compares it on given segments.
+IROF and non-sensitivity have no row: Quantus 0.6's IROF stops on its own SLIC masks here ("The shape
+of arr must be the same as the mask shape"), its NonSensitivity on (B, 1, H, W) maps ("operands could
+not be broadcast"); their agreement tests (tests/metrics/) call Quantus with given segments or maps.
 """
 from __future__ import annotations
 
@@ -74,8 +75,6 @@ PAIRS: dict[str, Callable[[int], Pair]] = {       # metric (conf/metric/<name>.y
     "relative_representation_stability": lambda s: Pair("RelativeRepresentationStability", {"nr_samples": 16},
                                                         {"samples": 16}, explain=True),
     "completeness": lambda s: Pair("Completeness", {"perturb_baseline": 0.0}),
-    "non_sensitivity": lambda s: Pair("NonSensitivity", {"features_in_step": GROUP, "eps": 1e-5,
-                                                         "perturb_baseline": 0.0}, {"patch": 4}),
 }
 
 
