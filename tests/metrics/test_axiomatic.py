@@ -73,7 +73,9 @@ def test_completeness_invariances(tiny_cnn, batch):
     for chunk in (1, 3, 64):
         other = completeness(tiny_cnn, x[perm], target[perm], a[perm], chunk_size=chunk)
         for k, v in ref.scores.items():
-            torch.testing.assert_close(other.scores[k], v[perm], atol=1e-5, rtol=1e-4, equal_nan=True)
+            # rel_gap = gap / |D| magnifies float32 rounding by 1/|D| (|D| ~ 2e-4 for one sample here): rtol 1e-3
+            torch.testing.assert_close(other.scores[k], v[perm], atol=1e-5, rtol=1e-3 if k == "rel_gap" else 1e-4,
+                                       equal_nan=True)
     assert torch.equal(x, x0) and all(torch.equal(v, state[k]) for k, v in tiny_cnn.state_dict().items())
     assert ref.scores["gap"].dtype == x.dtype
     with torch.no_grad():                                                   # D = f(x) - f(0), computed here

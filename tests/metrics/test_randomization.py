@@ -630,6 +630,8 @@ def test_adebayo2018_preset_scores_abs_and_signed_side_by_side(tiny_cnn, batch):
     """The preset's mprt: both Spearman scores, three draws with their spread, the paper's SSIM/HOG settings."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
+
+    from bench.provenance import without_meta
     conf = CONF
     with initialize_config_dir(str(conf), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=adebayo2018"])
@@ -638,6 +640,6 @@ def test_adebayo2018_preset_scores_abs_and_signed_side_by_side(tiny_cnn, batch):
         ("prediction", 3, 99, "gaussian", 0.0535, "spearman")
     assert cfg.metric.mprt_independent.order == "independent" and cfg.metric.random_logit.sign_flip
     x, target = batch
-    r = instantiate(node)(tiny_cnn, x, target, methods.gradient_x_input)
+    r = instantiate(without_meta(node))(tiny_cnn, x, target, methods.gradient_x_input)   # as the runner does
     assert {"spearman", "spearman_signed", "spearman_std", "spearman_signed_std", "ssim", "hog"} <= set(r.scores)
     assert not torch.equal(r.scores["spearman"], r.scores["spearman_signed"])       # signed maps: not a copy
