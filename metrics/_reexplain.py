@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from metrics.checks import check_choice, check_classes, check_finite, check_float, check_int, check_target
+from metrics.baselines import baseline_fill
 from metrics.batching import chunked
 
 Method = Callable[[nn.Module, Tensor, Tensor], Tensor]          # (model, x, target) -> (B, C, H, W)
@@ -53,13 +54,10 @@ def noise_field(x: Tensor, samples: int, radius: float, noise: str, seed: int) -
 
 def shifted(x: Tensor, shifts: Tensor, baseline: float | str) -> Perturb:
     """x' = x translated right by shifts[s] pixels (left if negative), uncovered columns = baseline."""
-    if baseline == "image_min":                                                    # Quantus' "black"
-        fill = x.amin(dim=(1, 2, 3), keepdim=True)                                 # (B, 1, 1, 1)
-    elif isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        fill = torch.as_tensor(check_float("baseline", baseline), dtype=x.dtype, device=x.device)
-    else:
+    if baseline != "image_min" and (isinstance(baseline, bool) or not isinstance(baseline, (int, float))):
         raise ValueError(f"baseline must be 'image_min' (each image's minimum, Quantus' 'black') or a number in "
                          f"the model's input space, got {baseline!r}")
+    fill = baseline_fill(x, baseline)                                              # (B, 1, 1, 1) or a scalar
     W = x.shape[-1]
     cols = torch.arange(W, device=x.device)
 
