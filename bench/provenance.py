@@ -88,12 +88,12 @@ def _differences(a: Any, b: Any, where: str = "") -> list[str]:
     return [] if a == b else [where or "(root)"]
 
 
-def check_folder_identity(out_dir: Path, ident: dict[str, Any], job: dict[str, Any]) -> None:
+def check_folder_identity(out_dir: Path, ident: dict[str, Any], job: dict[str, Any]) -> dict[str, Any] | None:
     """Refuse a folder whose manifest records a run of another configuration: a folder is never reused across
-    configurations (its cells and manifest would mix two runs)."""
+    configurations (its cells and manifest would mix two runs). Returns that earlier manifest (None if none)."""
     path = out_dir / "manifest.json"
     if not path.exists():
-        return
+        return None
     try:
         previous = json.loads(path.read_text(encoding="utf-8"))
         recorded = previous.get("identity", {}).get("config")
@@ -107,6 +107,7 @@ def check_folder_identity(out_dir: Path, ident: dict[str, Any], job: dict[str, A
                          f"(it differs in {', '.join(diff[:6]) or 'its identity'}{', ...' if len(diff) > 6 else ''}); a "
                          "folder is never reused across configurations: let `python -m bench` pick the run's folder, "
                          "or pass another out_dir")
+    return previous
 
 
 def versions() -> dict[str, str | None]:

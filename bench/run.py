@@ -21,7 +21,6 @@ scored. Ctrl-C stops after the current batch's writes: completed cells stay, the
 """
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import time
@@ -99,7 +98,7 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
     ident = identity(cfg, tag=tag, overrides=overrides)
     job = computed(OmegaConf.to_container(cfg, resolve=True))       # less the metrics' report metadata
     described = {name: metric_meta(name, node) for name, node in cfg.metric.items()}
-    check_folder_identity(out_dir, ident, job)
+    previous_run = check_folder_identity(out_dir, ident, job)             # this folder's earlier manifest
     store.check_writable(out_dir)
     if "train" in cfg.model:                                       # the trained model is cached there
         check_cache_dir(cfg.cache_dir)
@@ -143,10 +142,8 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
     run_id = f"{names['dataset']}-{names['model']}-{ident['name']}"
     # datasets read from files key cells by their bytes (bench/data/folder.py); generated ones by their config
     content = dataset.content_digest(cache_dir=cfg.get("cache_dir")) if hasattr(dataset, "content_digest") else None
-    try:
-        previous = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))["keys"].get("content")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        previous = None
+    keys = (previous_run or {}).get("keys")
+    previous = keys.get("content") if isinstance(keys, dict) else None
     if content and previous and previous != content:
         log.warning("%s: the data changed since the previous run in %s (content digest %s -> %s): its cells are "
                     "computed again", names["dataset"], out_dir, previous, content)
