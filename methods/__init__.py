@@ -6,6 +6,7 @@ restored on exit (even on error) and the result detached, on x's device and dtyp
 The catalogue is conf/method/*.yaml; `python -m bench.catalog methods` prints it.
 """
 from methods._common import attribution_method
+from metrics.checks import Unsupported  # noqa: F401 - what cannot_run raises (not a method)
 from methods.cam import grad_cam, grad_cam_plus_plus, guided_grad_cam, last_spatial_layer, layer_cam, score_cam
 from methods.controls import centre, constant, edge, random_map
 from methods.gradient import (deconvolution, gradient, gradient_x_input, guided_backprop, saliency, smoothgrad,

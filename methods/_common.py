@@ -15,14 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from metrics.baselines import renamed
+from metrics.checks import Unsupported
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 
 
-def cannot_run(method: str, model: nn.Module | None, reason: str) -> ValueError:
-    """The one error a method raises when it cannot run on a model: names method, model and reason."""
-    return ValueError(f"{method} cannot run on {type(model).__name__}: {reason}")
+def cannot_run(method: str, model: nn.Module | None, reason: str) -> Unsupported:
+    """The one error a method raises when it cannot run on a model (metrics.checks.Unsupported, a ValueError):
+    names method, model and reason."""
+    return Unsupported(f"{method} cannot run on {type(model).__name__}: {reason}")
 
 
 @contextlib.contextmanager

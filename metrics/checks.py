@@ -13,7 +13,13 @@ import numbers
 import torch
 from torch import Tensor
 
-__all__ = ["check_int", "check_float", "check_bool", "check_choice", "check_finite", "check_target", "check_classes"]
+__all__ = ["Unsupported", "check_int", "check_float", "check_bool", "check_choice", "check_finite", "check_target", "check_classes"]
+
+
+class Unsupported(ValueError):
+    """A method or metric that cannot run on this model or data (DeepLIFT on a ViT, LRP on a layer without a
+    rule, a CAM without a spatial layer), as opposed to a misconfiguration: the runner records the cell as
+    `unsupported` with this message as its reason and runs every other cell."""
 
 
 def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool, high_name: str) -> str:
