@@ -1,40 +1,81 @@
 """Batching shared by methods and metrics (public API): chunked() bounds a pass's memory and retries a
 chunk that ran out of it; draws_per_pass() and retry_smaller() serve methods that batch internally;
-gaussian_blur() is the one blur of the blur baselines and fills."""
+pass_sizes() sets the images per model pass tuned to the model (bench.tuning measures them), which every
+pass without an explicit size takes; gaussian_blur() is the one blur of the blur baselines and fills."""
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, TypeVar
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CHUNK_BYTES", "ChunkRetryWarning", "auto_chunk_size", "chunked", "draws_per_pass", "gaussian_blur",
-           "retry_smaller"]
+__all__ = ["CHUNK_BYTES", "ChunkRetryWarning", "PassSizes", "auto_chunk_size", "chunked", "draws_per_pass",
+           "gaussian_blur", "pass_sizes", "retry_smaller"]
 
 T = TypeVar("T")
 
 
-# Input bytes per chunk when chunk_size is None. On CPU a chunk whose inputs fit in the cache runs
-# fastest: pixel flipping on small_cnn (2-core reference machine) made 7300 forward passes/s at 32 px
-# in chunks of 2 MiB (170 images) against 4700/s at 4 MiB, and 1890/s against 1530/s at 64 px; resnet18
-# at 224 px runs as fast in chunks of 3 as of 6. On a GPU larger chunks only fill the device better
+# Input bytes per chunk when chunk_size is None and no pass_sizes() context covers the inputs (a function
+# called outside a run or bench.api). On CPU a chunk whose inputs fit in the cache runs fastest: pixel
+# flipping on small_cnn (2-core reference machine) made 7300 forward passes/s at 32 px in chunks of 2 MiB
+# (170 images) against 4700/s at 4 MiB, and 1890/s against 1530/s at 64 px; resnet18 at 224 px runs as
+# fast in chunks of 3 as of 6; but another small CNN at 32 px ran 1.9x faster in chunks of 64 than 170
+# (issue 22), hence the tuned sizes. On a GPU larger chunks only fill the device better
 # (an out-of-memory chunk is retried at half the size).
 CHUNK_BYTES = {"cpu": 2 << 20, "cuda": 512 << 20}
 
 
-def auto_chunk_size(x: Tensor) -> int:
-    """Inputs per chunk such that a chunk of x's items takes CHUNK_BYTES of its device (at least 1)."""
+@dataclass(frozen=True)
+class PassSizes:
+    """Images per model pass tuned to one model for inputs of `shape` (C, H, W) on a device of type
+    `device`: `forward` for inference passes, `backward` for forward+backward (gradient) passes."""
+
+    shape: tuple[int, ...]
+    device: str
+    forward: int
+    backward: int
+
+    def __post_init__(self) -> None:
+        for name in ("forward", "backward"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"PassSizes.{name} must be a positive integer (images per pass), got {v!r}")
+
+
+_TUNED: ContextVar[PassSizes | None] = ContextVar("pass_sizes", default=None)
+
+
+@contextmanager
+def pass_sizes(sizes: PassSizes | None) -> Iterator[PassSizes | None]:
+    """Within the block, passes over inputs of sizes.shape on sizes.device given no explicit chunk size take
+    the tuned sizes (None: the CHUNK_BYTES budget). The runner sets it for a run, bench.api per call."""
+    token = _TUNED.set(sizes)
+    try:
+        yield sizes
+    finally:
+        _TUNED.reset(token)
+
+
+def auto_chunk_size(x: Tensor, *, backward: bool = False) -> int:
+    """Inputs per chunk for x's items: the pass_sizes() in force where it covers x's shape and device
+    (its backward size for gradient passes), else such that a chunk takes CHUNK_BYTES (at least 1)."""
+    tuned = _TUNED.get()
+    if tuned is not None and tuple(x.shape[1:]) == tuple(tuned.shape) and x.device.type == tuned.device:
+        return tuned.backward if backward else tuned.forward
     budget = CHUNK_BYTES.get(x.device.type, CHUNK_BYTES["cuda"])
     return max(1, budget // max(1, x.shape[1:].numel() * x.element_size()))
 
 
 def draws_per_pass(chunk_size: int | None, x: Tensor) -> int:
-    """Draws of the whole batch x (noise samples, references, IG nodes) per forward pass: `chunk_size`
-    images, or where it is None the budget's (auto_chunk_size), over the batch size; at least 1."""
-    images = auto_chunk_size(x) if chunk_size is None else chunk_size
+    """Draws of the whole batch x (noise samples, references, IG nodes) per gradient pass: `chunk_size`
+    images, or where it is None auto_chunk_size(x, backward=True), over the batch size; at least 1."""
+    images = auto_chunk_size(x, backward=True) if chunk_size is None else chunk_size
     return max(1, images // max(1, len(x)))
 
 
@@ -78,7 +119,8 @@ def chunked(fn: Callable[[Tensor], Tensor], n: int, chunk_size: int | None, *, d
     A chunk that runs out of memory is retried once at half the size (and the rest of the call
     keeps the smaller size), with a ChunkRetryWarning; a second out-of-memory is raised. Results
     do not depend on the chunk size, so a retry never changes a number. chunk_size None picks
-    auto_chunk_size(like), `like` being one of the inputs fn builds (e.g. the model's input x).
+    auto_chunk_size(like), `like` being one of the inputs fn builds (e.g. the model's input x): the
+    tuned pass size where pass_sizes() is set, else the memory budget.
     """
     if chunk_size is None and like is not None:
         chunk_size = auto_chunk_size(like)
