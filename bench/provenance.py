@@ -18,26 +18,33 @@ from torch import nn
 
 from bench.checks import check_name
 from bench.zoo.sources import sha256
+from metrics import ranked
 
 PACKAGES = ("saliency-bench", "torch", "torchvision", "captum", "hydra-core", "omegaconf", "numpy", "pandas", "pyarrow", "scipy")
 PLUMBING = ("results_dir", "cache_dir", "report", "gallery", "allowed_targets", "run_tag")   # where a run writes
                                                                                         # and reports, not what it computes
 # Keys of a metric's YAML that describe it for the report, never what it computes: popped before the metric is
 # instantiated, kept out of every digest (identity, cell keys), recorded in the manifest's `metrics` entry.
-METRIC_META = {"_sanity_": "sanity", "_staged_": "staged"}     # YAML key -> manifest key
+METRIC_META = {"_sanity_": "sanity", "_staged_": "staged", "_headline_": "headline"}   # YAML key -> manifest key
 
 
 def metric_meta(name: str, node: DictConfig) -> dict[str, Any]:
-    """`sanity` (the score names the report's sanity table shows, `_sanity_`, default none) and `staged`
-    (`_staged_`, default false) of metric `name`, checked; ValueError naming the key and the fix."""
+    """`sanity` (the score names the report's sanity table shows, `_sanity_`, default none), `staged`
+    (`_staged_`, default false) and `headline` (`_headline_`, the one score that ranks the metric in every rank
+    aggregate, default None: the metric's only ranked score) of metric `name`, checked; ValueError naming the
+    key and the fix."""
     sanity, staged = node.get("_sanity_", []), node.get("_staged_", False)
+    headline = node.get("_headline_", None)
+    if headline is not None and not (isinstance(headline, str) and headline and ranked(headline)):
+        raise ValueError(f"metric.{name}._headline_ must be the name of one ranked score the metric returns (not a "
+                         f"stage '@' score or a '_std' spread), e.g. auc, got {headline!r}: fix conf/metric/{name}.yaml")
     sanity = OmegaConf.to_container(sanity) if OmegaConf.is_config(sanity) else sanity
     if not isinstance(sanity, list) or not all(isinstance(s, str) and s for s in sanity):
         raise ValueError(f"metric.{name}._sanity_ must be a list of score names, e.g. [spearman], got {sanity!r}: "
                          f"fix conf/metric/{name}.yaml")
     if not isinstance(staged, bool):
         raise ValueError(f"metric.{name}._staged_ must be true or false, got {staged!r}: fix conf/metric/{name}.yaml")
-    return {"sanity": sanity, "staged": staged}
+    return {"sanity": sanity, "staged": staged, "headline": headline}
 
 
 def without_meta(node: DictConfig) -> DictConfig:

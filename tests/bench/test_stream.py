@@ -149,7 +149,7 @@ def test_metric_metadata_is_recorded_checked_and_outside_the_keys(tmp_path):
     meta = ["++metric.pointing_game._sanity_=[hit]", "++metric.pointing_game._staged_=true"]
     described = run(_cfg(tmp_path, "method=[random]", "metric=[pointing_game]", *meta), out_dir=tmp_path / "runs" / "b")
     assert plain["metrics"] == {"pointing_game": metric_meta("pointing_game", cfg.metric.pointing_game)}
-    assert described["metrics"] == {"pointing_game": {"sanity": ["hit"], "staged": True}}
+    assert described["metrics"] == {"pointing_game": {"sanity": ["hit"], "staged": True, "headline": None}}
     assert [c["key"] for c in described["cells"]] == [c["key"] for c in plain["cells"]] and described["skipped"] == 1
     assert described["identity"]["config"] == plain["identity"]["config"]
     assert "_sanity_" not in described["config"]["metric"]["pointing_game"]
