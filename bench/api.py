@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from bench.calls import call_metric, metric_inputs, missing_inputs
 from bench.checks import (check_cache_dir, check_name, check_names, check_options, check_targets,
                           instantiate_checked)
-from bench.config import CONF, unknown_choice
+from bench.config import CONF, derive_seeds, unknown_choice
 from bench.data.stream import stream
 from bench.provenance import without_meta
 from bench.zoo import load_model
@@ -67,7 +67,7 @@ def _built(group: str, name: str, options: Mapping[str, Any], overrides: Sequenc
         for key, value in options.items():
             OmegaConf.update(node, key, value, merge=False)
     check_targets(cfg)
-    return cfg
+    return derive_seeds(cfg)                                   # seed: null -> from the run seed, as a run does
 
 
 def dataset(name: str = "shapes", *, overrides: Sequence[str] = (), search_path: Folders = (),

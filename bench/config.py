@@ -5,10 +5,13 @@ package data `bench/conf/` (pyproject maps one onto the other). `CONF` is the in
 there is one, else the checkout's. A user's own YAML folders join through Hydra's search path
 (`hydra.searchpath=[file:///path/to/conf]`); `search_dirs` reads it from a command line, `entries`
 lists a group's names across the suite's tree and those folders, and `unknown_choice` is the name
-check that the CLI and bench.api make before Hydra composes.
+check that the CLI and bench.api make before Hydra composes. `derive_seeds` fills in the seeds of the
+methods and metrics that leave theirs to the run (`seed: null`), for the runner and bench.api.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.resources
 import re
 from pathlib import Path
@@ -18,6 +21,7 @@ GROUPS = ("dataset", "model", "method", "metric", "experiment")
 # keys of Hydra's own config that name code: Hydra builds them itself, before the suite's checks run
 HYDRA_CODE = re.compile(r"^[+~]*hydra[./].*(_target_|callbacks|job_logging|hydra_logging)")
 _PACKAGE = re.compile(r"^#\s*@package\s+(\S+)", re.M)
+SEEDED = ("method", "metric")   # the groups whose entries' `seed: null` follows the run's seed (derive_seeds)
 
 
 def conf_dir() -> Path:
@@ -165,3 +169,43 @@ def hydra_code_in(search: Sequence[Path]) -> str | None:
                             "would run it before the suite's checks); plain settings such as hydra.sweeper.params "
                             "are fine")
     return None
+
+
+def derived_seed(run_seed: int, group: str, name: str) -> int:
+    """The seed of entry `name` of config group `group` (method or metric) in a run with `seed: run_seed`.
+
+    derived = int.from_bytes(sha256(f"{run_seed}/{group}/{name}".encode()).digest()[:4], "big") >> 1, an
+    integer in [0, 2**31): the same in every process, platform and Python version (Python's hash() of a
+    string is salted per process), and far apart for neighbouring run seeds. Seeds follow the entry's
+    name, not the cell's: every method is scored under the same draws of a metric (paired comparisons),
+    and the draws of a method do not depend on which metrics score it.
+
+    >>> derived_seed(0, "method", "smoothgrad") == derived_seed(0, "method", "smoothgrad") != derived_seed(1, "method", "smoothgrad")
+    True
+    """
+    if isinstance(run_seed, bool) or not isinstance(run_seed, int) or run_seed < 0:
+        raise ValueError(f"seed must be a non-negative integer (the run's seed, conf/config.yaml), got {run_seed!r}")
+    return int.from_bytes(hashlib.sha256(f"{run_seed}/{group}/{name}".encode()).digest()[:4], "big") >> 1
+
+
+def derive_seeds(cfg: Any) -> Any:
+    """A copy of the experiment config `cfg` in which every method's and metric's `seed: null` is its
+    derived_seed(cfg.seed, group, name); an integer seed in an entry is kept (pinned), and an entry without
+    a `seed` key gets none. Datasets and zoo models keep their own seeds: the run seed never changes which
+    images are scored, nor retrains a model (README, "Seeds"). The runner fills the seeds in before it
+    computes cell keys, so keys and the manifest's config hold the seeds actually used; bench.api does the
+    same for its defaults. A method or metric built from a YAML node without this gets seed=None and
+    refuses it."""
+    from omegaconf import DictConfig, open_dict
+
+    seed = cfg.get("seed", 0)
+    out = copy.deepcopy(cfg)
+    for group in SEEDED:
+        entries = out.get(group)
+        if not isinstance(entries, DictConfig):
+            continue
+        for name, node in entries.items():
+            if isinstance(node, DictConfig) and "seed" in node and node.seed is None:
+                with open_dict(node):
+                    node.seed = derived_seed(seed, group, str(name))
+    return out

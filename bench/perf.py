@@ -188,11 +188,11 @@ def _grid(model: nn.Module, d: dict[str, Tensor], impl: str) -> Callable[[], Any
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from bench.config import CONF
+    from bench.config import CONF, derive_seeds
     from bench.provenance import without_meta
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config")
+        cfg = derive_seeds(compose("config"))                              # seeds as a run derives them
     layers = [n for n, m in model.named_modules() if hasattr(m, "reset_parameters")]
     methods_ = {k: instantiate(v) for k, v in cfg.method.items()}
     metrics_ = {k: instantiate(without_meta(v)) for k, v in cfg.metric.items()}   # less the report's _sanity_
@@ -247,10 +247,11 @@ def method_costs(size: int, n: int, device: str, repeat: int, threads: int) -> p
     model = make_model(size, dev)
     d = make_inputs(model, size, n, dev)
     from bench.config import CONF as conf
+    from bench.config import derive_seeds
     rows = []
     for name in sorted(p.stem for p in (conf / "method").glob("*.yaml")):
         with initialize_config_dir(str(conf), version_base="1.3"):
-            method = instantiate(compose("config", overrides=[f"method=[{name}]"]).method[name])
+            method = instantiate(derive_seeds(compose("config", overrides=[f"method=[{name}]"])).method[name])
         try:
             seconds = best_time(lambda: method(model, d["x"], d["target"]), dev, repeat)
         except ValueError as e:                                     # cannot run on this model: say why

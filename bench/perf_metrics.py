@@ -99,7 +99,7 @@ def metric_workload(name: str, model: nn.Module, d: dict[str, Tensor], impl: str
     from hydra.utils import instantiate
 
     from bench.calls import call_metric, metric_inputs
-    from bench.config import CONF
+    from bench.config import CONF, derive_seeds
     from bench.provenance import without_meta
     from metrics import consumed
 
@@ -109,7 +109,7 @@ def metric_workload(name: str, model: nn.Module, d: dict[str, Tensor], impl: str
     pair = PAIRS[name](size)
     overrides = [f"metric.{name}.{k}={v}" for k, v in pair.ours.items()]
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"metric=[{name}]", *overrides])
+        cfg = derive_seeds(compose("config", overrides=[f"metric=[{name}]", *overrides]))
     metric = instantiate(without_meta(cfg.metric[name]))                    # less the report's _sanity_ keys
     method = methods.saliency
     raw = method(model, d["x"], d["target"])                                  # (B, C, H, W)

@@ -38,6 +38,7 @@ from bench.calls import (METRIC_INPUTS, attribute, call_metric, determinism, iso
                          label_randomized_inputs, metric_inputs, missing_inputs, provided_inputs, recording, take)
 from bench.checks import (autocast, check_cache_dir, check_model, check_name, check_names, check_options,
                           check_targets, error_text, instantiate_checked, need_bytes, scan)
+from bench.config import derive_seeds
 from bench.data.contract import missing_members
 from bench.data.stream import Batches
 from bench.provenance import (check_folder_identity, checkpoint_hash, computed, digest, git_commit, identity,
@@ -96,6 +97,7 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
     check_names(cfg)                                               # dataset.name, model.name: file names, what runs
     check_targets(cfg)
     ident = identity(cfg, tag=tag, overrides=overrides)
+    cfg = derive_seeds(cfg)                                        # seed: null -> from the run seed
     job = computed(OmegaConf.to_container(cfg, resolve=True))       # less the metrics' report metadata
     described = {name: metric_meta(name, node) for name, node in cfg.metric.items()}
     previous_run = check_folder_identity(out_dir, ident, job)             # this folder's earlier manifest

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.config import CONF
+from bench.config import CONF, derive_seeds
 
 
 class PixelSum(nn.Module):
@@ -95,7 +95,7 @@ def trained(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("zoo")
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["model=small_cnn", f"cache_dir={cache}"])
+        cfg = derive_seeds(compose("config", overrides=["model=small_cnn", f"cache_dir={cache}"]))   # seeds as a run's
     model, info = load_model(cfg.model, cfg.dataset, cache_dir=cache)
     data = instantiate(cfg.dataset).tensors()
     return SimpleNamespace(cfg=cfg, cache_dir=cache, model=model, info=info, **data)

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bench.config import CONF
+from bench.config import CONF, derive_seeds
 from bench.calls import METRIC_INPUTS, call_metric, missing_inputs
 from bench.checks import check_targets
 from bench.data.contract import BenchDataset, FileDataset, members
@@ -19,7 +19,7 @@ from metrics import FAMILIES, consumed, family, metric_input, randomization_laye
 
 def _compose(*overrides: str):
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return derive_seeds(compose("config", overrides=list(overrides)))      # seed: null -> as a run derives it
 
 
 def _names(group: str) -> list[str]:

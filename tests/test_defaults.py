@@ -1,6 +1,7 @@
 """The Python API's defaults are the YAML defaults: for every conf/method and conf/metric YAML, each key's
 value equals the signature default of the function its `_target_` names, so calling a method or a metric
-from Python gives the numbers of a run (the YAML is what runs). Deliberate exceptions are listed below."""
+from Python gives the numbers of a run (the YAML is what runs). Deliberate exceptions are listed below, and
+`seed: null`, which a run derives from its own seed (bench.config.derive_seeds; bench.api does the same)."""
 from __future__ import annotations
 
 import importlib
@@ -56,6 +57,10 @@ def test_yaml_values_are_the_signature_defaults(group, name):
             f"conf/{group}/{name}.yaml: {key} is not a keyword-only option of {node['_target_']}"
         default = params[key].default
         assert default is not inspect.Parameter.empty, f"{node['_target_']}: option {key} has no default"
+        if key == "seed" and value is None:                    # derived from the run seed (bench.config.derive_seeds)
+            assert isinstance(default, int) and not isinstance(default, bool), \
+                f"{node['_target_']}: seed needs an integer default for calls from Python, got {default!r}"
+            continue
         if not _same(value, default) and (group, name, key) not in EXCEPTIONS:
             differ.append(f"{key}: YAML {value!r}, function {default!r}")
     assert not differ, f"conf/{group}/{name}.yaml differs from {node['_target_']}'s defaults: {'; '.join(differ)}"
@@ -73,3 +78,10 @@ def test_to_map_defaults_to_the_runs_reduction():
     """metrics.to_map(a) makes the map a default run ranks and locates (conf/config.yaml's reduce)."""
     reduce = OmegaConf.load(CONF / "config.yaml").reduce
     assert inspect.signature(metrics.to_map).parameters["reduce"].default == reduce
+
+
+@pytest.mark.parametrize("group", ["method", "metric"])
+def test_every_seed_follows_the_run_seed(group):
+    """No shipped method or metric pins its seed: each one's draws change with the run's `seed`."""
+    pinned = [name for g, name in PARAMS if g == group and _node(g, name).get("seed", None) is not None]
+    assert not pinned, f"conf/{group}/{pinned}.yaml pin seed: set `seed: null` (derived from the run seed)"

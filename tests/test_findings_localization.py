@@ -10,7 +10,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bench.config import CONF
+from bench.config import CONF, derive_seeds
 from metrics import to_map
 
 METRICS = ["pointing_game", "energy_pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy",
@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def means(trained):
-    methods = {name: instantiate(OmegaConf.load(CONF / "method" / f"{name}.yaml")[name]) for name in [*INFORMED, *CONTROLS]}
+    nodes = {name: OmegaConf.load(CONF / "method" / f"{name}.yaml")[name] for name in [*INFORMED, *CONTROLS]}
+    methods = {name: instantiate(node) for name, node in derive_seeds(OmegaConf.create({"seed": 0, "method": nodes})).method.items()}
     maps = {name: to_map(method(trained.model, trained.x, trained.target), trained.cfg.reduce)
             for name, method in methods.items()}
     out = {}

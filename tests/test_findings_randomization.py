@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bench.config import CONF
+from bench.config import CONF, derive_seeds
 from bench.report import load
 from bench.run import run
 from bench.zoo import load_model
@@ -26,7 +26,7 @@ GRADIENT_FAMILY = ["saliency", "gradient_x_input", "integrated_gradients"]
 
 def _compose(*overrides: str):
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return derive_seeds(compose("config", overrides=list(overrides)))      # seed: null -> as a run derives it
 
 
 @pytest.fixture(scope="module")

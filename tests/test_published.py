@@ -23,7 +23,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bench.config import CONF
+from bench.config import CONF, derive_seeds
 from bench.data import Shapes
 from bench.zoo import SmallCNN
 from methods import random_map
@@ -35,7 +35,8 @@ N = 64                                   # images: the mean of 64 per-sample sco
 def _method(name: str, **overrides):
     """The method as conf/method/<name>.yaml configures it, with `overrides` of its options."""
     node = OmegaConf.load(CONF / "method" / f"{name}.yaml")[name]
-    return instantiate(OmegaConf.merge(node, overrides))
+    cfg = derive_seeds(OmegaConf.create({"seed": 0, "method": {name: node}}))      # a default run's seeds
+    return instantiate(OmegaConf.merge(cfg.method[name], overrides))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.config import CONF
+from bench.config import CONF, derive_seeds
 from metrics import pixel_flipping, to_map
 
 from metrics.batching import CHUNK_BYTES, auto_chunk_size
@@ -474,7 +474,7 @@ def test_samek2017_experiment_is_the_papers_aopc(tiny_cnn):
     from hydra.utils import instantiate
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=samek2017"])
+        cfg = derive_seeds(compose("config", overrides=["experiment=samek2017"]))
     pf = cfg.metric.pixel_flipping
     H = cfg.dataset.size
     regions = math.ceil(H / pf.patch) ** 2

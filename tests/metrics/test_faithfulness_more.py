@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from scipy.spatial.distance import cdist
 from torch import nn
 
-from bench.config import CONF
+from bench.config import CONF, derive_seeds
 from metrics import (faithfulness_estimate, irof, monotonicity, monotonicity_correlation, pixel_flipping,
                      sensitivity_n, sufficiency)
 
@@ -127,7 +127,7 @@ def test_irof_by_hand(pixel_sum):
 def test_selectivity_config_is_region_perturbation_one_patch_per_step(tiny_cnn, batch):
     x, target = batch
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["metric=[selectivity]"])
+        cfg = derive_seeds(compose("config", overrides=["metric=[selectivity]"]))
     metric = instantiate(cfg.metric.selectivity)
     a = torch.randn(5, 8, 8, generator=torch.Generator().manual_seed(0))
     r = metric(tiny_cnn, x, target, a)

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 import methods
-from bench.config import CONF
+from bench.config import CONF, derive_seeds
 from bench.zoo import ResNet, SmallCNN
 from metrics import consumed, input_invariance
 
@@ -43,7 +43,7 @@ def _method(name: str):
     overrides = [f"method=[{name}]"] + ([f"method.{name}.{FAST[name]}"] if name in FAST else [])
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    return instantiate(cfg.method[name])
+    return instantiate(derive_seeds(cfg).method[name])
 
 
 @pytest.fixture(scope="module")

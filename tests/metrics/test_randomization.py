@@ -9,7 +9,7 @@ import skimage.metrics
 import torch
 
 import methods
-from bench.config import CONF
+from bench.config import CONF, derive_seeds
 from metrics import (SIMILARITIES, data_randomization, emprt, hog, hog_similarity, input_invariance, mprt, mprt_stages,
                      random_logit, randomization_layers, similarities, smprt, spearman, ssim, to_map,
                      top_k_overlap)
@@ -634,7 +634,7 @@ def test_adebayo2018_preset_scores_abs_and_signed_side_by_side(tiny_cnn, batch):
     from bench.provenance import without_meta
     conf = CONF
     with initialize_config_dir(str(conf), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=adebayo2018"])
+        cfg = derive_seeds(compose("config", overrides=["experiment=adebayo2018"]))
     node = cfg.metric.mprt
     assert (node.explain, node.repeats, node.clip, node.ssim_window, node.hog_cell, node.hog_correlation) == \
         ("prediction", 3, 99, "gaussian", 0.0535, "spearman")
