@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["CHUNK_BYTES", "ChunkRetryWarning", "PassSizes", "auto_chunk_size", "chunked", "draws_per_pass",
-           "gaussian_blur", "pass_sizes", "retry_smaller"]
+           "gaussian_blur", "is_out_of_memory", "pass_sizes", "retry_smaller"]
 
 T = TypeVar("T")
 
@@ -83,7 +83,7 @@ class ChunkRetryWarning(RuntimeWarning):
     """A chunk ran out of memory and was retried at half the size; the runner records these."""
 
 
-def _is_oom(e: BaseException) -> bool:
+def is_out_of_memory(e: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's 'can't allocate memory' RuntimeError."""
     if isinstance(e, torch.cuda.OutOfMemoryError):
         return True
@@ -106,7 +106,7 @@ def retry_smaller(fn: Callable[[int], T], size: int, *, smallest: int = 1, name:
     try:
         return fn(size)
     except Exception as e:                                      # noqa: BLE001 - only OOM is handled
-        if not _is_oom(e) or size <= smallest:
+        if not is_out_of_memory(e) or size <= smallest:
             raise
         del e
     return fn(_halved_after_oom(name, size, smallest))
@@ -134,7 +134,7 @@ def chunked(fn: Callable[[Tensor], Tensor], n: int, chunk_size: int | None, *, d
         try:
             out.append(fn(i))
         except Exception as e:                                  # noqa: BLE001 - only OOM is handled
-            if retried or not _is_oom(e) or chunk_size == 1:
+            if retried or not is_out_of_memory(e) or chunk_size == 1:
                 raise
             del e
             retried, chunk_size = True, _halved_after_oom("chunk_size", chunk_size, 1)

@@ -1,0 +1,203 @@
+"""Pass sizes tuned to the model (issue 22): the images per inference pass and per gradient pass at which
+the model runs fastest, for one input shape, device, precision and memory format.
+
+probe() times the model on seeded inputs at batch sizes 1, 2, 4, ... (powers of two): inference
+(torch.inference_mode) and the input gradient of one logit (as the gradient methods take it). A
+direction stops when two sizes running did not beat its best throughput, at an out-of-memory error
+(the GPU's bound), at MAX_BATCH or MAX_INPUT_BYTES of inputs, or when its share of the time budget
+(BUDGET_S: a second of CPU time on CPU, of wall time on a GPU) would be exceeded; it picks the smallest
+size within TOLERANCE of the best (cut short while still rising: at least the memory budget's size). tune() keeps the result per key (architecture, input shape, device and threads, precision,
+channels_last, torch version) in memory and in `pass_sizes.json` of the cache folder, so later runs skip
+the probe. metrics.batching.pass_sizes() hands the sizes to every pass given no explicit chunk size.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from bench.checks import autocast
+from bench.files import write_json
+from metrics.batching import PassSizes, auto_chunk_size, is_out_of_memory, pass_sizes
+
+log = logging.getLogger(__name__)
+
+BUDGET_S = {"cpu": 1.0, "cuda": 3.0}          # clock() seconds for both directions (forward gets 40%)
+MAX_BATCH = {"cpu": 1024, "cuda": 4096}
+MAX_INPUT_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}
+TOLERANCE = 0.05                               # the smallest size within 5% of the best: less memory, as fast
+MIN_TIME = 0.02                                # seconds of calls per size (at least two calls)
+CACHE_FILE = "pass_sizes.json"
+_MEMO: dict[str, dict[str, Any]] = {}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(device: torch.device) -> Callable[[], float]:
+    """The probe's clock: on CPU the process's CPU time (all threads), which other processes' load does not
+    inflate as it does wall time (2 cores at load 12: 25x at batch 1); on a GPU wall time."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
+def _rate(step: Callable[[], Any], batch: int, device: torch.device) -> tuple[float, float]:
+    """Images/s of the fastest of >= 2 calls of step() (repeated for MIN_TIME), and that call's seconds."""
+    times: list[float] = []
+    now = clock(device)
+    while len(times) < 2 or sum(times) < MIN_TIME:
+        _sync(device)
+        t0 = now()
+        step()
+        _sync(device)
+        times.append(max(now() - t0, 1e-6))
+    return batch / min(times), min(times)
+
+
+def _sweep(step_at: Callable[[int], Callable[[], Any]], device: torch.device, max_batch: int,
+           budget: float, fallback: int) -> tuple[int, dict[int, float]]:
+    """Throughput (images/s) per power-of-two batch size and the size picked (module docstring). Cut short by
+    the budget (clock() seconds) while still rising, it takes `fallback` (the memory budget's size) where larger."""
+    rates: dict[int, float] = {}
+    now = clock(device)
+    started, batch, last, stale = now(), 1, 0.0, 0
+    while batch <= max_batch and stale < 2:
+        if rates and now() - started + 2 * last > budget:                   # the next size costs ~2x the last
+            if stale == 0:                                      # still rising: no evidence against larger
+                return max(max(rates, key=rates.get), min(fallback, max_batch)), rates
+            break
+        t0 = now()
+        try:
+            rate, _ = _rate(step_at(batch), batch, device)
+        except Exception as e:                                      # noqa: BLE001 - only OOM is handled
+            if not is_out_of_memory(e) or not rates:
+                raise
+            del e
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            break
+        last = now() - t0
+        stale = 0 if not rates or rate > max(rates.values()) else stale + 1
+        rates[batch] = rate
+        batch *= 2
+    best = max(rates.values())
+    return min(b for b, r in rates.items() if r >= (1 - TOLERANCE) * best), rates
+
+
+def probe(model: nn.Module, shape: tuple[int, ...], device: torch.device | str, *, precision: str = "float32",
+          budget: float | None = None, max_batch: int | None = None) -> dict[str, Any]:
+    """Time `model` on inputs (b, *shape) at b = 1, 2, 4, ...: the sizes picked ("forward", "backward"), the
+    throughputs measured (images/s per size) and the probe's seconds. Model, inputs and RNG are unchanged."""
+    device = torch.device(device)
+    kind = device.type if device.type in BUDGET_S else "cuda"
+    budget = BUDGET_S[kind] if budget is None else budget
+    item = 4 * int(torch.Size(shape).numel())
+    limit = max(1, min(MAX_BATCH[kind] if max_batch is None else max_batch, MAX_INPUT_BYTES[kind] // item))
+    bank = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0)).to(device)   # (8, C, H, W)
+
+    def inputs(b: int) -> Tensor:
+        return bank.repeat((b + 7) // 8, *[1] * len(shape))[:b]
+
+    def forward(b: int) -> Callable[[], Any]:
+        x = inputs(b)
+
+        def step() -> None:
+            with torch.inference_mode(), autocast(device, precision):
+                model(x)
+        return step
+
+    def backward(b: int) -> Callable[[], Any]:
+        x = inputs(b)
+
+        def step() -> None:
+            with torch.enable_grad(), autocast(device, precision):
+                xs = x.detach().requires_grad_()
+                out = model(xs).reshape(b, -1)[:, 0].sum()
+                torch.autograd.grad(out, xs)
+        return step
+
+    t0 = time.perf_counter()
+    fallback = auto_chunk_size(bank)
+    fwd, fwd_rates = _sweep(forward, device, limit, 0.4 * budget, fallback)
+    bwd, bwd_rates = _sweep(backward, device, limit, 0.6 * budget, fallback)
+    return {"forward": fwd, "backward": bwd, "seconds": round(time.perf_counter() - t0, 3),
+            "throughput": {"forward": {str(b): round(r, 1) for b, r in fwd_rates.items()},
+                           "backward": {str(b): round(r, 1) for b, r in bwd_rates.items()}}}
+
+
+def key(model: nn.Module, shape: tuple[int, ...], device: torch.device | str, *, precision: str = "float32",
+        channels_last: bool = False) -> str:
+    """What determines the sizes: the architecture (module tree and parameter shapes, not the weights), the
+    input shape, the device (CPU: processor and threads; GPU: its name), precision, memory format, torch."""
+    device = torch.device(device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}")
+    arch = repr(model) + repr([tuple(p.shape) for p in model.parameters()])
+    text = json.dumps([type(model).__qualname__, hashlib.sha256(arch.encode()).hexdigest(), list(shape),
+                       device.type, where, precision, bool(channels_last), torch.__version__])
+    return f"{type(model).__name__}-{'x'.join(map(str, shape))}-{device.type}-" + \
+        hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read(path: Path | None) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) if path is not None and path.exists() else {}
+    except (OSError, ValueError):                               # unreadable or half-written: probe again
+        return {}
+
+
+def tune(model: nn.Module, shape: tuple[int, ...], device: torch.device | str, *, precision: str = "float32",
+         channels_last: bool = False, cache_dir: str | Path | None = None,
+         budget: float | None = None) -> tuple[PassSizes, dict[str, Any]]:
+    """The model's pass sizes for inputs of `shape` (C, H, W): from this process's memory, else the cache
+    folder's pass_sizes.json, else probe() (then stored in both). Returns them and the manifest's record."""
+    shape, device = tuple(int(s) for s in shape), torch.device(device)
+    k = key(model, shape, device, precision=precision, channels_last=channels_last)
+    path = Path(cache_dir).expanduser() / CACHE_FILE if cache_dir is not None else None
+    record, source = _MEMO.get(k), "memory"
+    if record is None:
+        record, source = _read(path).get(k), "cache"
+    if not isinstance(record, dict) or not all(isinstance(record.get(d), int) and record[d] >= 1
+                                               for d in ("forward", "backward")):
+        record, source = probe(model, shape, device, precision=precision, budget=budget), "probe"
+        log.info("pass sizes for %s: %d images per forward pass, %d per gradient pass (probed in %.2f s)", k,
+                 record["forward"], record["backward"], record["seconds"])
+        if path is not None:
+            try:                                                 # a lost concurrent update only costs a probe
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_json({**_read(path), k: record}, path)
+            except OSError as e:
+                log.warning("pass sizes not cached in %s (%s): later runs probe again", path, e.strerror or e)
+    _MEMO[k] = record
+    sizes = PassSizes(shape, device.type, record["forward"], record["backward"])
+    return sizes, {**record, "key": k, "source": source, "precision": precision, "channels_last": channels_last}
+
+
+def _channels_last(model: nn.Module) -> bool:
+    w = next((p for p in model.parameters() if p.ndim == 4), None)
+    return w is not None and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+
+
+@contextmanager
+def tuned(model: nn.Module, x: Tensor, *, cache_dir: str | Path | None = None) -> Iterator[PassSizes]:
+    """metrics.batching.pass_sizes() tuned to `model` for x's items (bench.api's first use: probed once per
+    key and process), under the autocast in force and the model's memory format."""
+    kind = x.device.type
+    precision = next((name for name, dtype in _PRECISION_NAMES.items()
+                      if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == dtype), "float32")
+    sizes, _ = tune(model, tuple(x.shape[1:]), x.device, precision=precision, channels_last=_channels_last(model),
+                    cache_dir=cache_dir)
+    with pass_sizes(sizes):
+        yield sizes
+
+
+_PRECISION_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
