@@ -43,8 +43,10 @@ from bench.data.contract import missing_members
 from bench.data.stream import Batches
 from bench.provenance import (check_folder_identity, checkpoint_hash, computed, digest, git_commit, identity,
                               metric_meta, suite_version, summarise, versions, without_meta)
+from bench.tuning import tune
 from bench.zoo import cache_key, load_model
 from metrics import MetricResult, consumed
+from metrics.batching import pass_sizes
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,9 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
     precision, channels_last = cfg.get("precision", "float32"), cfg.get("channels_last", False)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # images per model pass, tuned to this model, shape and device (bench/tuning.py; cached in cache_dir)
+    sizes, tuned = tune(model, data["shape"], device, precision=precision, channels_last=channels_last,
+                        cache_dir=cfg.get("cache_dir"))
     fast = {k: v for k, v in (("channels_last", channels_last), ("precision", precision))
             if v not in (False, "float32")}                        # in the cell keys only when switched on,
                                                                    # so default runs keep their stored cells
@@ -172,7 +177,7 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
     if precision != "float32" and device.type == "cpu":
         log.warning("precision=%s on CPU: autocast is meant for GPUs; on a CPU without %s units it is much "
                     "slower (48x for pixel flipping on the suite's reference CPU)", precision, precision)
-    with determinism(bool(cfg.get("deterministic", False))), autocast(device, precision):
+    with determinism(bool(cfg.get("deterministic", False))), autocast(device, precision), pass_sizes(sizes):
         rows_per_sample = _probe(ctx, methods=methods, metrics=metrics, todo=todo)
         store.check_space(out_dir, need_bytes=need_bytes(data["n"], data["shape"], rows_per_sample, len(methods),
                                                           bool(cfg.get("cache_maps", False))))
@@ -215,6 +220,7 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
         "model_info": model_info, "cells": cells, "skipped": len(keys) - n_todo, "failures": summarise(failed),
         "samples": "samples.parquet",                               # each sample's class, for class means
         "retries": ctx.retries,
+        "pass_sizes": tuned,                                        # images per forward / gradient pass
         "consumes": {name: consumed(metric) for name, metric in metrics.items()},   # which form each metric saw
         "metrics": {name: described[name] for name in metrics},    # the YAMLs' _sanity_ and _staged_, for the report
         "score_meta": [{"metric": m, "score": s, "higher_is_better": hib} for (m, s), hib in sorted(meta.items())],
