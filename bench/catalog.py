@@ -129,12 +129,30 @@ def catalog(group: str, *, conf: Path | str = CONF) -> list[Entry]:
     entries = []
     for path in sorted(folder.glob("*.yaml")):
         target = str(_node(GROUPS[group], path.stem, OmegaConf.load(path), path)["_target_"])
-        header = _first_sentence(_header(path))
-        doc = _first_sentence(_docstring(target).split("\n\n")[0])
-        description = _without_papers(header or doc)
-        entries.append(Entry(path.stem, target, description, _papers(header) or _papers(doc),
-                             _family(target) if group == "metrics" else ""))
+        description, paper = _describe(target, _header(path))
+        entries.append(Entry(path.stem, target, description, paper, _family(target) if group == "metrics" else ""))
     return entries
+
+
+def _describe(target: str, header: str) -> tuple[str, str]:
+    """(description, paper) from a YAML's header comment, the target's docstring (imported only then) for what
+    the header lacks."""
+    header = _first_sentence(header)
+    if header and _papers(header):
+        return _without_papers(header), _papers(header)
+    doc = _first_sentence(_docstring(target).split("\n\n")[0])
+    return _without_papers(header or doc), _papers(header) or _papers(doc)
+
+
+def describe(group: str, name: str, target: str, *, conf: Path | str = CONF) -> tuple[str, str]:
+    """(description, paper) of one config of `group` (methods, metrics, ...) as `catalog` derives them: from
+    conf/<group>/<name>.yaml when that file names the same `_target_` (a run may name a user's own), else from
+    the target's docstring."""
+    if group not in GROUPS:
+        raise ValueError(f"group must be one of {sorted(GROUPS)}, got {group!r}")
+    path = Path(conf) / GROUPS[group] / f"{name}.yaml"
+    same = path.is_file() and str(_node(GROUPS[group], name, OmegaConf.load(path), path)["_target_"]) == target
+    return _describe(target, _header(path) if same else "")
 
 
 def families(*, conf: Path | str = CONF) -> dict[str, list[Entry]]:

@@ -97,26 +97,27 @@ def format_sanity(table: pd.DataFrame) -> str:
 
 
 def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot: int = 1000, seed: int = 0,
-                 gallery: bool = False, sanity_threshold: float = 0.3) -> Path:
+                 gallery: bool = False, sanity_threshold: float = 0.3, pdf: bool = False) -> Path:
     """Write the report into ``<root>/report`` (or `out_dir`) and return the folder; every file atomically.
 
     One report per run group (`groups`): with one group (one experiment over its models) the files lie in
     the folder itself; with several, each group's in ``<folder>/<group>/`` and an index.md lists them, so two
-    experiments, or two values of a sweep, never share a table. The files of one report are `_write_group`'s.
+    experiments, or two values of a sweep, never share a table. The files of one report are `_write_group`'s;
+    `pdf` adds a PDF twin of every figure.
     """
     out = Path(root) / "report" if out_dir is None else Path(out_dir)
     split = groups(load(root))
     if len(split) == 1:
         (results, notes), = split.values()
         return _write_group(results, notes, out, n_boot=n_boot, seed=seed, gallery=gallery,
-                            sanity_threshold=sanity_threshold)
+                            sanity_threshold=sanity_threshold, pdf=pdf)
     for stale in out.glob("*.*"):                       # a single report written here before: it would read as current
         if stale.is_file() and stale.suffix in {".csv", ".md", ".tex", ".parquet", ".png", ".pdf", ".html"}:
             stale.unlink()
     lines = ["# Runs below this folder, one report per group", ""]
     for group, (results, notes) in split.items():
         _write_group(results, notes, out / group, n_boot=n_boot, seed=seed, gallery=gallery,
-                     sanity_threshold=sanity_threshold)
+                     sanity_threshold=sanity_threshold, pdf=pdf)
         runs = ", ".join(f"{m['dataset']}/{m['model']}" for m in results.manifests)
         overrides = sorted({o for m in results.manifests for o in (m.get("identity") or {}).get("overrides", [])
                             if not o.startswith(("model=", "dataset="))})
@@ -127,16 +128,17 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot:
 
 
 def _write_group(results: Results, notes: list[str], out: Path, *, n_boot: int, seed: int, gallery: bool,
-                 sanity_threshold: float) -> Path:
+                 sanity_threshold: float, pdf: bool = False) -> Path:
     """One group's report into `out`, every file atomically.
 
     Tables (bench.tables): leaderboard.{csv,md,tex,parquet} (with each metric's family), overall_rank.csv
     (overall, per family, per column), significance.csv (Friedman, critical difference, reliability),
     pairwise.csv (Wilcoxon + Holm), agreement.csv (Kendall tau between metrics), cost.csv, failures.csv
     (store.FAILURE_COLUMNS), sanity.{csv,md} (the randomization tests the metrics' YAMLs declare, pass/fail
-    at `sanity_threshold`). Figures (PNG and PDF): scores_*, ranks_*, agreement_*, curves_*, cd_*; with
-    `gallery`, gallery_* and mprt_grid_* from the maps each run kept (bench.keep). Page: leaderboard.html,
-    self-contained, with every figure and manifest.
+    at `sanity_threshold`). Figures (PNG; with `pdf` also PDF): scores_*, ranks_*, agreement_*, curves_*, cd_*;
+    with `gallery`, gallery_* and mprt_grid_* from the maps each run kept (bench.keep). Page: leaderboard.html,
+    self-contained, with every figure and manifest. Figures of an earlier report that this one did not draw (a
+    model no longer in the store, a PDF twin no longer asked for) are removed (`_remove_stale_figures`).
     """
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)                        # hidden half-written files of a killed report
@@ -160,28 +162,59 @@ def _write_group(results: Results, notes: list[str], out: Path, *, n_boot: int, 
     for name, table in tables.items():
         write_atomic(out / f"{name}.csv", partial(table.to_csv, index=False))
     write_atomic(out / "sanity.md", partial(Path.write_text, data=format_sanity(t.sanity), encoding="utf-8"))
-    figures = _figures(t, out, gallery=gallery)
-    page = render_page(t.board, t.overall, figures, results.manifests, sanity=t.sanity, families=t.families)
+    figures = _figures(t, out, gallery=gallery, pdf=pdf)
+    _remove_stale_figures(out, figures, pdf=pdf)
+    page = render_page(t, figures)
     write_atomic(out / "leaderboard.html", partial(Path.write_text, data=page, encoding="utf-8"))
     print(markdown)
     print(f"report written to {out}")
     return out
 
 
-def _figures(t: Tables, out: Path, *, gallery: bool) -> list[Path]:
+def _figures(t: Tables, out: Path, *, gallery: bool, pdf: bool = False) -> list[Path]:
     """Every figure of a report group (PNG paths): bench.figures' from the tables; with `gallery`, the gallery and
-    MPRT grids of each run from the maps it kept (a run that kept none is named in the log and left out)."""
-    from bench import figures as fig                    # matplotlib and seaborn only when figures are due
+    MPRT grids of each run from the maps it kept (a run that kept none is named in the log and left out).
+    A progress bar counts the steps (shown on a terminal only)."""
+    from tqdm import tqdm
+
+    from bench import figures as fig                    # matplotlib only when figures are due
     from bench.gallery import draw
 
-    paths = fig.plot_summary(t.board, t.agreement, out) + fig.plot_curves(t.curves, out)
+    manifests = t.results.manifests
+    steps = [partial(fig.plot_summary, t.board, t.agreement, out, pdf=pdf),
+             partial(fig.plot_curves, t.curves, out, axes=fig.curve_axes(manifests), controls=fig.controls(manifests),
+                     pdf=pdf)]
     if len(t.average_ranks):
-        paths += fig.plot_critical_difference(t.average_ranks, t.friedman, out)
-    for path, manifest in zip(t.results.paths, t.results.manifests) if gallery else ():
-        kept = read_report_maps(path, manifest)
-        if kept is not None:
-            paths += draw(kept, manifest, out, f"{manifest['dataset']}_{manifest['model']}")
+        steps.append(partial(fig.plot_critical_difference, t.average_ranks, t.friedman, out, board=t.board, pdf=pdf))
+    for path, manifest in zip(t.results.paths, manifests) if gallery else ():
+        steps.append(partial(_draw_kept, draw, path, manifest, out, pdf=pdf))
+    paths = []
+    for step in tqdm(steps, desc="report figures", unit="step", disable=None, leave=False):
+        paths += step()
     return paths
+
+
+def _draw_kept(draw, path: Path, manifest: dict, out: Path, *, pdf: bool) -> list[Path]:
+    """The gallery and MPRT grids of one run from the maps it kept; none (logged) where it kept none."""
+    kept = read_report_maps(path, manifest)
+    return [] if kept is None else draw(kept, manifest, out, f"{manifest['dataset']}_{manifest['model']}", pdf=pdf)
+
+
+FIGURE_PREFIXES = ("scores_", "ranks_", "agreement_", "curves_", "cd_", "gallery_", "mprt_grid_")   # what reports draw
+
+
+def _remove_stale_figures(out: Path, drawn: list[Path], *, pdf: bool) -> list[Path]:
+    """Delete the figures in `out` that an earlier report drew and this one did not: files named as a report's
+    figures (FIGURE_PREFIXES, .png or .pdf) other than `drawn` (PNG paths) and, with `pdf`, their PDF twins.
+    Nothing else is touched. Returns the removed paths."""
+    keep = {p.name for p in drawn} | ({p.with_suffix(".pdf").name for p in drawn} if pdf else set())
+    stale = [p for p in out.iterdir() if p.suffix in {".png", ".pdf"} and p.name.startswith(FIGURE_PREFIXES)
+             and p.name not in keep and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        log.info("report: removed %d figures of an earlier report from %s", len(stale), out)
+    return stale
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--gallery", action=argparse.BooleanOptionalAction, default=True,
                         help="also the gallery of maps and MPRT grids (bench.gallery; needs the cached models)")
+    parser.add_argument("--pdf", action="store_true", help="also a PDF twin of every figure (for papers)")
     parser.add_argument("--sanity-threshold", type=float, default=0.3,
                         help="sanity table: a randomization test passes when the mean Spearman is below this")
     args = parser.parse_args(argv)
@@ -200,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")                 # the CLI writes files only, never opens a window
     try:
         write_report(args.results_dir, args.out, n_boot=args.n_boot, seed=args.seed, gallery=args.gallery,
-                     sanity_threshold=args.sanity_threshold)
+                     sanity_threshold=args.sanity_threshold, pdf=args.pdf)
     except (ValueError, OSError) as err:
         parser.exit(2, f"error: {err}\n")
 

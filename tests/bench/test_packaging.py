@@ -74,6 +74,7 @@ def test_the_wheel_ships_every_module_every_yaml_and_the_script(wheel):
     assert want and want <= names, sorted(want - names)
     yamls = {f"bench/{p.relative_to(ROOT).as_posix()}" for p in (ROOT / "conf").rglob("*.yaml")}
     assert "bench/conf/config.yaml" in yamls and yamls <= names, sorted(yamls - names)
+    assert {"bench/page_assets/page.css", "bench/page_assets/page.js"} <= names     # bench.page inlines them
     assert not {n for n in names if n.startswith(("conf/", "tests/"))}              # nothing at the top level
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert "saliency-bench = bench.__main__:cli" in zipfile.ZipFile(wheel).read(entry_points).decode()

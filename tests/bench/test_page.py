@@ -1,7 +1,9 @@
-"""The leaderboard page: escaped, offline, and sortable in a real browser (headless Chromium)."""
+"""The leaderboard page: escaped, offline, and sorted, filtered and switched in a real browser (headless
+Chromium), without horizontal overflow at 1400 px."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import shutil
@@ -10,44 +12,113 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
 from bench.page import render_page
-from bench.report import overall_rank
+from bench.results import Results
+from bench.tables import Tables, family_rank, overall_rank
 
 EVIL = '<img src=x onerror="alert(1)">'
 MEANS = {"alpha": 0.2, "beta": 0.9, EVIL: 0.5, "gamma": float("nan")}
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 
 
 def _board() -> pd.DataFrame:
-    rows = [{"dataset": "shapes", "model": model, "method": method, "metric": "pointing_game", "score": "hit",
-             "mean": mean, "ci_low": mean - 0.1, "ci_high": mean + 0.1, "n": 8, "n_nan": 0, "higher_is_better": True}
-            for model in ("cnn", "resnet") for method, mean in MEANS.items()]
+    """Two models, four methods, pointing_game/hit (headline) and mprt's spearman (headline) and ssim (not)."""
+    rows = [{"dataset": "shapes", "model": model, "method": method, "metric": metric, "score": score,
+             "mean": mean * sign, "ci_low": mean * sign - 0.1, "ci_high": mean * sign + 0.1, "n": 8, "n_nan": 0,
+             "higher_is_better": hib, "family": family, "headline": headline}
+            for model in ("cnn", "resnet") for method, mean in MEANS.items()
+            for metric, score, hib, family, headline, sign in [
+                ("pointing_game", "hit", True, "localization", True, 1),
+                ("mprt", "spearman", False, "randomization", True, -1),
+                ("mprt", "ssim", False, "randomization", False, 1)]]
     board = pd.DataFrame(rows)
-    board["rank"] = board.groupby("model")["mean"].rank(ascending=False, na_option="bottom")
+    key = board["mean"].where(~board["higher_is_better"], -board["mean"])
+    board["rank"] = key.groupby([board["model"], board["metric"], board["score"]]).rank(na_option="bottom")
     return board
+
+
+def _ranking() -> SimpleNamespace:
+    """Tables.ranking's shape (bench.ranking.Ranking): methods per scope, below_control, kendall."""
+    rows = []
+    for scope in ("overall", "localization", "randomization"):
+        for rank, method in enumerate(["beta", EVIL, "alpha", "gamma"], start=1):
+            rows.append({"scope": scope, "method": method, "mean_rank": rank + 0.25, "latec_rank": rank + 0.5,
+                         "rank": float(rank), "rank_ci_low": float(max(rank - 1, 1)), "rank_ci_high": float(rank + 1),
+                         "p_best": 0.7 if rank == 1 else 0.1, "n_columns": 4})
+    below = pd.DataFrame({"dataset": ["shapes"], "model": ["cnn"], "method": ["alpha"], "metric": ["pointing_game"],
+                          "score": ["hit"], "control": ["random"]})
+    kendall = pd.DataFrame({"dataset_a": ["shapes"], "model_a": ["cnn"], "dataset_b": ["shapes"], "model_b": ["resnet"],
+                            "tau": [1.0], "p_value": [0.083], "n_methods": [4]})
+    return SimpleNamespace(methods=pd.DataFrame(rows), below_control=below, kendall=kendall)
+
+
+def _tables(board: pd.DataFrame, manifests: list[dict], ranking=None) -> Tables:
+    """A Tables holding `board`, its ranks and `manifests` (the other tables empty), with `ranking` where given."""
+    empty = pd.DataFrame()
+    results = Results(scores=empty, curves=empty, meta=empty, failures=empty, manifests=manifests)
+    fields = dict(results=results, board=board, overall=overall_rank(board), families=family_rank(board), ranks=empty,
+                  friedman=empty, pairwise=empty, average_ranks=empty, agreement=empty, cost=pd.DataFrame(
+                      {"dataset": ["shapes"], "model": ["cnn"], "kind": ["method"], "name": ["alpha"],
+                       "seconds": [1.5], "seconds_per_sample": [0.1875]}), sanity=empty, curves=empty)
+    if ranking is None:
+        return Tables(**fields)
+    if "ranking" in {f.name for f in dataclasses.fields(Tables)}:
+        return Tables(**fields, ranking=ranking)
+    return dataclasses.make_dataclass("WithRanking", [("ranking", object)], bases=(Tables,), frozen=True)(
+        **fields, ranking=ranking)          # until bench.ranking lands: the page reads getattr(t, "ranking")
+
+
+def _manifest(model: str) -> dict:
+    return {"run_id": f"shapes-{model}-1", "dataset": "shapes", "model": model, "git_commit": "0123456789abcdef",
+            "versions": {"torch": "2.x"}, "config": {"note": "</pre><script>alert(2)</script>",
+                                                   "method": {m: {"_target_": "methods.saliency", "_partial_": True}
+                                                              for m in MEANS},
+                                                   "metric": {"pointing_game": {"_target_": "metrics.pointing_game",
+                                                                                "tolerance": 0.0 if model == "cnn" else 1.0},
+                                                              "mprt": {"_target_": "metrics.mprt"}}},
+            "unsupported": [{"method": "gamma", "metric": "mprt", "reason": "no <layer> to randomize"}] if model == "resnet" else []}
 
 
 @pytest.fixture
 def page(tmp_path: Path) -> Path:
-    board = _board()
     png = tmp_path / "fig.png"
-    png.write_bytes(base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="))
-    manifests = [{"run_id": "shapes-cnn-1", "config": {"note": "</pre><script>alert(2)</script>"}}]
+    png.write_bytes(base64.b64decode(PNG))
+    (tmp_path / "scores_shapes_cnn.png").write_bytes(base64.b64decode(PNG))
+    tables = _tables(_board(), [_manifest("cnn"), _manifest("resnet")], _ranking())
     path = tmp_path / "leaderboard.html"
-    path.write_text(render_page(board, overall_rank(board), [png], manifests), encoding="utf-8")
+    path.write_text(render_page(tables, [png, tmp_path / "scores_shapes_cnn.png"]), encoding="utf-8")
     return path
 
 
 def test_page_escapes_every_text_and_needs_no_network(page: Path) -> None:
     text = page.read_text(encoding="utf-8")
     assert EVIL not in text and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in text
-    assert "<script>alert(2)</script>" not in text
-    assert text.count("<script>") == 1                                  # only the page's own sorting code
+    assert "<script>alert(2)</script>" not in text and "no &lt;layer&gt; to randomize" in text
+    assert text.count("<script>") == 1                                  # only the page's own code
     assert not re.search(r'(src|href)\s*=\s*"(https?:)?//', text)        # nothing loaded from elsewhere
+    assert not re.search(r"@import|url\(", text)                        # nor by the style sheet
     assert 'src="data:image/png;base64,' in text
+
+
+def test_page_holds_ranking_cards_provenance_and_cost(page: Path) -> None:
+    text = page.read_text(encoding="utf-8")
+    overall = text[text.index('id="overall"'):text.index("</table>", text.index('id="overall"'))]
+    assert overall.index(">beta<") < overall.index("&lt;img") < overall.index(">alpha<") < overall.index(">gamma<")
+    assert "⚠ below a control on 1" in overall and "shapes/cnn pointing_game/hit below random" in overall
+    assert "Kendall τ" in text and "0.083" in text
+    card = text[text.index('id="metric-pointing_game"'):]
+    card = card[:card.index("</article>")]
+    assert "Zhang et al. 2016" in card and "hit ↑ (headline)" in card    # paper and description from bench.catalog
+    assert "tolerance = 0.0</code> (shapes/cnn)" in card and "tolerance = 1.0</code> (shapes/resnet)" in card
+    assert f'href="#method-{"".join(f".{ord(c):x}" if not (c.isalnum() or c in "_-") else c for c in EVIL)}"' in text
+    assert "0123456789" in text and "seconds_per_sample" in text and "0.1875" in text
+    without = render_page(_tables(_board(), [_manifest("cnn")]), [])
+    assert "No ranking across models" in without and "<td" in without
 
 
 class _WebDriver:
@@ -76,11 +147,13 @@ class _WebDriver:
     def script(self, js: str):
         return self.cmd("POST", "/execute/sync", {"script": js, "args": []})
 
-    def click(self, xpath: str) -> None:
+    def find(self, xpath: str) -> str:
         found = self.cmd("POST", "/element", {"using": "xpath", "value": xpath})
         assert self.ELEMENT in found, found
-        element = found[self.ELEMENT]
-        self.cmd("POST", f"/element/{element}/click", {})
+        return found[self.ELEMENT]
+
+    def click(self, xpath: str) -> None:
+        self.cmd("POST", f"/element/{self.find(xpath)}/click", {})
 
     def quit(self) -> None:
         self.cmd("DELETE", "")
@@ -90,9 +163,12 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(not (_chromium() and shutil.which("chromedriver")),
-                    reason="no headless Chromium + chromedriver (Debian: apt-get install chromium chromium-driver; .ci/run installs them)")
-def test_page_sorts_and_filters_in_headless_chromium(page: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def browser(tmp_path: Path):
+    """A headless Chromium at 1400x900 behind chromedriver, quit afterwards."""
+    if not (_chromium() and shutil.which("chromedriver")):
+        pytest.skip("no headless Chromium + chromedriver (Debian: apt-get install chromium chromium-driver; "
+                    ".ci/run installs them)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -105,22 +181,60 @@ def test_page_sorts_and_filters_in_headless_chromium(page: Path, tmp_path: Path)
                 break
             except OSError:
                 time.sleep(0.1)
-        browser = _WebDriver(port, tmp_path / "profile")
+        driver = _WebDriver(port, tmp_path / "profile")
         try:
-            browser.cmd("POST", "/url", {"url": page.as_uri()})
-            methods = "return Array.from(document.querySelectorAll('#board tbody tr')).filter(r => !r.hidden).map(r => r.cells[2].textContent)"
-            browser.click("//select[@id='model']/option[@value='cnn']")        # filter: one model
-            assert len(browser.script(methods)) == 4
-            browser.click("//th[starts-with(text(), 'pointing_game/hit')]")    # ascending
-            assert browser.script(methods) == ["alpha", EVIL, "beta", "gamma"]  # NaN last
-            browser.click("//th[starts-with(text(), 'pointing_game/hit')]")    # descending
-            assert browser.script(methods) == ["beta", EVIL, "alpha", "gamma"]
-            assert browser.script("return document.querySelectorAll('img[alt=fig]')[0].naturalWidth") == 1
-            shot = base64.b64decode(browser.cmd("GET", "/screenshot"))
-            assert shot[:8] == b"\x89PNG\r\n\x1a\n"
-            (tmp_path / "leaderboard.png").write_bytes(shot)
+            yield driver
         finally:
-            browser.quit()
+            driver.quit()
     finally:
         driver_proc.terminate()
         driver_proc.wait(timeout=10)
+
+
+VISIBLE = ("return Array.from(document.querySelectorAll('section.view:not([hidden]) table.board tbody tr'))"
+           ".filter(r => !r.hidden).map(r => r.cells[0].textContent)")
+
+
+def test_page_sorts_filters_and_switches_views_in_headless_chromium(page: Path, browser: _WebDriver) -> None:
+    browser.cmd("POST", "/url", {"url": page.as_uri()})
+    view = "return document.querySelector('section.view:not([hidden])').dataset.model"
+    assert browser.script(view) == "cnn"                                   # the first view is shown, alone
+    assert browser.script("return document.querySelectorAll('section.view:not([hidden])').length") == 1
+    assert browser.script(VISIBLE) == ["beta", EVIL, "alpha", "gamma"]     # by overall rank
+    hit = "//section[@data-model='cnn']//th[@data-col='pointing_game/hit']/span"
+    browser.click(hit)                                                     # ascending
+    assert browser.script(VISIBLE) == ["alpha", EVIL, "beta", "gamma"]     # NaN last
+    browser.click(hit)                                                     # descending
+    assert browser.script(VISIBLE) == ["beta", EVIL, "alpha", "gamma"]
+    browser.click("//button[@class='tab'][text()='shapes / resnet']")     # switch views
+    assert browser.script(view) == "resnet"
+    gamma = "return document.querySelector('section.view:not([hidden]) tr:last-child td[title^=unsupported]').title"
+    assert browser.script(gamma) == "unsupported: no <layer> to randomize"
+    shown = "return Array.from(document.querySelectorAll('section.view:not([hidden]) th[data-col]'))" \
+            ".filter(th => th.offsetParent !== null).map(th => th.dataset.col)"
+    assert browser.script(shown) == ["mprt/spearman", "pointing_game/hit"]  # headline columns, family order
+    browser.click("//input[@id='all-scores']")
+    assert browser.script(shown) == ["mprt/spearman", "mprt/ssim", "pointing_game/hit"]
+    search = browser.find("//input[@id='filter']")
+    browser.cmd("POST", f"/element/{search}/value", {"text": "ph"})
+    assert browser.script(VISIBLE) == ["alpha"]                            # filtered in every table
+    overall = "return Array.from(document.querySelectorAll('#overall tbody tr')).filter(r => !r.hidden).length"
+    assert browser.script(overall) == 1
+    browser.click("//section[@data-model='resnet']//td//a[text()='alpha']")   # a name opens its card
+    assert browser.script("return location.hash") == "#method-alpha"
+    assert browser.script("return document.querySelectorAll('img[alt=fig]')[0].naturalWidth") == 1
+
+
+def test_page_fits_1400_px_without_horizontal_overflow(tmp_path: Path, browser: _WebDriver) -> None:
+    """Forty headline columns and long names: the tables scroll inside their box, the page does not."""
+    board = pd.concat([_board().assign(metric=f"a_rather_long_metric_name_{i}") for i in range(20)], ignore_index=True)
+    path = tmp_path / "wide.html"
+    path.write_text(render_page(_tables(board, [_manifest("cnn"), _manifest("resnet")], _ranking()), []),
+                    encoding="utf-8")
+    browser.cmd("POST", "/url", {"url": path.as_uri()})
+    assert browser.script("return window.innerWidth") <= 1400
+    assert browser.script("return document.documentElement.scrollWidth") <= 1400
+    assert browser.script("return document.querySelector('section.view:not([hidden]) .scroll').scrollWidth") > 1400
+    shot = base64.b64decode(browser.cmd("GET", "/screenshot"))
+    assert shot[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "leaderboard.png").write_bytes(shot)
