@@ -1,176 +1,263 @@
-"""Report figures (seaborn/matplotlib) drawn from bench.tables' tables, each saved as PNG (pages, READMEs) and
-PDF (papers)."""
+"""Report figures drawn from bench.tables' tables with plain matplotlib (no pyplot state, no seaborn), each saved
+as PNG (pages, READMEs) and, when asked, PDF (papers).
+
+Per-column figures (point plots, critical-difference panels) show each metric's headline score when the board
+marks them (a boolean `headline` column), every ranked column otherwise. Controls (methods.controls: random,
+edge, centre, constant) are drawn dashed and on top, so they stay visible where a method's curve overlaps them.
+"""
 from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from bench.files import write_atomic
 from bench.tables import COLUMN_KEYS, OTHER, by_family, overall_rank
 
+DPI = 100                  # PNG resolution: a 7 in wide figure is 700 px, full width on the page
+CONTROL_TARGETS = {"methods.random_map", "methods.edge", "methods.centre", "methods.constant"}   # methods.controls
+# what a curve's axes show, by the metric's function (its `_target_`); "{curve}" is the stored curve's name
+CURVE_AXES = {
+    "pixel_flipping": ("fraction of pixels removed", "model output (target class)"),
+    "deletion": ("fraction of pixels deleted", "model output (target class)"),
+    "insertion": ("fraction of pixels inserted", "model output (target class)"),
+    "road": ("fraction of pixels imputed", "model output (target class)"),
+    "monotonicity": ("fraction of pixels added, least relevant first", "model output (target class)"),
+    "sensitivity_n": ("subset size n (fraction of pixels)", "Pearson r: attribution sum vs output drop"),
+    "mprt": ("layer randomized", "similarity to the original map ({curve})"),
+    "smprt": ("layer randomized", "similarity to the original map ({curve})"),
+}
+_ORDERS = {"morf": "MoRF", "lerf": "LeRF"}     # curve name -> panel label of the paired figure
+_PANELS_PER_ROW = 4                            # panels wrap after this many columns
 
-def plot_curves(band: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """One PNG per (metric, curve) of `band` (bench.tables.curve_bands): mean y vs x per method, 95% bootstrap
-    band, one column per model.
 
-    A metric that stores both a "morf" and a "lerf" curve (pixel flipping or ROAD with
-    order="both") gets one figure `curves_<metric>_morf_lerf` with both orders: MoRF solid,
-    LeRF dashed, one colour per method. Non-empty x_label values (e.g. the layer randomized
-    at an MPRT stage) become the x tick labels.
-    """
+def controls(manifests: list[dict]) -> set[str]:
+    """Names of the runs' methods whose `_target_` is a control of methods.controls."""
+    return {name for m in manifests for name, node in ((m.get("config") or {}).get("method") or {}).items()
+            if str((node or {}).get("_target_", "")).replace("methods.controls.", "methods.") in CONTROL_TARGETS}
+
+
+def curve_axes(manifests: list[dict]) -> dict[str, tuple[str, str]]:
+    """Axis labels (x, y with "{curve}") per metric name of the runs, from CURVE_AXES by the metric's target."""
+    out = {}
+    for m in manifests:
+        for name, node in ((m.get("config") or {}).get("metric") or {}).items():
+            function = str((node or {}).get("_target_", "")).rsplit(".", 1)[-1]
+            if function in CURVE_AXES:
+                out.setdefault(name, CURVE_AXES[function])
+    return out
+
+
+def plot_curves(band: pd.DataFrame, out_dir: str | Path, *, axes: dict[str, tuple[str, str]] | None = None,
+                controls: set[str] = frozenset(), pdf: bool = False) -> list[Path]:
+    """One figure per (metric, curve) of `band` (bench.tables.curve_bands): mean y vs x per method with its 95%
+    bootstrap band, one panel per (dataset, model). A metric with both a "morf" and a "lerf" curve gets one
+    figure `curves_<metric>_morf_lerf`, MoRF panels above LeRF panels. x_label values (the layer randomized at
+    an MPRT stage) become the x tick labels; `axes` (`curve_axes`) names what the axes show."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = sorted(band["method"].unique())
-    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
+    colour = dict(zip(methods, _colours(len(methods))))
     paths = []
     for metric, by_metric in band.groupby("metric", sort=True):
         names = sorted(by_metric["curve"].unique())
         paired = {"morf", "lerf"} <= set(names)
-        figures = [(c, by_metric[by_metric["curve"].eq(c)]) for c in names if not (paired and c in _ORDERS)]
+        figures = [(c, [c]) for c in names if not (paired and c in _ORDERS)]
         if paired:
-            both = by_metric[by_metric["curve"].isin(_ORDERS)]
-            figures.insert(0, ("morf_lerf", both.assign(order=both["curve"].map(_ORDERS))))
-        for curve, data in figures:
-            style = {"style": "order", "style_order": list(_ORDERS.values()),
-                     "dashes": dict(zip(_ORDERS.values(), ["", (4, 2)]))} if curve == "morf_lerf" else {}
-            g = sns.relplot(data=data, x="x", y="mean", hue="method", hue_order=methods, palette=palette,
-                            kind="line", row="dataset", col="model", marker="o", errorbar=None, height=3.5,
-                            facet_kws={"sharex": False}, **style)
-            try:
-                for (dataset, model), ax in g.axes_dict.items():
-                    facet = data[data["dataset"].eq(dataset) & data["model"].eq(model)]
-                    for (method, _), m in facet.groupby(["method", "curve"]):
-                        ax.fill_between(m["x"], m["ci_low"], m["ci_high"], color=palette[method], alpha=0.2, lw=0)
+            figures.insert(0, ("morf_lerf", list(_ORDERS)))
+        xlabel, ylabel = (axes or {}).get(metric, ("step", "{curve}"))
+        for name, curves in figures:
+            data = by_metric[by_metric["curve"].isin(curves)]
+            pairs = sorted(set(zip(data["dataset"], data["model"])))
+            ncols = min(len(pairs), _PANELS_PER_ROW)
+            nrows = -(-len(pairs) // ncols) * len(curves)
+            fig = new_figure(figsize=(3.4 * ncols, 2.8 * nrows))
+            grid = fig.subplots(nrows, ncols, squeeze=False)
+            drawn = {}
+            for r, curve in enumerate(curves):
+                for i, (dataset, model) in enumerate(pairs):
+                    ax = grid[r * (nrows // len(curves)) + i // ncols, i % ncols]
+                    facet = data[data["dataset"].eq(dataset) & data["model"].eq(model) & data["curve"].eq(curve)]
+                    for method, m in facet.groupby("method", sort=True):
+                        control = method in controls
+                        ax.fill_between(m["x"], m["ci_low"], m["ci_high"], color=colour[method], alpha=0.2, lw=0,
+                                        zorder=2.5 if control else 1)
+                        drawn[method] = ax.plot(m["x"], m["mean"], "--" if control else "-", marker="o", ms=3,
+                                                color=colour[method], lw=1.6 if control else 1.2,
+                                                zorder=3 if control else 2, label=method)[0]
                     ticks = facet.drop_duplicates("x")
                     if ticks["x_label"].ne("").any():
-                        ax.set_xticks(ticks["x"], ticks["x_label"], rotation=45, ha="right")
-                two = curve == "morf_lerf"
-                what = "MoRF (solid) and LeRF (dashed)" if two else curve
-                g.set_titles("{row_name} / {col_name}").set_axis_labels(
-                    *(("fraction removed", "target output") if two else ("x", curve)))
-                g.figure.suptitle(f"{metric}: {what} (mean, 95% bootstrap CI over samples)", y=1.03)
-                paths.append(save_figure(g.figure, out_dir / f"curves_{metric}_{curve}"))
-            finally:
-                plt.close(g.figure)
+                        ax.set_xticks(ticks["x"], ticks["x_label"], rotation=45, ha="right", fontsize=7)
+                    ax.set_title(f"{dataset} / {model}" + (f": {_ORDERS[curve]}" if name == "morf_lerf" else ""),
+                                 fontsize=9)
+                    ax.set_xlabel(xlabel, fontsize=8)
+                    ax.set_ylabel(ylabel.format(curve=curve), fontsize=8)
+                    ax.tick_params(labelsize=7)
+            for ax in grid.flat:
+                if not ax.has_data():
+                    ax.set_visible(False)
+            fig.legend(handles=list(drawn.values()), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
+                       frameon=False, title="dashed: control" if set(drawn) & set(controls) else None,
+                       title_fontsize=7)
+            what = "most relevant first (MoRF) and least relevant first (LeRF)" if name == "morf_lerf" else name
+            fig.suptitle(f"{metric}: {what} (mean, 95% bootstrap CI over samples)", fontsize=10)
+            fig.tight_layout(rect=(0, 0, 1, 0.95))
+            paths.append(save_figure(fig, out_dir / f"curves_{metric}_{name}", pdf=pdf))
     return paths
 
 
-_ORDERS = {"morf": "MoRF", "lerf": "LeRF"}     # curve name -> legend label of the paired figure
-
-
-def plot_critical_difference(ranks: pd.DataFrame, friedman: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Demšar (2006) diagrams: methods on an axis of average rank, bars join methods whose average ranks
-    differ by less than the critical difference (not significantly different). One PNG per column."""
+def plot_critical_difference(ranks: pd.DataFrame, friedman: pd.DataFrame, out_dir: str | Path, *,
+                             board: pd.DataFrame | None = None, pdf: bool = False) -> list[Path]:
+    """Demšar (2006) diagrams, one figure per (dataset, model) with a panel per column (the headline columns
+    where `board` marks them): methods on an axis of average rank, bars join methods whose average ranks
+    differ by less than the critical difference (not significantly different)."""
+    tests = friedman.set_index(COLUMN_KEYS)
+    keep = _headline_keys(board)
     paths = []
-    for key, part in ranks.groupby(COLUMN_KEYS, sort=True):
-        row = friedman.set_index(COLUMN_KEYS).loc[key]
-        part = part.sort_values("average_rank")
-        r, names, cd, k = part["average_rank"].to_numpy(), part["method"].to_numpy(), row["critical_difference"], len(part)
-        fig, ax = plt.subplots(figsize=(8, 1.0 + 0.2 * k))
-        half = (k + 1) // 2                                     # best half labelled left, the rest right
-        ax.set_xlim(-1.5, k + 2.5)
-        ax.set_ylim(-0.45 - 0.25 * half, 1.2)
-        ax.hlines(0, 1, k, color="black")
-        ax.set_xticks(range(1, k + 1))
-        for i, (x, name) in enumerate(zip(r, names)):
-            left = i < half
-            y, end = -0.3 - 0.25 * (i if left else k - 1 - i), (0.8 if left else k + 0.2)
-            ax.plot([x, x, end], [0, y, y], color="black", lw=0.8)
-            ax.text(end + (-0.05 if left else 0.05), y, f"{name} ({x:.2f})", va="center",
-                    ha="right" if left else "left", fontsize=8)
-        cliques = [(i, j) for i in range(k) for j in range(k - 1, i, -1) if r[j] - r[i] < cd][:k]
-        maximal = [c for c in cliques if not any(o != c and o[0] <= c[0] and c[1] <= o[1] for o in cliques)]
-        for level, (i, j) in enumerate(sorted(set(maximal))):
-            ax.hlines(0.25 + 0.15 * level, r[i] - 0.03, r[j] + 0.03, color="tab:red", lw=3)
-        if np.isfinite(cd):
-            ax.hlines(0.95, 1, 1 + cd, color="black", lw=1.5)
-            ax.text(1 + cd / 2, 1.02, f"CD = {cd:.2f} (average rank, 1 = best)", ha="left", fontsize=8)
-        ax.set_yticks([])
-        ax.spines["bottom"].set_visible(False)
-        ax.tick_params(axis="x", top=True, bottom=False, labeltop=True, labelbottom=False)
-        ax.set_xlabel("")
-        ax.set_title(f"{key[0]} / {key[1]}: {key[2]}/{key[3]}  (Friedman p = {row['p']:.2g}, n = {int(row['n'])})", fontsize=9)
-        for side in ("left", "right", "top"):
-            ax.spines[side].set_visible(False)
-        try:
-            paths.append(save_figure(fig, Path(out_dir) / f"cd_{key[0]}_{key[1]}_{key[2]}_{key[3]}"))
-        finally:
-            plt.close(fig)
+    for (dataset, model), by_model in ranks.groupby(["dataset", "model"], sort=True):
+        panels = [(key, part) for key, part in by_model.groupby(COLUMN_KEYS, sort=True) if keep is None or key in keep]
+        if not panels:
+            continue
+        heights = [1.0 + 0.2 * len(part) for _, part in panels]
+        fig = new_figure(figsize=(8, sum(heights) + 0.3 * len(panels)))
+        axes = fig.subplots(len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+        for ax, (key, part) in zip(axes, panels):
+            _cd_panel(ax, part.sort_values("average_rank"), tests.loc[key], key)
+        fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.35 / fig.get_figheight(), bottom=0.02, hspace=0.9)
+        paths.append(save_figure(fig, Path(out_dir) / f"cd_{dataset}_{model}", pdf=pdf))
     return paths
 
 
+def _cd_panel(ax, part: pd.DataFrame, row: pd.Series, key: tuple) -> None:
+    """One column's diagram: best half of the methods labelled left, the rest right, cliques in red."""
+    r, names, cd, k = part["average_rank"].to_numpy(), part["method"].to_numpy(), row["critical_difference"], len(part)
+    half = (k + 1) // 2
+    ax.set_xlim(-1.5, k + 2.5)
+    ax.set_ylim(-0.45 - 0.25 * half, 1.2)
+    ax.hlines(0, 1, k, color="black")
+    ax.set_xticks(range(1, k + 1))
+    for i, (x, name) in enumerate(zip(r, names)):
+        left = i < half
+        y, end = -0.3 - 0.25 * (i if left else k - 1 - i), (0.8 if left else k + 0.2)
+        ax.plot([x, x, end], [0, y, y], color="black", lw=0.8)
+        ax.text(end + (-0.05 if left else 0.05), y, f"{name} ({x:.2f})", va="center",
+                ha="right" if left else "left", fontsize=8)
+    cliques = [(i, j) for i in range(k) for j in range(k - 1, i, -1) if r[j] - r[i] < cd][:k]
+    maximal = [c for c in cliques if not any(o != c and o[0] <= c[0] and c[1] <= o[1] for o in cliques)]
+    for level, (i, j) in enumerate(sorted(set(maximal))):
+        ax.hlines(0.25 + 0.15 * level, r[i] - 0.03, r[j] + 0.03, color="tab:red", lw=3)
+    if np.isfinite(cd):
+        ax.hlines(0.95, 1, 1 + cd, color="black", lw=1.5)
+        ax.text(1 + cd / 2, 1.02, f"CD = {cd:.2f} (average rank, 1 = best)", ha="left", fontsize=8)
+    ax.set_yticks([])
+    ax.tick_params(axis="x", top=True, bottom=False, labeltop=True, labelbottom=False, labelsize=8)
+    ax.set_title(f"{key[0]} / {key[1]}: {key[2]}/{key[3]}  (Friedman p = {row['p']:.2g}, n = {int(row['n'])})",
+                 fontsize=9, loc="left")
+    for side in ("left", "right", "top", "bottom"):
+        ax.spines[side].set_visible(False)
 
-def plot_summary(board: pd.DataFrame, agreement: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Per (dataset, model): every leaderboard column as a point plot with 95% CIs (methods in overall-rank
-    order), the rank heatmap methods x columns, and the Kendall tau heatmap between columns."""
-    paths, overall = [], overall_rank(board)
+
+def plot_summary(board: pd.DataFrame, agreement: pd.DataFrame, out_dir: str | Path, *, pdf: bool = False) -> list[Path]:
+    """Per (dataset, model): a point plot with 95% CIs per column (the headline columns where the board marks
+    them; methods in overall-rank order), the rank heatmap methods x columns, and the Kendall tau heatmap
+    between columns."""
+    paths, overall, keep = [], overall_rank(board), _headline_keys(board)
     for (dataset, model), table in board.groupby(["dataset", "model"], sort=True):
         order = overall[overall["dataset"].eq(dataset) & overall["model"].eq(model)].sort_values("rank")["method"]
         table = table.assign(column=table["metric"] + "/" + table["score"] + np.where(table["higher_is_better"], " ↑", " ↓"))
         columns = by_family(table)                              # panels grouped by the metrics' families
         family = dict(zip(table["column"], table["family"] if "family" in table else [OTHER] * len(table)))
-        ncols = min(len(columns), _PANELS_PER_ROW)
-        nrows = -(-len(columns) // ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, nrows * (0.4 * len(order) + 1.2)), sharey=True,
-                                 squeeze=False)
-        for ax, column in zip(axes.flat, columns):
+        shown = [c for c in columns if keep is None or any(
+            k in keep for k in table.loc[table["column"].eq(c), COLUMN_KEYS].itertuples(index=False, name=None))]
+        ncols = min(len(shown), _PANELS_PER_ROW)
+        nrows = -(-len(shown) // ncols)
+        fig = new_figure(figsize=(2.6 * ncols + 1.2, nrows * (0.3 * len(order) + 1.0)))
+        axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False)
+        y = np.arange(len(order))
+        for ax, column in zip(axes.flat, shown):
             t = table[table["column"].eq(column)].set_index("method").reindex(order)
-            y = np.arange(len(order))
-            ax.errorbar(t["mean"], y, xerr=[t["mean"] - t["ci_low"], t["ci_high"] - t["mean"]], fmt="o", capsize=3)
-            ax.set_yticks(y, order)
-            ax.tick_params(axis="y", labelleft=ax.get_subplotspec().is_first_col())
-            ax.set_title(f"{family[column]}: {column}", fontsize=9)
-        for ax in axes.flat[len(columns):]:
-            ax.set_visible(False)                               # the last row's unused panels
+            ax.errorbar(t["mean"], y, xerr=[t["mean"] - t["ci_low"], t["ci_high"] - t["mean"]], fmt="o", ms=4,
+                        capsize=3)
+            ax.set_title(f"{family[column]}: {column}", fontsize=8)
+            ax.tick_params(labelsize=7)
+        axes[0, 0].set_yticks(y, order)
         axes[0, 0].invert_yaxis()
+        for ax in axes.flat[len(shown):]:
+            ax.set_visible(False)                               # the last row's unused panels
+        fig.suptitle(f"{dataset} / {model}: mean and 95% bootstrap CI", fontsize=10)
         fig.tight_layout()
-        fig.suptitle(f"{dataset} / {model}: mean and 95% bootstrap CI", y=1.02)
-        paths.append(save_figure(fig, Path(out_dir) / f"scores_{dataset}_{model}"))
-        plt.close(fig)
-        for name, wide, kwargs in [
-            ("ranks", table.pivot(index="method", columns="column", values="rank").reindex(index=order, columns=columns),
-             {"cmap": "viridis_r", "fmt": ".1f"}),
-            ("agreement", _square(agreement[agreement["dataset"].eq(dataset) & agreement["model"].eq(model)]),
-             {"cmap": "RdBu", "vmin": -1, "vmax": 1, "fmt": ".2f"}),
+        paths.append(save_figure(fig, Path(out_dir) / f"scores_{dataset}_{model}", pdf=pdf))
+        ranks = table.pivot(index="method", columns="column", values="rank").reindex(index=order, columns=columns)
+        tau = _square(agreement[agreement["dataset"].eq(dataset) & agreement["model"].eq(model)])
+        for name, wide, cmap, fmt, limits, title in [
+            ("ranks", ranks, "viridis_r", "{:.1f}", (1, max(len(order), 2)), "rank per column (1 = best)"),
+            ("agreement", tau, "RdBu", "{:.2f}", (-1, 1), "Kendall tau between method rankings"),
         ]:
-            if wide.empty:
-                continue
-            fig, ax = plt.subplots(figsize=(1.1 * wide.shape[1] + 2.5, 0.45 * wide.shape[0] + 1.5))
-            sns.heatmap(wide, annot=True, ax=ax, cbar=False, **kwargs)
-            ax.set_title(f"{dataset} / {model}: " + ("rank per column (1 = best)" if name == "ranks"
-                                                      else "Kendall tau between method rankings"), fontsize=9)
-            ax.set_xlabel(""), ax.set_ylabel("")
-            paths.append(save_figure(fig, Path(out_dir) / f"{name}_{dataset}_{model}"))
-            plt.close(fig)
+            if not wide.empty:
+                paths.append(_heatmap(wide, cmap, fmt, limits, f"{dataset} / {model}: {title}",
+                                      Path(out_dir) / f"{name}_{dataset}_{model}", pdf=pdf))
     return paths
 
 
+def _heatmap(wide: pd.DataFrame, cmap: str, fmt: str, limits: tuple[float, float], title: str, stem: Path, *,
+             pdf: bool) -> Path:
+    """An annotated heatmap of `wide` (rows x columns), text in black or white by the cell's lightness."""
+    values = wide.to_numpy(dtype=float)
+    fig = new_figure(figsize=(0.9 * wide.shape[1] + 2.5, 0.4 * wide.shape[0] + 1.8))
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=limits[0], vmax=limits[1], aspect="auto")
+    rgb = image.to_rgba(np.nan_to_num(values, nan=limits[0]))[..., :3] @ [0.299, 0.587, 0.114]   # luma per cell
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7,
+                    color="black" if rgb[i, j] > 0.5 else "white")
+    ax.set_xticks(range(wide.shape[1]), wide.columns, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(wide.shape[0]), wide.index, fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, stem, pdf=pdf)
 
-_PANELS_PER_ROW = 4     # point plots wrap after this many leaderboard columns, so a README can show them
+
+def _headline_keys(board: pd.DataFrame | None) -> set[tuple] | None:
+    """The (dataset, model, metric, score) columns the board marks `headline`; None (every column) without one."""
+    if board is None or "headline" not in board:
+        return None
+    return set(board.loc[board["headline"].astype(bool), COLUMN_KEYS].itertuples(index=False, name=None))
+
+
+def new_figure(**kwargs) -> Figure:
+    """A Figure drawn by Agg, outside pyplot's state (nothing to close, no backend to choose)."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _colours(n: int) -> list:
+    """n distinct colours: tab10, tab20 past ten methods."""
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
 
 
 def _square(agreement: pd.DataFrame) -> pd.DataFrame:
     """Symmetric column x column matrix of Kendall tau with 1 on the diagonal."""
     names = sorted(set(agreement["column_a"]) | set(agreement["column_b"]))
-    m = pd.DataFrame(np.eye(len(names)), index=names, columns=names)
-    for a, b, tau in agreement[["column_a", "column_b", "kendall_tau"]].itertuples(index=False):
-        m.loc[a, b] = m.loc[b, a] = tau
-    return m
+    pairs = pd.concat([agreement[["column_a", "column_b", "kendall_tau"]],
+                       agreement.rename(columns={"column_a": "column_b", "column_b": "column_a"})
+                       [["column_a", "column_b", "kendall_tau"]]])
+    m = pairs.pivot_table(index="column_a", columns="column_b", values="kendall_tau", aggfunc="first")
+    values = m.reindex(index=names, columns=names).to_numpy(dtype=float, copy=True)
+    np.fill_diagonal(values, 1.0)
+    return pd.DataFrame(values, index=names, columns=names)
 
 
-
-def save_figure(fig, stem: Path) -> Path:
-    """Write `fig` as stem.png (for pages and READMEs) and stem.pdf (for papers); return the PNG path.
-
-    The tight bounding box (what bbox_inches="tight" computes, padded by 0.1 in) is measured once
-    and reused for both files: one draw less per file, the same images.
-    """
+def save_figure(fig, stem: Path, *, pdf: bool = False) -> Path:
+    """Write `fig` as stem.png (for pages and READMEs, at DPI) and, with `pdf`, stem.pdf (for papers); return
+    the PNG path. The tight bounding box (padded by 0.1 in) is measured once and reused for both files."""
     bbox = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.1)
-    for suffix, dpi in ((".png", 120), (".pdf", None)):
+    for suffix, dpi in ((".png", DPI), (".pdf", None))[:2 if pdf else 1]:
         write_atomic(stem.with_name(stem.name + suffix), partial(fig.savefig, dpi=dpi, bbox_inches=bbox))
     return stem.with_name(stem.name + ".png")

@@ -134,13 +134,13 @@ def _bare(ax) -> None:
 
 def _gallery_figure(kept: dict[str, Any], manifest: dict):
     """Figure of the gallery of `kept` (bench.keep): (1 + methods) x samples panels; returns (figure, axes)."""
-    import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
     maps = kept["maps"]
     M, N = len(maps), len(kept["x"])
-    fig, axes = plt.subplots(1 + M, N, figsize=(1.4 * N + 1.8, 1.4 * (1 + M) + 0.6), squeeze=False)
+    fig = figures.new_figure(figsize=(1.4 * N + 1.8, 1.4 * (1 + M) + 0.6))
+    axes = fig.subplots(1 + M, N, squeeze=False)
     for j in range(N):
         _show_input(axes[0, j], kept, j)
     axes[0, 0].set_ylabel("input", rotation=0, ha="right", va="center", fontsize=8)
@@ -172,11 +172,9 @@ def _grid_figure(kept: dict[str, Any], manifest: dict, grid: MprtGrid, metric: s
 
     Returns (figure, map axes of shape (methods, stages + 1)).
     """
-    import matplotlib.pyplot as plt
-
     M, S = len(grid.maps), len(grid.labels)
-    fig, axes = plt.subplots(M, S + 3, figsize=(1.15 * (S + 3) + 0.6, 1.15 * M + 1.0), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 1.1] + [1] * (S + 1)})
+    fig = figures.new_figure(figsize=(1.15 * (S + 3) + 0.6, 1.15 * M + 1.0))
+    axes = fig.subplots(M, S + 3, squeeze=False, gridspec_kw={"width_ratios": [1, 1.1] + [1] * (S + 1)})
     _show_input(axes[0, 0], kept, j)                          # column 0: the input; column 1: method names
     for ax in [*axes[1:, 0], *axes[:, 1]]:
         ax.axis("off")
@@ -200,32 +198,26 @@ def _grid_figure(kept: dict[str, Any], manifest: dict, grid: MprtGrid, metric: s
     return fig, axes[:, 2:]
 
 
-def draw(kept: dict[str, Any], manifest: dict, out: Path, tag: str, *, grid_samples: int = 1) -> list[Path]:
+def draw(kept: dict[str, Any], manifest: dict, out: Path, tag: str, *, grid_samples: int = 1,
+         pdf: bool = False) -> list[Path]:
     """Write the gallery of `kept` (bench.keep's maps of one run) and the MPRT grids of its first
-    `grid_samples` samples into `out`; returns the PNG paths."""
-    import matplotlib.pyplot as plt
-
+    `grid_samples` samples into `out` (PNG; with `pdf` also PDF); returns the PNG paths."""
     paths = []
     if kept["maps"]:
         fig, _ = _gallery_figure(kept, manifest)
-        try:
-            paths.append(figures.save_figure(fig, out / f"gallery_{tag}"))
-        finally:
-            plt.close(fig)
+        paths.append(figures.save_figure(fig, out / f"gallery_{tag}", pdf=pdf))
     for metric in kept["grids"]:
         grid = grid_of(kept, metric)
         for j in range(min(grid_samples, len(kept["x"])) if grid.maps else 0):
             fig, _ = _grid_figure(kept, manifest, grid, metric, j)
-            try:
-                paths.append(figures.save_figure(fig, out / f"mprt_grid_{tag}_{metric}_{int(kept['sample_id'][j])}"))
-            finally:
-                plt.close(fig)
+            paths.append(figures.save_figure(fig, out / f"mprt_grid_{tag}_{metric}_{int(kept['sample_id'][j])}",
+                                             pdf=pdf))
     return paths
 
 
 def write_gallery(root: str | Path, out_dir: str | Path | None = None, *, samples: int = 4, grid_samples: int = 1,
                   cache_dir: str | Path | None = None, device: str | None = None,
-                  errors: Literal["raise", "warn"] = "raise") -> list[Path]:
+                  errors: Literal["raise", "warn"] = "raise", pdf: bool = False) -> list[Path]:
     """Recompute from the cached models and write the gallery and MPRT grids of every run below `root` into
     `out_dir` (default root/report). Returns the PNG paths. `errors="warn"` logs a run that cannot be
     reloaded (e.g. its model is no longer cached) and goes on; "raise" stops with its ValueError.
@@ -249,7 +241,7 @@ def write_gallery(root: str | Path, out_dir: str | Path | None = None, *, sample
             index = pick_samples(targets, min(samples, n))
             kept = compute_report_maps(run.cfg, run.model, run.dataset, run.methods, index,
                                        mprt_configs(run.cfg) if grid_samples else {})
-            paths += draw(kept, manifest, out, tag, grid_samples=grid_samples)
+            paths += draw(kept, manifest, out, tag, grid_samples=grid_samples, pdf=pdf)
         except Exception as e:                                 # noqa: BLE001 - "warn": the report goes on without it
             if errors == "raise" or not isinstance(e, (ValueError, RuntimeError, OSError, KeyError)):
                 raise
@@ -267,12 +259,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
     parser.add_argument("--cache-dir", default=None, help="zoo model cache (default: the run's cache_dir)")
     parser.add_argument("--device", default=None, help="cpu, cuda, auto (default: the run's device)")
+    parser.add_argument("--pdf", action="store_true", help="also a PDF twin of every figure (for papers)")
     args = parser.parse_args(argv)
     import matplotlib
     matplotlib.use("Agg")                                   # files only, never a window
     try:
         paths = write_gallery(args.run_dir, args.out, samples=args.samples, grid_samples=args.grid_samples,
-                              cache_dir=args.cache_dir, device=args.device)
+                              cache_dir=args.cache_dir, device=args.device, pdf=args.pdf)
     except (ValueError, OSError) as err:
         parser.exit(2, f"error: {err}\n")
     for p in paths:
