@@ -6,7 +6,7 @@ Batch norms are merged into the preceding conv/linear (zennit's SequentialMergeB
 which follows leaf order). What else a model needs it declares itself, as it declares its
 `mprt_layers`: `lrp_canonizers`, a sequence of zennit canonizers applied during the
 attribution (e.g. ResidualSumCanonizer for residual blocks that add through an `add`
-method); torchvision's ResNet blocks get zennit's ResNetCanonizer without declaring it.
+method); torchvision's ResNet blocks get zennit's block canonizers without declaring it.
 Hooks, canonizers and merged parameters are removed and restored on exit, even on error.
 """
 from __future__ import annotations
@@ -81,8 +81,10 @@ def _canonizers(method: str, model: nn.Module) -> list[zennit.canonizers.Canoniz
     try:
         from torchvision.models.resnet import BasicBlock as TvBasic, Bottleneck as TvBottleneck
         if any(isinstance(m, (TvBasic, TvBottleneck)) for m in model.modules()):
-            from zennit.torchvision import ResNetCanonizer
-            canonizers.append(ResNetCanonizer())
+            # the block canonizers alone: zennit's ResNetCanonizer merges the batch norms a second time
+            # (SequentialMergeBatchNorm again), which breaks its own undo on bias-free convs
+            from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
+            canonizers += [ResNetBottleneckCanonizer(), ResNetBasicBlockCanonizer()]
     except ImportError:                                                              # torchvision is optional
         pass
     return canonizers
