@@ -12,6 +12,7 @@ import torch
 
 from bench import stats
 from bench.checks import resolve_target
+from bench.ranking import Ranking, rank_methods
 from bench.results import META_COLUMNS, Results
 from metrics import ranked
 
@@ -41,19 +42,22 @@ class Tables:
     sanity: pd.DataFrame
     curves: pd.DataFrame                # curve_bands()
     notes: list[str] = field(default_factory=list)
+    ranking: Ranking | None = None      # bench.ranking.rank_methods: across every (dataset, model) of the group
 
 
 def compute(results: Results, notes: list[str] = (), *, n_boot: int = 1000, seed: int = 0,
             sanity_threshold: float = 0.3) -> Tables:
     """Every table of one report group (bench.results.groups)."""
     board = leaderboard(results, n_boot=n_boot, seed=seed)
+    notes = [*notes, *headlines(results)[1]]
     tests = significance(results)
     return Tables(results=results, board=board, overall=overall_rank(board), families=family_rank(board),
                   ranks=wide_ranks(board), friedman=tests["friedman"], pairwise=tests["pairwise"],
                   average_ranks=tests["ranks"], agreement=stats.metric_agreement(board), cost=cost(results),
                   sanity=sanity(board, results.manifests, threshold=sanity_threshold, results=results,
                                 n_boot=n_boot, seed=seed),
-                  curves=curve_bands(results, n_boot=n_boot, seed=seed), notes=list(notes))
+                  curves=curve_bands(results, n_boot=n_boot, seed=seed), notes=list(notes),
+                  ranking=rank_methods(board, results.scores, results.manifests, n_boot=n_boot, seed=seed))
 
 
 def bootstrap_ci(values: np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
@@ -118,7 +122,8 @@ def leaderboard(results: Results, *, n_boot: int = 1000, seed: int = 0) -> pd.Da
     mean and n use the n non-NaN samples, n_nan counts the undefined ones; ci_low/ci_high
     are `bootstrap_ci` at 95%. rank orders methods within each (dataset, model, metric,
     score) by mean in the score's direction: 1 = best, ties averaged, NaN mean last.
-    family: the metric's family (`families`).
+    family: the metric's family (`families`). headline: the column is its metric's headline score
+    (`headlines`), the one every rank aggregate uses, so that a metric counts once.
     """
     scores = results.scores[results.scores["score"].map(ranked).astype(bool)]
     board = summarise(scores, BOARD_KEYS, value="value", n_boot=n_boot, seed=seed)
@@ -135,7 +140,37 @@ def leaderboard(results: Results, *, n_boot: int = 1000, seed: int = 0) -> pd.Da
     board["rank"] = key.groupby([board[c] for c in COLUMN_KEYS]).rank(method="average", na_option="bottom")
     family_of = families(results.manifests)
     board["family"] = [family_of.get(m, OTHER) for m in board["metric"]]
+    head = headlines(results)[0]
+    board["headline"] = [head.get((d, mo, me)) == sc for d, mo, me, sc in
+                         zip(board["dataset"], board["model"], board["metric"], board["score"])]
     return board
+
+
+def headlines(results: Results) -> tuple[dict[tuple[str, str, str], str], list[str]]:
+    """Each (dataset, model, metric)'s headline score: the one its YAML declares (`_headline_`, the
+    manifest's ``metrics.<name>.headline``), else the metric's only ranked stored score; and a note for each
+    metric left out of the rank aggregates (several ranked scores and none declared, or a declared one the
+    run lacks). Derived rows (`<score>_class_mean`) are never a default headline."""
+    declared = {(m["dataset"], m["model"], name): (meta or {}).get("headline")
+                for m in results.manifests for name, meta in (m.get("metrics") or {}).items()}
+    s = results.scores
+    stored = s.loc[s["score"].map(ranked).astype(bool), ["dataset", "model", "metric", "score"]].drop_duplicates()
+    out, notes = {}, []
+    for key, part in stored.astype(str).groupby(["dataset", "model", "metric"], sort=True):
+        names = sorted(part["score"])
+        head = declared.get(key)
+        if head is None and len(names) == 1:
+            out[key] = names[0]
+        elif head is None:
+            notes.append(f"{key[0]}/{key[1]}: metric {key[2]} has {len(names)} ranked scores ({', '.join(names)}) "
+                         f"and declares no headline, so no rank aggregate counts it: add `_headline_: <score>` to "
+                         f"its YAML")
+        elif head not in names:
+            notes.append(f"{key[0]}/{key[1]}: metric {key[2]} declares headline {head!r} but scored "
+                         f"{', '.join(names)}, so no rank aggregate counts it: fix its `_headline_`")
+        else:
+            out[key] = head
+    return out, notes
 
 
 def _class_means(results: Results, *, n_boot: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -183,17 +218,25 @@ def _class_mean_ci(values: np.ndarray, classes: np.ndarray, *, n_boot: int, seed
     return (float(low), float(high))
 
 
+def _headline_ranks(board: pd.DataFrame) -> pd.Series:
+    """board["rank"] on headline columns, NaN elsewhere (a board without the column: every column)."""
+    return board["rank"].where(board["headline"].astype(bool)) if "headline" in board else board["rank"]
+
+
 def overall_rank(board: pd.DataFrame) -> pd.DataFrame:
-    """Mean of each method's ranks over the leaderboard columns it has, ranked again (1 = best)."""
-    out = board.groupby(["dataset", "model", "method"])["rank"].mean().rename("mean_rank").reset_index()
+    """Mean of each method's ranks over the headline columns it has (each metric counts once), ranked again
+    (1 = best); NaN for a method without one."""
+    out = board.assign(rank=_headline_ranks(board)).groupby(["dataset", "model", "method"])["rank"].mean()
+    out = out.rename("mean_rank").reset_index()
     out["rank"] = out.groupby(["dataset", "model"])["mean_rank"].rank(method="average")
     return out
 
 
 def family_rank(board: pd.DataFrame) -> pd.DataFrame:
-    """`overall_rank` within each family: the mean of a method's ranks over the family's columns, ranked again."""
+    """`overall_rank` within each family: the mean of a method's ranks over the family's headline columns,
+    ranked again."""
     keys = ["dataset", "model", "family", "method"]
-    out = board.groupby(keys)["rank"].mean().rename("mean_rank").reset_index()
+    out = board.assign(rank=_headline_ranks(board)).groupby(keys)["rank"].mean().rename("mean_rank").reset_index()
     out["rank"] = out.groupby(keys[:3])["mean_rank"].rank(method="average")
     return out
 

@@ -65,6 +65,8 @@ def _write_run(root: Path, run_id: str, model: str, scores: dict, *, meta: list[
                 cell["curves"] = f"{stem}.curves.parquet"
             cells.append(cell)
     manifest = {**keys, "cells": cells, "score_meta": meta, "failures": list(failures),
+                "metrics": {"flip": {"sanity": [], "staged": False, "headline": "aopc"}} if ("flip", "aopc") in scores
+                else {},                                                             # flip's headline, as its YAML
                 "timings": {}, "model_info": {"test_accuracy": 0.9}}
     (run / "manifest.json").write_text(json.dumps(manifest))
     return run
@@ -124,7 +126,7 @@ def test_leaderboard_means_nan_counts_and_ranks(tree: Path) -> None:
     assert ranks.loc[("point", "hit")].to_dict() == {"alpha": 2.0, "beta": 3.0, "gamma": 1.0}
     assert ranks.loc[("mprt", "spearman")].to_dict() == {"alpha": 1.0, "beta": 3.0, "gamma": 2.0}
     overall = overall_rank(board).set_index(["model", "method"])
-    assert overall.loc["cnn", "mean_rank"].to_dict() == {"alpha": 1.375, "beta": 3.0, "gamma": 1.625}
+    assert overall.loc["cnn", "mean_rank"].to_dict() == pytest.approx({"alpha": 4 / 3, "beta": 3.0, "gamma": 5 / 3})
     assert overall.loc["cnn", "rank"].to_dict() == {"alpha": 1.0, "beta": 3.0, "gamma": 2.0}
     assert overall.loc["mlp", "rank"].to_dict() == {"alpha": 1.0, "beta": 2.0}
 
@@ -158,7 +160,7 @@ def test_format_leaderboard_bolds_the_best(tree: Path) -> None:
     rows = [line for line in cnn.splitlines() if line.startswith("| ") and "method" not in line and "---" not in line]
     assert [r.split(" | ")[0] for r in rows] == ["| alpha", "| gamma", "| beta"]
     assert rows[0].count("**") == 2 * 3 and rows[1].count("**") == 2 * 2   # auc tie: both bold
-    assert "**0.75 [" in rows[0] and rows[0].endswith("| 1.38 |")
+    assert "**0.75 [" in rows[0] and rows[0].endswith("| 1.33 |")     # (1 + 2 + 1) / 3: flip counts once (aopc)
     assert "n = 4 samples per cell; 1 NaN values" in cnn and "alpha point/hit: 1" in cnn
     assert "spearman@" not in text
 
@@ -242,8 +244,8 @@ def test_context_scores_are_stored_not_ranked(tmp_path: Path) -> None:
 
 def test_every_column_carries_its_family_and_methods_rank_per_family(tree: Path) -> None:
     """The family of a metric comes from its run's `_target_` (metrics.family); a target outside metrics. is
-    'other' and is never imported. Per-family mean ranks by hand from the ranks above: faithfulness (flip/auc,
-    flip/aopc) alpha (1.5 + 1) / 2, beta 3, gamma (1.5 + 2) / 2; localization (point/hit) 2, 3, 1."""
+    'other' and is never imported. Per-family mean ranks by hand from the ranks above, headline columns only:
+    faithfulness (flip/aopc, flip's headline) alpha 1, beta 3, gamma 2; localization (point/hit) 2, 3, 1."""
     run = tree / "sweep" / "shapes-cnn-1"
     manifest = json.loads((run / "manifest.json").read_text())
     manifest["config"] = {"metric": {"flip": {"_target_": "metrics.pixel_flipping"},
@@ -255,7 +257,7 @@ def test_every_column_carries_its_family_and_methods_rank_per_family(tree: Path)
     assert dict(zip(cnn["metric"], cnn["family"])) == {"flip": "faithfulness", "point": "localization",
                                                         "mprt": "other"}
     ranks = family_rank(cnn).set_index(["family", "method"])["mean_rank"]
-    assert ranks["faithfulness"].to_dict() == {"alpha": 1.25, "beta": 3.0, "gamma": 1.75}
+    assert ranks["faithfulness"].to_dict() == {"alpha": 1.0, "beta": 3.0, "gamma": 2.0}
     assert ranks["localization"].to_dict() == {"alpha": 2.0, "beta": 3.0, "gamma": 1.0}
     wide = wide_ranks(cnn)
     assert list(wide.columns[:8]) == ["dataset", "model", "method", "mean_rank", "rank", "rank faithfulness",
@@ -266,7 +268,7 @@ def test_every_column_carries_its_family_and_methods_rank_per_family(tree: Path)
                                         "localization · point/hit (↑)"]
     assert header.endswith("| mean rank (faithfulness) | mean rank (localization) | mean rank (other) | mean rank |")
     alpha = next(line for line in text.splitlines() if line.startswith("| alpha"))
-    assert alpha.endswith("| 1.25 | 2.00 | 1.00 | 1.38 |")
+    assert alpha.endswith("| 1.00 | 2.00 | 1.00 | 1.33 |")
     assert (r" & \multicolumn{2}{c}{faithfulness} & \multicolumn{1}{c}{localization} & \multicolumn{1}{c}{other} \\"
             "\nmethod & flip/aopc $\\uparrow$ & flip/auc $\\downarrow$ & point/hit $\\uparrow$ & mprt/spearman") \
         in format_latex(cnn)

@@ -1,0 +1,202 @@
+"""One ranking of methods across every (dataset, model) of a report, overall and per metric family, from each
+metric's headline score only (bench.tables.leaderboard's `headline` column): mean rank and LATEC's aggregation,
+the rank's bootstrap uncertainty, methods that fall below a control, and whether models agree (Kendall tau).
+Reads tables, writes nothing (bench.report writes, bench.formats formats)."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+
+from bench.checks import resolve_target
+
+UNIT = ["dataset", "model"]
+COLUMN = ["dataset", "model", "metric", "score"]
+OVERALL = "overall"
+METHOD_COLUMNS = ["scope", "method", "mean_rank", "latec_rank", "rank", "rank_ci_low", "rank_ci_high", "p_best",
+                  "n_columns", "below_control"]
+BELOW_COLUMNS = ["dataset", "model", "method", "metric", "score", "control", "mean", "control_mean"]
+KENDALL_COLUMNS = ["dataset_a", "model_a", "dataset_b", "model_b", "tau", "p_value", "n_methods"]
+CONTROLS_MODULE = "methods.controls"        # random_map, edge, centre, constant: where chance lies
+_EPS = 1e-11                                # LATEC's guard against max == min
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """methods: METHOD_COLUMNS, one row per (scope, method), scope "overall" or a family; below_control:
+    BELOW_COLUMNS, a method's headline mean worse than a control's; kendall: KENDALL_COLUMNS, per model pair."""
+
+    methods: pd.DataFrame
+    below_control: pd.DataFrame
+    kendall: pd.DataFrame
+
+
+def rank_methods(board: pd.DataFrame, scores: pd.DataFrame, manifests: list[dict], *, n_boot: int = 1000,
+                 level: float = 0.95, seed: int = 0) -> Ranking:
+    """The ranking of methods across every (dataset, model) of `board` (tables.leaderboard, with `headline`
+    and `family`), from the per-sample `scores` (bench.results.Results.scores) of its headline columns.
+
+    mean_rank: the mean of a method's ranks r_c (1 = best, board["rank"]) over the headline columns c of every
+    (dataset, model) in scope that it has (n_columns); rank: mean_rank ranked again (ties averaged).
+    latec_rank: `latec`'s aggregation. rank_ci_low/high, p_best: `bootstrap_ranks`. below_control: how many
+    of the method's columns in scope are in `below_control`. Kendall tau: `model_agreement`.
+    """
+    if n_boot < 1 or not 0 < level < 1:
+        raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got n_boot={n_boot}, level={level}")
+    if "headline" not in board:
+        raise ValueError("board has no `headline` column: build it with bench.tables.leaderboard")
+    heads = board[board["headline"].astype(bool)]
+    below = below_control(heads, controls(manifests))
+    flagged = below.drop_duplicates(["dataset", "model", "method", "metric", "score"])
+    out = []
+    fam = heads["family"] if "family" in heads else pd.Series("other", index=heads.index)
+    for scope in [OVERALL, *dict.fromkeys(sorted(fam.unique()))]:
+        part = heads if scope == OVERALL else heads[fam.eq(scope)]
+        mean = part.groupby("method")["rank"].agg(["mean", "size"]).rename(columns={"mean": "mean_rank",
+                                                                                    "size": "n_columns"})
+        latec_mean = latec(part, scores)
+        boot = bootstrap_ranks(part, scores, n_boot=n_boot, level=level, seed=seed)
+        n_below = flagged[flagged["family"].eq(scope)] if scope != OVERALL and "family" in flagged else flagged
+        table = mean.join(latec_mean.rename("latec_mean")).join(boot)
+        table["below_control"] = n_below.groupby("method").size().reindex(table.index).fillna(0).astype(int)
+        table["rank"] = table["mean_rank"].rank(method="average")
+        table["latec_rank"] = table["latec_mean"].rank(method="average")
+        out.append(table.reset_index().assign(scope=scope))
+    methods = pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=METHOD_COLUMNS)
+    return Ranking(methods=methods.reindex(columns=METHOD_COLUMNS), below_control=below[BELOW_COLUMNS],
+                   kendall=model_agreement(heads))
+
+
+def latec(heads: pd.DataFrame, scores: pd.DataFrame) -> pd.Series:
+    """LATEC's aggregation across models (Klein et al. 2024, "Navigating the Maze of Explainable AI"; their
+    code's main_rank, across models), per method: the mean over (dataset, headline column c) of r_{d,c}, where
+
+        s~ = (clip(s, q_.025, q_.975) - min) / (max - min + 1e-11)
+
+    for every per-sample score s of model m (q, min and max over all methods' samples of (d, m, c): each
+    model's scores standardised to [0, 1], outliers clipped), and r_{d,c}(k) ranks the methods k by the
+    median of s~_k over every sample of every model of d (1 = best in c's direction, ties averaged).
+    Returns that mean; rank_methods ranks it again (latec_rank). NaN scores are left out.
+    """
+    cols = heads[COLUMN + ["higher_is_better"]].drop_duplicates(COLUMN)
+    s = scores[["dataset", "model", "method", "metric", "score", "value"]].merge(cols, on=COLUMN)
+    s = s[np.isfinite(s["value"].to_numpy(np.float64))]
+    s = s.merge(heads[COLUMN + ["method"]], on=COLUMN + ["method"])     # the board's methods only
+    if s.empty:
+        return pd.Series(dtype=np.float64, name="latec_mean")
+    g = s.groupby(COLUMN, observed=True)["value"]
+    lo, hi = g.transform(lambda v: v.quantile(0.025)), g.transform(lambda v: v.quantile(0.975))
+    clipped = s["value"].clip(lo, hi)
+    g = clipped.groupby([s[c] for c in COLUMN], observed=True)
+    s = s.assign(norm=(clipped - g.transform("min")) / (g.transform("max") - g.transform("min") + _EPS))
+    med = s.groupby(["dataset", "metric", "score", "method"], observed=True).agg(
+        median=("norm", "median"), higher_is_better=("higher_is_better", "first")).reset_index()
+    key = med["median"].where(~med["higher_is_better"].astype(bool), -med["median"])     # smaller = better
+    med["rank"] = key.groupby([med["dataset"], med["metric"], med["score"]]).rank(method="average")
+    return med.groupby("method")["rank"].mean().rename("latec_mean")
+
+
+def bootstrap_ranks(heads: pd.DataFrame, scores: pd.DataFrame, *, n_boot: int = 1000, level: float = 0.95,
+                    seed: int = 0) -> pd.DataFrame:
+    """The uncertainty of `rank` by a two-level bootstrap over models and samples: each replicate draws the
+    (dataset, model) units with replacement and, within each unit, its samples with replacement (the same
+    draw for every method and column of the unit: the scores are paired); it recomputes each headline
+    column's means, their ranks (NaN mean last, as the board) and the mean rank over the drawn columns (a unit
+    drawn twice counts twice), and ranks that again. rank_ci_low/high: the (1 - level)/2 and (1 + level)/2
+    quantiles of a method's replicate ranks; p_best: the share of replicates in which it ranks first (k tied
+    firsts get 1/k each, so p_best sums to 1). Draws: np.random.default_rng(seed), units first.
+    """
+    methods = sorted(heads["method"].unique())
+    empty = pd.DataFrame(index=pd.Index(methods, name="method"), columns=["rank_ci_low", "rank_ci_high", "p_best"],
+                         dtype=np.float64)
+    if heads.empty:
+        return empty
+    units = sorted(set(zip(heads["dataset"], heads["model"])))
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(units), size=(n_boot, len(units)))                        # (n_boot, U)
+    weight = _counts(draws, len(units))                                                   # (n_boot, U)
+    K = len(methods)
+    total, count = np.zeros((n_boot, K)), np.zeros((n_boot, K))
+    s = scores[scores["metric"].isin(heads["metric"].unique())]
+    for u, (dataset, model) in enumerate(units):
+        cols = heads[heads["dataset"].eq(dataset) & heads["model"].eq(model)]
+        part = s[s["dataset"].eq(dataset) & s["model"].eq(model)]
+        part = part.merge(cols[COLUMN[2:] + ["method"]], on=["metric", "score", "method"])
+        part = part.astype({"metric": str, "score": str, "method": str})
+        values = part.pivot_table(index="sample_id", columns=["metric", "score", "method"], values="value",
+                                  aggfunc="mean", dropna=False, observed=True)          # (n, columns x methods)
+        n = len(values)
+        times = _counts(rng.integers(0, max(n, 1), size=(n_boot, n)), n)                # (n_boot, n): draws of each
+        for (metric, score), c in cols.groupby(["metric", "score"], observed=True):
+            avail = [methods.index(m) for m in c["method"]]
+            v = values.reindex(columns=pd.MultiIndex.from_product([[metric], [score], c["method"]])).to_numpy()
+            finite = np.isfinite(v)                                                       # (n, k)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = (times @ np.where(finite, v, 0.0)) / (times @ finite)              # (n_boot, k)
+            hib = bool(c["higher_is_better"].iloc[0])
+            key = np.where(np.isfinite(mean), -mean if hib else mean, np.inf)             # NaN mean last
+            r = scipy.stats.rankdata(key, axis=1, method="average")                       # (n_boot, k)
+            total[:, avail] += weight[:, [u]] * r
+            count[:, avail] += weight[:, [u]]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_rank = total / count                                                         # (n_boot, K), NaN: not drawn
+    key = np.where(np.isfinite(mean_rank), mean_rank, np.inf)
+    ranks = np.where(np.isfinite(mean_rank), scipy.stats.rankdata(key, axis=1, method="average"), np.nan)
+    first = key == key.min(axis=1, keepdims=True)                                         # (n_boot, K)
+    share = first / first.sum(axis=1, keepdims=True)
+    low, high = np.nanquantile(ranks, [(1 - level) / 2, (1 + level) / 2], axis=0)         # (K,) each
+    return pd.DataFrame({"rank_ci_low": low, "rank_ci_high": high, "p_best": share.mean(axis=0)},
+                        index=pd.Index(methods, name="method"))
+
+
+def _counts(draws: np.ndarray, n: int) -> np.ndarray:
+    """(R, m) indices in [0, n) -> (R, n): how often each index was drawn in each row."""
+    flat = (np.arange(draws.shape[0])[:, None] * n + draws).ravel()
+    return np.bincount(flat, minlength=draws.shape[0] * n).reshape(draws.shape[0], n).astype(np.float64)
+
+
+def controls(manifests: list[dict]) -> set[str]:
+    """The methods of the runs whose `_target_` lies in methods.controls (resolved as the runner checks
+    targets, nothing outside methods. imported)."""
+    out = set()
+    for m in manifests:
+        for name, node in ((m.get("config") or {}).get("method") or {}).items():
+            try:
+                obj = resolve_target(str((node or {}).get("_target_", "")), ("methods.",))
+            except Exception:                                     # noqa: BLE001 - refused or unknown: not a control
+                continue
+            if getattr(obj, "__module__", None) == CONTROLS_MODULE:
+                out.add(name)
+    return out
+
+
+def below_control(heads: pd.DataFrame, control_names: set[str]) -> pd.DataFrame:
+    """One row per (headline column, method, control) where a method that is not a control has a mean worse
+    than the control's in the score's direction (strictly; NaN means are not compared): a method that does
+    worse than chance-level maps on the score that ranks its metric."""
+    ctrl = heads[heads["method"].isin(control_names)][COLUMN + ["method", "mean"]]
+    rest = heads[~heads["method"].isin(control_names)]
+    pairs = rest.merge(ctrl.rename(columns={"method": "control", "mean": "control_mean"}), on=COLUMN)
+    hib = pairs["higher_is_better"].astype(bool)
+    worse = np.where(hib, pairs["mean"] < pairs["control_mean"], pairs["mean"] > pairs["control_mean"])
+    out = pairs[worse]
+    cols = BELOW_COLUMNS + (["family"] if "family" in out else [])
+    return out[cols].sort_values(BELOW_COLUMNS[:6], ignore_index=True)
+
+
+def model_agreement(heads: pd.DataFrame) -> pd.DataFrame:
+    """Kendall tau-b (scipy.stats.kendalltau) between the method rankings of every pair of (dataset, model):
+    each unit's ranking is its methods' mean rank over its headline columns (tables.overall_rank), compared
+    on the methods both ranked; fewer than 2 such methods: NaN. Does the ranking generalise across models?"""
+    per_unit = heads.groupby(UNIT + ["method"], observed=True)["rank"].mean().unstack("method")   # (units, methods)
+    rows = []
+    for a, b in itertools.combinations(per_unit.index, 2):
+        pair = per_unit.loc[[a, b]].T.dropna()
+        res = scipy.stats.kendalltau(pair.iloc[:, 0], pair.iloc[:, 1]) if len(pair) >= 2 else None
+        rows.append({"dataset_a": a[0], "model_a": a[1], "dataset_b": b[0], "model_b": b[1],
+                     "tau": float(res.statistic) if res else np.nan, "p_value": float(res.pvalue) if res else np.nan,
+                     "n_methods": len(pair)})
+    return pd.DataFrame(rows, columns=KENDALL_COLUMNS)
