@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import captum.attr
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,49 +17,126 @@ from metrics.baselines import target_output
 from metrics.batching import chunked
 
 
-def last_spatial_layer(model: nn.Module, x: Tensor, *, method: str = "grad_cam") -> str:
-    """Name of the last leaf module, in execution order, whose output is a (B, C, h, w) map with h, w > 1."""
-    found: list[str] = []
-    handles = [
-        m.register_forward_hook(lambda _m, _i, out, name=name: found.append(name)
-                                if isinstance(out, Tensor) and out.ndim == 4 and min(out.shape[2:]) > 1 else None)
-        for name, m in model.named_modules() if not any(True for _ in m.children())
-    ]
+def _image_grid(out: object, x: Tensor) -> bool:
+    """Whether a module's output is a (B, C, h, w) map over the image: h, w > 1 with the input's aspect within a
+    factor 1.5 (so attention's (B, heads, tokens, head_dim) tensors are not taken for one)."""
+    if not isinstance(out, Tensor) or out.ndim != 4 or min(out.shape[2:]) < 2:
+        return False
+    sh, sw = x.shape[2] / out.shape[2], x.shape[3] / out.shape[3]
+    return max(sh, sw) / min(sh, sw) < 1.5
+
+
+def _trace(model: nn.Module, x: Tensor) -> list[tuple[str, nn.Module, Tensor]]:
+    """(name, module, output) of every leaf module's tensor outputs on x[:1], in execution order, with autograd on."""
+    trace: list[tuple[str, nn.Module, Tensor]] = []
+    handles = [m.register_forward_hook(lambda m, _i, out, name=name: trace.append((name, m, out))
+                                       if isinstance(out, Tensor) else None)
+               for name, m in model.named_modules() if not any(True for _ in m.children())]
     try:
-        with torch.no_grad():
-            model(x[:1])
+        with torch.enable_grad():
+            out = model(x[:1].detach().requires_grad_())
     finally:
         for h in handles:
             h.remove()
-    if not found:
-        raise cannot_run(method, model, "it needs a spatial layer, but no module has a (B, C, h, w) output")
-    return found[-1]
+    return trace + [("", model, out)]
 
 
-def _layer_name(method: str, model: nn.Module, x: Tensor, layer: str | None) -> str:
-    """`layer`, checked, or the last spatial layer's name; the error names `method`."""
-    name = layer or last_spatial_layer(model, x, method=method)
-    if name not in dict(model.named_modules()):
-        raise cannot_run(method, model, f"layer {name!r} is not a module of it; name one of its modules or pass null")
-    return name
+def _token_grid(trace: list[tuple[str, nn.Module, Tensor]], i: int, x: Tensor) -> tuple[int, int] | None:
+    """(h, w) of the patch tokens of trace[i]'s output (1, p + h w, D): (h, w) the last image grid before it (the
+    patch embedding's), p >= 0 prefix tokens (class, distillation, register tokens) fewer than h w; None if none."""
+    out = trace[i][2]
+    grids = [o.shape[2:] for _n, _m, o in trace[:i] if _image_grid(o, x)]
+    if out.ndim != 3 or not grids:
+        return None
+    h, w = grids[-1]
+    return (h, w) if 0 <= out.shape[1] - h * w < h * w else None
 
 
-def _layer(method: str, model: nn.Module, x: Tensor, layer: str | None) -> nn.Module:
-    return dict(model.named_modules())[_layer_name(method, model, x, layer)]
+def _find_layer(trace: list[tuple[str, nn.Module, Tensor]], x: Tensor) -> int | None:
+    """Index in `trace` of the automatic CAM layer (see `last_spatial_layer`), None if the model has none."""
+    spatial = [i for i, (_n, _m, out) in enumerate(trace[:-1]) if _image_grid(out, x)]
+    grids = {i: _token_grid(trace, i, x) for i, (_n, m, _o) in enumerate(trace[:-1])
+             if isinstance(m, nn.LayerNorm) and (not spatial or i > spatial[-1])}
+    tokens = [i for i, grid in grids.items() if grid is not None]
+    if tokens:
+        grads = torch.autograd.grad(trace[-1][2].sum(), [trace[i][2] for i in tokens], allow_unused=True)
+        reached = [i for i, g in zip(tokens, grads)                              # g: (1, p + h w, D)
+                   if g is not None and bool(g[:, g.shape[1] - grids[i][0] * grids[i][1]:].ne(0).any())]
+        return reached[-1] if reached else tokens[-1]                            # none: the output ignores x
+    return spatial[-1] if spatial else None
 
 
-def _activations(model: nn.Module, module: nn.Module, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+def _locate(method: str, model: nn.Module, x: Tensor,
+            layer: str | None) -> tuple[str, nn.Module, tuple[int, int] | None]:
+    """(name, module, patch grid (h, w) of a token layer or None) of `layer`, checked, or of the automatic layer."""
+    modules = dict(model.named_modules())
+    if layer is not None and layer not in modules:
+        raise cannot_run(method, model, f"layer {layer!r} is not a module of it; name one of its modules or pass null")
+    trace = _trace(model, x)
+    if layer is None:
+        i = _find_layer(trace, x)
+        if i is None:
+            raise cannot_run(method, model, "it needs a spatial layer, but no module has a (B, C, h, w) output over "
+                                            "the image or a LayerNorm with token outputs (B, N, D) after a patch grid")
+    else:
+        i = next((j for j, (n, _m, _o) in enumerate(trace[:-1]) if n == layer), None)
+    name = layer or trace[i][0]
+    out = trace[i][2] if i is not None else None
+    if out is None or out.ndim == 4:
+        return name, modules[name], None
+    grid = _token_grid(trace, i, x)
+    if grid is None:
+        raise cannot_run(method, model, f"layer {name!r} outputs {tuple(out.shape)}, neither a map (B, C, h, w) nor "
+                                        "tokens (B, p + h w, D) after a patch grid (B, D, h, w) to reshape them to")
+    return name, modules[name], grid
+
+
+def last_spatial_layer(model: nn.Module, x: Tensor, *, method: str = "grad_cam") -> str:
+    """Name of the automatic CAM layer, from one forward (and, for a transformer, one backward) pass on x[:1].
+
+    A CNN's: the last leaf module, in execution order, whose output is a (B, C, h, w) map over the image
+    (h, w > 1, the input's aspect within a factor 1.5). A vision transformer's (nn.LayerNorm token outputs
+    (B, p + h w, D) after the last such map, (h, w) that map's grid, the patch embedding's): the last
+    LayerNorm whose patch tokens the output's gradient reaches. For a class-token ViT that is the last
+    block's input norm (blocks[-1].norm1, the ViT recipe of pytorch-grad-cam, Gildenblat et al. 2021):
+    after it only the class token is read, so later patch tokens get no gradient (an output that ignores its
+    input, as a zero-initialised head, gives the last token LayerNorm). A token layer's p prefix
+    tokens (class, distillation, registers) are dropped and its h w patch tokens, row-major as the patch
+    embedding flattens them, reshaped to (B, D, h, w).
+    """
+    return _locate(method, model, x, None)[0]
+
+
+def _layer(method: str, model: nn.Module, x: Tensor,
+           layer: str | None) -> tuple[nn.Module, tuple[int, int] | None]:
+    """The CAM layer and, for a token layer, its patch grid (h, w) (None for a (B, C, h, w) layer)."""
+    return _locate(method, model, x, layer)[1:]
+
+
+def _as_map(t: Tensor, grid: tuple[int, int] | None) -> Tensor:
+    """A layer output as a map (B, K, h, w): tokens (B, p + h w, D) lose their p prefix tokens and are reshaped."""
+    if grid is None:
+        return t
+    h, w = grid
+    return t[:, t.shape[1] - h * w:].transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
+
+
+def _activations(model: nn.Module, layer: tuple[nn.Module, tuple[int, int] | None], x: Tensor,
+                 target: Tensor) -> tuple[Tensor, Tensor]:
     """The layer's output A (B, K, h, w) and d f_target / d A, with the hook removed on exit."""
+    module, grid = layer
     store: list[Tensor] = []
     handle = module.register_forward_hook(lambda _m, _i, out: store.append(out))
     try:
-        f = target_output(model, x, target)
+        with torch.enable_grad():
+            f = target_output(model, x.detach().requires_grad_(), target)
     finally:
         handle.remove()
-    if len(store) != 1 or not isinstance(store[0], Tensor) or store[0].ndim != 4:
-        raise ValueError(f"the CAM layer {type(module).__name__} must run once per forward and return (B, K, h, w)")
-    A = store[0]
-    return A.detach(), torch.autograd.grad(f.sum(), A)[0]
+    if len(store) != 1 or not isinstance(store[0], Tensor) or store[0].ndim != (4 if grid is None else 3):
+        raise ValueError(f"the CAM layer {type(module).__name__} must run once per forward and return (B, K, h, w) "
+                         "or tokens (B, N, D)")
+    g = torch.autograd.grad(f.sum(), store[0])[0]
+    return _as_map(store[0].detach(), grid), _as_map(g, grid)
 
 
 def _upsample(cam: Tensor, x: Tensor) -> Tensor:
@@ -75,16 +151,15 @@ def grad_cam(model: nn.Module, x: Tensor, target: Tensor, *, layer: str | None =
     `layer` names the module whose output A is used; by default the last spatial
     layer in execution order.
     """
-    module = _layer("grad_cam", model, x, layer)
-    cam = captum.attr.LayerGradCam(model, module).attribute(
-        x.requires_grad_(), target=target, relu_attributions=True)                # (B, 1, h, w)
-    return _upsample(cam.detach(), x)
+    A, g = _activations(model, _layer("grad_cam", model, x, layer), x, target)      # (B, K, h, w) each
+    cam = (g.mean(dim=(2, 3), keepdim=True) * A).sum(dim=1, keepdim=True).clamp_min(0)   # (B, 1, h, w)
+    return _upsample(cam, x)
 
 
 @attribution_method
 def guided_grad_cam(model: nn.Module, x: Tensor, target: Tensor, *, layer: str | None = None) -> Tensor:
     """Guided Grad-CAM (Selvaraju et al. 2017): guided backpropagation times the upsampled Grad-CAM, per channel."""
-    name = _layer_name("guided_grad_cam", model, x, layer)
+    name = _locate("guided_grad_cam", model, x, layer)[0]
     return guided_backprop(model, x, target) * grad_cam(model, x, target, layer=name)
 
 
@@ -122,7 +197,7 @@ def score_cam(
     paper's code. No gradients; B * K forward passes, `chunk_size` images at a time (None: sized
     from the memory budget of metrics.batching).
     """
-    module = _layer("score_cam", model, x, layer)
+    module, grid = _layer("score_cam", model, x, layer)
     store: list[Tensor] = []
     handle = module.register_forward_hook(lambda _m, _i, out: store.append(out))
     try:
@@ -130,8 +205,9 @@ def score_cam(
             model(x)
     finally:
         handle.remove()
-    B, K = x.shape[0], store[0].shape[1]
-    U = F.interpolate(store[0].detach(), size=x.shape[2:], mode="bilinear", align_corners=False)   # (B, K, H, W)
+    A = _as_map(store[0].detach(), grid)                                          # (B, K, h, w)
+    B, K = x.shape[0], A.shape[1]
+    U = F.interpolate(A, size=x.shape[2:], mode="bilinear", align_corners=False)   # (B, K, H, W)
     lo, hi = U.amin(dim=(2, 3), keepdim=True), U.amax(dim=(2, 3), keepdim=True)
     N = torch.where(hi > lo, (U - lo) / torch.where(hi > lo, hi - lo, 1.0), 0.0)
 

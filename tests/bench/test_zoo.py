@@ -174,7 +174,7 @@ def test_torchvision_vit_at_small_input(tmp_path):
     assert info["init"]["head"].startswith("heads.head: 1000 -> 6")
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert saliency(model, x, torch.tensor([2])).shape == x.shape
-    assert last_spatial_layer(model, x) == "conv_proj"    # patch embedding; name a layer for a token CAM
+    assert last_spatial_layer(model, x) == "encoder.layers.encoder_layer_11.ln_1"   # the last block's input tokens
 
 
 def test_torchvision_weights_need_their_normalisation(tmp_path, monkeypatch):
