@@ -41,7 +41,7 @@ def rank_methods(board: pd.DataFrame, scores: pd.DataFrame, manifests: list[dict
 
     mean_rank: the mean of a method's ranks r_c (1 = best, board["rank"]) over the headline columns c of every
     (dataset, model) in scope that it has (n_columns); rank: mean_rank ranked again (ties averaged).
-    latec_rank: `latec`'s aggregation. rank_ci_low/high, p_best: `bootstrap_ranks`. below_control: how many
+    latec_rank: LATEC's aggregation (`latec_ranks`), ranked again. rank_ci_low/high, p_best: `bootstrap_ranks`. below_control: how many
     of the method's columns in scope are in `below_control`. Kendall tau: `model_agreement`.
     """
     if n_boot < 1 or not 0 < level < 1:
@@ -71,22 +71,29 @@ def rank_methods(board: pd.DataFrame, scores: pd.DataFrame, manifests: list[dict
 
 
 def latec(heads: pd.DataFrame, scores: pd.DataFrame) -> pd.Series:
-    """LATEC's aggregation across models (Klein et al. 2024, "Navigating the Maze of Explainable AI"; their
-    code's main_rank, across models), per method: the mean over (dataset, headline column c) of r_{d,c}, where
+    """LATEC's mean rank per method (`latec_ranks`' r_{d,c} averaged over (dataset, column))."""
+    ranks = latec_ranks(heads, scores)
+    return ranks.groupby("method")["rank"].mean().rename("latec_mean")
+
+
+def latec_ranks(heads: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """LATEC's ranks across models (Klein et al. 2024, "Navigating the Maze of Explainable AI"; their
+    code's main_rank, across models): r_{d,c}(k) of method k in (dataset d, headline column c), where
 
         s~ = (clip(s, q_.025, q_.975) - min) / (max - min + 1e-11)
 
     for every per-sample score s of model m (q, min and max over all methods' samples of (d, m, c): each
     model's scores standardised to [0, 1], outliers clipped), and r_{d,c}(k) ranks the methods k by the
     median of s~_k over every sample of every model of d (1 = best in c's direction, ties averaged).
-    Returns that mean; rank_methods ranks it again (latec_rank). NaN scores are left out.
+    One row per (dataset, metric, score, method): median, rank. `latec` averages the ranks, rank_methods
+    ranks that mean again (latec_rank). NaN scores are left out.
     """
     cols = heads[COLUMN + ["higher_is_better"]].drop_duplicates(COLUMN)
     s = scores[["dataset", "model", "method", "metric", "score", "value"]].merge(cols, on=COLUMN)
     s = s[np.isfinite(s["value"].to_numpy(np.float64))]
     s = s.merge(heads[COLUMN + ["method"]], on=COLUMN + ["method"])     # the board's methods only
     if s.empty:
-        return pd.Series(dtype=np.float64, name="latec_mean")
+        return pd.DataFrame(columns=["dataset", "metric", "score", "method", "median", "rank"])
     g = s.groupby(COLUMN, observed=True)["value"]
     lo, hi = g.transform(lambda v: v.quantile(0.025)), g.transform(lambda v: v.quantile(0.975))
     clipped = s["value"].clip(lo, hi)
@@ -96,7 +103,7 @@ def latec(heads: pd.DataFrame, scores: pd.DataFrame) -> pd.Series:
         median=("norm", "median"), higher_is_better=("higher_is_better", "first")).reset_index()
     key = med["median"].where(~med["higher_is_better"].astype(bool), -med["median"])     # smaller = better
     med["rank"] = key.groupby([med["dataset"], med["metric"], med["score"]]).rank(method="average")
-    return med.groupby("method")["rank"].mean().rename("latec_mean")
+    return med.drop(columns="higher_is_better")
 
 
 def bootstrap_ranks(heads: pd.DataFrame, scores: pd.DataFrame, *, n_boot: int = 1000, level: float = 0.95,
