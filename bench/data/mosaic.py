@@ -1,7 +1,7 @@
 """`shapes_mosaic`: 2x2 mosaics of `shapes` images for Focus (Arias-Duart et al. 2022).
 
-Every mosaic is a pure function of (seed, split, index), like a `shapes` item, and is rendered when it
-is first accessed (then kept as uint8), never the whole split up front.
+Every mosaic is a pure function of (seed, split, index), like a `shapes` item, and is rendered each time
+it is read, never kept, so memory does not grow with n_samples.
 """
 from __future__ import annotations
 
@@ -68,7 +68,6 @@ class ShapesMosaic:
         self.size, self.seed, self.distractors = int(size), int(seed), int(distractors)
         self.mean, self.std = mean, std
         self.image_shape = (3, 2 * self.size, 2 * self.size)
-        self._cache: dict[int, Tensor] = {}                          # index -> (3, 2S, 2S) uint8
 
     @property
     def train_on(self) -> dict[str, Any]:
@@ -98,20 +97,18 @@ class ShapesMosaic:
                 "targets": layout.clone()}
 
     def _image(self, i: int) -> Tensor:
-        """Mosaic i as uint8 (3, 2S, 2S), rendered on first access and kept; torch single-threaded
-        while it renders (the per-tile work is small, and intra-op threads stall on shared cores)."""
-        if i not in self._cache:
-            tiles = self.plan(i)["tiles"].tolist()
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                images = [render_shapes_item(seed=self.seed, split=self.split, index=j, size=self.size,
-                                             distractors=self.distractors)[0] for j in tiles]
-            finally:
-                torch.set_num_threads(threads)
-            top, bottom = torch.cat(images[:2], dim=2), torch.cat(images[2:], dim=2)   # (3, S, 2S) each
-            self._cache[i] = torch.cat([top, bottom], dim=1)                            # (3, 2S, 2S)
-        return self._cache[i]
+        """Mosaic i as uint8 (3, 2S, 2S), rendered now (not kept); torch single-threaded while it
+        renders (the per-tile work is small, and intra-op threads stall on shared cores)."""
+        tiles = self.plan(i)["tiles"].tolist()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            images = [render_shapes_item(seed=self.seed, split=self.split, index=j, size=self.size,
+                                         distractors=self.distractors)[0] for j in tiles]
+        finally:
+            torch.set_num_threads(threads)
+        top, bottom = torch.cat(images[:2], dim=2), torch.cat(images[2:], dim=2)   # (3, S, 2S) each
+        return torch.cat([top, bottom], dim=1)                                      # (3, 2S, 2S)
 
     def _mask(self, targets: Tensor) -> Tensor:
         """(4,) bool quadrant flags -> (2S, 2S) bool mask of the target quadrants."""

@@ -2,7 +2,9 @@
 
 Every item is a pure function of (seed, split, index): it draws from its own
 torch.Generator, seeded from numpy's SeedSequence over those three integers, so any
-item can be regenerated alone, in any order, in any process. Nothing is downloaded.
+item can be regenerated alone, in any order, in any process. Nothing is downloaded,
+and nothing is kept: items are rendered when they are read, so memory does not grow
+with n_samples.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from bench.data._index import item_index
 # _AREA and _WATERMARKS are read from here by tests (tests/bench/test_shapes.py, tests/test_published.py)
 from bench.data._shapes_draw import _AREA, _SPLIT_CODES, _WATERMARKS, CLASSES, Split, _render  # noqa: F401
 
-_CHUNK = 64                    # items rendered per batch: small enough to stay in cache
+_CHUNK = 64                    # items rendered per batch (and the most kept): small enough to stay in cache
 
 
 @contextmanager
@@ -84,8 +86,10 @@ class Shapes(Dataset[dict[str, Tensor]]):
     radius 9-16 px at 64 px, random position, rotation and colour, plus `distractors`
     elongated ellipses that carry no class information and are never in the mask. The
     background is a tinted field of low-frequency sinusoids and noise; object and
-    distractors are 0.4 brighter or darker than its mean. Items are rendered on first
-    access and kept as uint8 (5000 items at 64 px: ~60 MB). Inputs are normalised with
+    distractors are 0.4 brighter or darker than its mean. Items stream: reading item i
+    renders the _CHUNK items around it (one batch, bit-identical to rendering each alone)
+    and keeps only that chunk, so a pass in order renders each item once and memory stays
+    flat in n_samples (`tensors()` alone holds the whole split). Inputs are normalised with
     mean 0.5 and std 0.25 per channel, so 0.0 in the normalised space is mid-grey.
 
     `decoys` > 0 (the `shapes_multi` config) adds that many non-class objects (hexagons,
@@ -141,23 +145,21 @@ class Shapes(Dataset[dict[str, Tensor]]):
         self.distractors = int(distractors)
         self.decoys = int(decoys)
         self.image_shape = (3, self.size, self.size)
-        self._store: dict[str, Tensor] | None = None
+        self._chunk: tuple[int, Tensor, Tensor] | None = None     # (first index, images, masks): the last rendered
 
-    def _items(self) -> dict[str, Tensor]:
-        """Render every item once, in batches of _CHUNK items, and keep them as uint8 + bool."""
-        if self._store is None:
-            images = torch.empty(self.n_samples, *self.image_shape, dtype=torch.uint8)  # (N, 3, H, W)
-            masks = torch.empty(self.n_samples, self.size, self.size, dtype=torch.bool)  # (N, H, W)
-            with _one_thread():
-                for start in range(0, self.n_samples, _CHUNK):
-                    stop = min(start + _CHUNK, self.n_samples)
-                    item = _render(self.seed, self.split, range(start, stop), self.size, self.distractors,
-                                   self.decoys, self.watermark, self.object_class)
-                    images[start:stop] = item["image"]
-                    masks[start:stop] = item["watermark_mask"] if self.watermark else item["mask"]
-            ids = torch.arange(self.n_samples, dtype=torch.int64)                        # (N,)
-            self._store = {"image": images, "mask": masks, "target": ids % self.num_classes, "sample_id": ids}
-        return self._store
+    def _rendered(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Items start..stop-1 rendered in one batch: images (n, 3, H, W) uint8, masks (n, H, W) bool."""
+        with _one_thread():
+            item = _render(self.seed, self.split, range(start, stop), self.size, self.distractors, self.decoys,
+                           self.watermark, self.object_class)
+        return item["image"], item["watermark_mask"] if self.watermark else item["mask"]
+
+    def _item(self, i: int) -> tuple[Tensor, Tensor]:
+        """Item i's image (3, H, W) uint8 and mask (H, W), from the chunk of _CHUNK items that holds it."""
+        start = i - i % _CHUNK
+        if self._chunk is None or self._chunk[0] != start:
+            self._chunk = (start, *self._rendered(start, min(start + _CHUNK, self.n_samples)))
+        return self._chunk[1][i - start], self._chunk[2][i - start]
 
     def _normalise(self, image: Tensor) -> Tensor:
         """uint8 (..., 3, H, W) -> float32, (image / 255 - mean) / std."""
@@ -170,24 +172,24 @@ class Shapes(Dataset[dict[str, Tensor]]):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         i = item_index(i, self.n_samples)
-        store = self._items()
+        image, mask = self._item(i)
         return {
-            "x": self._normalise(store["image"][i]),       # (3, H, W) float32
-            "target": store["target"][i],                  # () int64
-            "mask": store["mask"][i],                      # (H, W) bool
-            "sample_id": store["sample_id"][i],            # () int64, the index within the split
+            "x": self._normalise(image),                   # (3, H, W) float32
+            "target": torch.tensor(i % self.num_classes),  # () int64
+            "mask": mask.clone(),                          # (H, W) bool, not a view of the chunk
+            "sample_id": torch.tensor(i),                  # () int64, the index within the split
         }
 
     def tensors(self) -> dict[str, Tensor]:
-        """The whole split at once, for batching by slicing: x (N, 3, H, W) float32 normalised,
-        target (N,) int64, mask (N, H, W) bool, sample_id (N,) int64. x is a fresh tensor."""
-        store = self._items()
-        return {
-            "x": self._normalise(store["image"]),
-            "target": store["target"].clone(),
-            "mask": store["mask"].clone(),
-            "sample_id": store["sample_id"].clone(),
-        }
+        """The whole split at once, for batching by slicing (the zoo trains on it): x (N, 3, H, W) float32
+        normalised, target (N,) int64, mask (N, H, W) bool, sample_id (N,) int64; rendered now, not kept."""
+        images = torch.empty(self.n_samples, *self.image_shape, dtype=torch.uint8)    # (N, 3, H, W)
+        masks = torch.empty(self.n_samples, self.size, self.size, dtype=torch.bool)    # (N, H, W)
+        for start in range(0, self.n_samples, _CHUNK):
+            stop = min(start + _CHUNK, self.n_samples)
+            images[start:stop], masks[start:stop] = self._rendered(start, stop)
+        ids = torch.arange(self.n_samples, dtype=torch.int64)                          # (N,)
+        return {"x": self._normalise(images), "target": ids % self.num_classes, "mask": masks, "sample_id": ids}
 
     def __repr__(self) -> str:
         return (
