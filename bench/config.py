@@ -192,7 +192,7 @@ def derive_seeds(cfg: Any) -> Any:
     """A copy of the experiment config `cfg` in which every method's and metric's `seed: null` is its
     derived_seed(cfg.seed, group, name); an integer seed in an entry is kept (pinned), and an entry without
     a `seed` key gets none. Datasets and zoo models keep their own seeds: the run seed never changes which
-    images are scored, nor retrains a model (README, "Seeds"). The runner fills the seeds in before it
+    images are scored, nor retrains a model (README, "Reproducible"). The runner fills the seeds in before it
     computes cell keys, so keys and the manifest's config hold the seeds actually used; bench.api does the
     same for its defaults. A method or metric built from a YAML node without this gets seed=None and
     refuses it."""
