@@ -59,8 +59,8 @@ def render_page(t: Tables, figures: list[Path], *, title: str = "saliency-bench 
 <p>Mean over samples (95% bootstrap CI, rank and sample count on hover); ↑ higher is better, ↓ lower;
 colour: rank within the column, darker is better; bold: best; ▾ worse than a control; n/a: the method or
 metric cannot run on this model (reason on hover); –: undefined or not scored. Click a header to sort, a
-name for its card. {toggle}</p>
-<div class="tabs" role="tablist">{tabs}</div>{panels}</section>
+name for its card.</p>
+<div class="tabs" role="tablist">{tabs}{toggle}</div>{panels}</section>
 {_sanity_section(t.sanity)}
 <section id="figures"><h2>Figures</h2>{_figures(rest) or "<p>Each model's figures are in its view.</p>"}</section>
 <details id="cost"><summary><h2>Cost</h2></summary>{_frame(t.cost, "cost-table")}</details>
@@ -102,11 +102,14 @@ def _summary(board: pd.DataFrame, manifests: list[dict]) -> str:
 
 
 def _below_control(ranking) -> dict[tuple, list[str]]:
-    """(dataset, model, method, metric, score) -> the controls it scores worse than (Ranking.below_control)."""
+    """(dataset, model, method, metric, score) -> the controls it scores worse than (Ranking.below_control),
+    each with both means where the table has them."""
     frame = getattr(ranking, "below_control", None)
     out: dict[tuple, list[str]] = {}
-    for r in (frame.itertuples() if frame is not None else ()):
-        out.setdefault((r.dataset, r.model, r.method, r.metric, r.score), []).append(str(r.control))
+    for r in (frame.to_dict("records") if frame is not None else ()):
+        means = f" ({r['mean']:.3g} vs {r['control_mean']:.3g})" if {"mean", "control_mean"} <= set(r) else ""
+        out.setdefault((r["dataset"], r["model"], r["method"], r["metric"], r["score"]), []).append(
+            f"{r['control']}{means}")
     return out
 
 
@@ -142,7 +145,7 @@ def _ranking(ranking, board: pd.DataFrame) -> str:
                f'<td class="key">{_link("method", r.method)}</td>',
                f'<td data-value="{r.mean_rank!r}">{_num(r.mean_rank, "{:.2f}")}</td>',
                f'<td data-value="{r.latec_rank!r}">{_num(r.latec_rank, "{:.2f}")}</td>',
-               f'<td data-value="{r.rank_ci_low!r}">{_num(r.rank_ci_low, "{:g}")}–{_num(r.rank_ci_high, "{:g}")}</td>',
+               f'<td data-value="{r.rank_ci_low!r}">{_num(r.rank_ci_low)}–{_num(r.rank_ci_high)}</td>',
                f'<td data-value="{r.p_best!r}">{_num(r.p_best, "{:.2f}")}</td>',
                f'<td data-value="{r.n_columns!r}">{r.n_columns}</td>']
         for f in fams:
@@ -182,7 +185,7 @@ def _view(i: int, dataset: str, model: str, board: pd.DataFrame, t: Tables, unsu
     headline = first["headline"].astype(bool) if "headline" in first else pd.Series(True, index=first.index)
     overall = t.overall[t.overall["dataset"].eq(dataset) & t.overall["model"].eq(model)].sort_values(["rank", "method"])
     fam = t.families[t.families["dataset"].eq(dataset) & t.families["model"].eq(model)]
-    fams = family_order(fam["family"]) if len(fam) else []
+    fams = family_order(fam.loc[fam["rank"].notna(), "family"]) if len(fam) else []   # families ranked here
     fam_rank = fam.set_index(["method", "family"])
     cells = part.set_index(["method", "column"])
     n_col = part.groupby("column")["mean"].count()
