@@ -14,7 +14,7 @@ from bench.calls import METRIC_INPUTS, call_metric, missing_inputs
 from bench.checks import check_targets
 from bench.data.contract import BenchDataset, FileDataset, members
 from bench.provenance import metric_meta, without_meta
-from metrics import FAMILIES, consumed, family, metric_input, randomization_layers
+from metrics import FAMILIES, consumed, family, metric_input, randomization_layers, ranked
 
 
 def _compose(*overrides: str):
@@ -51,7 +51,7 @@ def test_metric_contract(name, tiny_cnn, batch):
     cfg = _compose(f"metric=[{name}]")
     assert list(cfg.metric) == [name]
     check_targets(cfg)
-    metric_meta(name, cfg.metric[name])                      # _sanity_ and _staged_, where given, are well formed
+    meta = metric_meta(name, cfg.metric[name])               # _sanity_, _staged_, _headline_, where given, well formed
     metric = instantiate(without_meta(cfg.metric[name]))
     x, target = batch
     method = instantiate(_compose("method=[saliency]").method.saliency)
@@ -71,6 +71,11 @@ def test_metric_contract(name, tiny_cnn, batch):
         assert curve.y.shape == (5, len(curve.x)) and len(curve.labels) in (0, len(curve.x))
     assert all(torch.equal(v, state[k]) for k, v in tiny_cnn.state_dict().items())
     assert family(metric) in FAMILIES                        # every metric carries its family (its module)
+    ranked_scores = [s for s in result.scores if ranked(s)]
+    if meta["headline"] is None:                             # the rank aggregates need one score per metric
+        assert len(ranked_scores) == 1, f"{name} returns {ranked_scores}: declare `_headline_` in its YAML"
+    else:
+        assert meta["headline"] in ranked_scores, f"{name}'s _headline_ is not among its ranked scores {ranked_scores}"
 
 
 @pytest.mark.parametrize("name", _names("model"))
