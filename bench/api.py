@@ -6,7 +6,8 @@ runner's own path: the config is composed as `python -m bench` composes it, name
 and the zoo's load_model, and a metric is called with the inputs its signature names, the attribution
 in the form it consumes under the run's `reduce` (bench.calls). Defaults are the YAML's, not the
 function's. Keyword options set keys of the entry's YAML node; a key the target does not take is
-refused, never dropped.
+refused, never dropped. Methods and metrics run with pass sizes tuned to the model on first use, as
+in a run (bench.tuning: probed once per architecture, input shape and device, cached in cache_dir).
 
 >>> from bench import api
 >>> data = api.batch(api.dataset("shapes", n_samples=8))
@@ -32,6 +33,7 @@ from bench.checks import (check_cache_dir, check_name, check_names, check_option
 from bench.config import CONF, derive_seeds, unknown_choice
 from bench.data.stream import stream
 from bench.provenance import without_meta
+from bench.tuning import tuned
 from bench.zoo import load_model
 from metrics import MetricResult
 
@@ -101,7 +103,22 @@ def method(name: str, *, search_path: Folders = (), allowed_targets: Sequence[st
     """Attribution method `name` with its YAML's hyperparameters and `options` over them: a callable
     (model, x, target) -> attribution (B, C, H, W), e.g. method("integrated_gradients", steps=32)."""
     cfg = _built("method", name, options, (), search_path, allowed_targets, f"method=[{name}]")
-    return instantiate_checked(f"method.{name}", cfg.method[name])
+    return TunedMethod(instantiate_checked(f"method.{name}", cfg.method[name]), str(cfg.cache_dir))
+
+
+@dataclass(frozen=True)
+class TunedMethod:
+    """A method as its YAML configures it (`partial`; its func and keywords shown as this object's), called
+    with the pass sizes tuned to the model it is given (bench.tuning: probed on first use, as in a run)."""
+
+    partial: Callable[..., Tensor]
+    cache_dir: str | None = None
+    func = property(lambda self: self.partial.func)
+    keywords = property(lambda self: self.partial.keywords)
+
+    def __call__(self, model: nn.Module, x: Tensor, target: Tensor, /, **options: Any) -> Tensor:
+        with tuned(model, x, cache_dir=self.cache_dir):
+            return self.partial(model, x, target, **options)
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,7 @@ class Metric:
     name: str
     fn: Callable[..., MetricResult]
     reduce: str
+    cache_dir: str | None = None              # where the tuned pass sizes are kept (bench.tuning)
 
     def __call__(self, model: nn.Module, x: Tensor, target: Tensor, attribution: Tensor, *,
                  mask: Tensor | None = None, method: Callable[..., Tensor] | None = None,
@@ -128,7 +146,8 @@ class Metric:
             del available["method"]
         if missing := missing_inputs(self.fn, available):
             raise ValueError(f"metric {self.name} needs {missing}: pass " + ", ".join(f"{k}=..." for k in missing))
-        return call_metric(self.fn, available)
+        with tuned(model, x, cache_dir=self.cache_dir):             # the model's pass sizes, as in a run
+            return call_metric(self.fn, available)
 
 
 def metric(name: str, *, reduce: str | None = None, search_path: Folders = (), allowed_targets: Sequence[str] = (),
@@ -138,7 +157,8 @@ def metric(name: str, *, reduce: str | None = None, search_path: Folders = (), a
     cfg = _built("metric", name, options, [f"reduce={reduce}"] if reduce else [], search_path, allowed_targets,
                  f"metric=[{name}]")
     check_options(cfg)
-    return Metric(name, instantiate_checked(f"metric.{name}", without_meta(cfg.metric[name])), str(cfg.reduce))
+    return Metric(name, instantiate_checked(f"metric.{name}", without_meta(cfg.metric[name])), str(cfg.reduce),
+                  str(cfg.cache_dir))
 
 
 def batch(data: Any, n: int | None = None, *, device: str | torch.device = "cpu") -> dict[str, Tensor]:

@@ -188,9 +188,13 @@ def _channels_last(model: nn.Module) -> bool:
 
 
 @contextmanager
-def tuned(model: nn.Module, x: Tensor, *, cache_dir: str | Path | None = None) -> Iterator[PassSizes]:
+def tuned(model: nn.Module | None, x: Tensor, *, cache_dir: str | Path | None = None) -> Iterator[PassSizes | None]:
     """metrics.batching.pass_sizes() tuned to `model` for x's items (bench.api's first use: probed once per
-    key and process), under the autocast in force and the model's memory format."""
+    key and process), under the autocast in force and the model's memory format. No model (a localization
+    metric): nothing to tune, the block runs as it is."""
+    if not isinstance(model, nn.Module):
+        yield None
+        return
     kind = x.device.type
     precision = next((name for name, dtype in _PRECISION_NAMES.items()
                       if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == dtype), "float32")

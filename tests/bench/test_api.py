@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 import methods
 import metrics
-from bench import api
+from bench import api, tuning
 from bench.config import CONF
 from bench.data import Shapes
 
@@ -27,8 +27,11 @@ def test_a_method_has_its_yamls_defaults_not_its_functions(batch, tiny_cnn):
     ig = api.method("integrated_gradients")
     assert ig.func is methods.integrated_gradients and ig.keywords == _yaml("method", "integrated_gradients")
     assert ig.keywords["steps"] == 16                                     # the function's own default is 32
-    torch.testing.assert_close(ig(tiny_cnn, x, target),
-                               methods.integrated_gradients(tiny_cnn, x, target, **ig.keywords), rtol=0, atol=0)
+    with tuning.tuned(tiny_cnn, x) as sizes:                              # the api's pass sizes: IG's
+        want = methods.integrated_gradients(tiny_cnn, x, target, **ig.keywords)   # sums in the same batches
+    torch.testing.assert_close(ig(tiny_cnn, x, target), want, rtol=0, atol=0)
+    assert tuning.tune(tiny_cnn, x.shape[1:], x.device)[1]["source"] == "memory"  # probed once, then kept
+    assert sizes.shape == tuple(x.shape[1:]) and sizes.forward >= 1 and sizes.backward >= 1
     assert api.method("integrated_gradients", steps=4).keywords["steps"] == 4
 
 
@@ -36,14 +39,16 @@ def test_a_metric_gets_the_form_it_consumes_under_the_runs_reduce(batch, tiny_cn
     x, target = batch
     a = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))  # signed: the reductions differ
     pf = api.metric("pixel_flipping", steps=4)
-    options = {**_yaml("metric", "pixel_flipping"), "steps": 4}
+    options = {**_yaml("metric", "pixel_flipping"), "steps": 4, "seed": pf.fn.keywords["seed"]}  # seed: derived
     assert pf.reduce == OmegaConf.load(CONF / "config.yaml").reduce == "abs_sum"
-    want = metrics.pixel_flipping(tiny_cnn, x, target, metrics.to_map(a, "abs_sum"), **options)
+    with tuning.tuned(tiny_cnn, x):                                       # the api's pass sizes
+        want = metrics.pixel_flipping(tiny_cnn, x, target, metrics.to_map(a, "abs_sum"), **options)
     got = pf(tiny_cnn, x, target, a)
     for k in want.scores:
         torch.testing.assert_close(got.scores[k], want.scores[k], rtol=0, atol=0)
     signed = api.metric("pixel_flipping", steps=4, reduce="sum")(tiny_cnn, x, target, a)
-    want = metrics.pixel_flipping(tiny_cnn, x, target, a.sum(dim=1), **options)
+    with tuning.tuned(tiny_cnn, x):
+        want = metrics.pixel_flipping(tiny_cnn, x, target, a.sum(dim=1), **options)
     torch.testing.assert_close(signed.scores["auc"], want.scores["auc"], rtol=0, atol=0)
 
 
