@@ -76,20 +76,6 @@ def test_sweep_through_a_hydra_launcher(tmp_path: Path, launcher: str) -> None:
     assert len(scores) == 2 * 2 * 64 and not scores.duplicated(["model", "method", "metric", "score", "sample_id"]).any()
 
 
-STREAMING = '''
-import torch
-from bench.data import Shapes
-from bench.data.shapes import render_shapes_item
-
-
-class Streaming(Shapes):
-    """shapes, rendered on access and never cached: the dataset itself holds no sample."""
-
-    def __getitem__(self, i):
-        image, mask, label = render_shapes_item(seed=self.seed, split=self.split, index=int(i), size=self.size,
-                                                distractors=self.distractors)
-        return {"x": self._normalise(image), "target": torch.tensor(label), "mask": mask, "sample_id": torch.tensor(i)}
-'''
 MEASURE = '''
 import json, resource, sys
 from hydra import compose, initialize_config_dir
@@ -102,25 +88,19 @@ print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_ma
 
 
 def test_memory_is_flat_in_the_number_of_samples(tmp_path: Path) -> None:
-    """A run over 4N samples peaks at the memory of a run over N (one batch of images and maps at a time).
+    """A run over 4N samples of the shipped `shapes` peaks at the memory of a run over N (one batch of images
+    and maps at a time; shapes renders items as they are read).
 
     At 128 px one sample's image, map and mask are ~0.25 MiB, so holding the 3N = 192 extra samples,
     as the runner did when it materialised the dataset, would add > 48 MiB; the bound allows 16 MiB
     (measured: +6 MiB, allocator noise). Small perturbation chunks keep the per-batch peak low."""
-    (tmp_path / "userdata.py").write_text(STREAMING)
-    env = {**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
-    common = ["dataset._target_=userdata.Streaming", "dataset.size=128", "allowed_targets=[userdata.]",
-              "model.net.width=4", "model.train.epochs=1", "model.train.n_train=48", "model.train.n_test=16",
-              "batch_size=16", "method=[saliency]", "metric=[pixel_flipping,pointing_game]",
-              "metric.pixel_flipping.steps=4", "metric.pixel_flipping.chunk_size=32", f"cache_dir={tmp_path / 'cache'}"]
-    sys.path.insert(0, str(tmp_path))
-    try:                                                               # train and cache the model here, once
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=common)
-        load_model(cfg.model, cfg.dataset, cache_dir=tmp_path / "cache")
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("userdata", None)
+    env = _env()
+    common = ["dataset=shapes", "dataset.size=128", "model.net.width=4", "model.train.epochs=1",
+              "model.train.n_train=48", "model.train.n_test=16", "batch_size=16", "method=[saliency]",
+              "metric=[pixel_flipping,pointing_game]", "metric.pixel_flipping.steps=4", "metric.pixel_flipping.chunk_size=32", f"cache_dir={tmp_path / 'cache'}"]
+    with initialize_config_dir(str(CONF), version_base="1.3"):     # train and cache the model here, once
+        cfg = compose("config", overrides=common)
+    load_model(cfg.model, cfg.dataset, cache_dir=tmp_path / "cache")
 
     def peak(n: int) -> float:
         proc = subprocess.run([sys.executable, "-c", MEASURE, str(CONF), str(tmp_path / f"out{n}"), *common,
