@@ -1,0 +1,138 @@
+"""Pass sizes tuned to the model (bench.tuning, metrics.batching.pass_sizes): every chunked pass takes them,
+an explicit size wins, the probe picks the fastest size and stops at out-of-memory, and the cache keeps them."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import methods
+from bench import tuning
+from metrics import mprt, pixel_flipping
+from metrics.batching import PassSizes, auto_chunk_size, pass_sizes
+
+SIZES = PassSizes((3, 8, 8), "cpu", forward=7, backward=6)
+
+
+def _passes(model: nn.Module, run) -> list[int]:
+    """The batch size of every model call made by run() (deep copies, as MPRT's stages, keep the hook)."""
+    seen: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.fixture
+def data(batch):
+    x, target = batch
+    return x[:2], target[:2], x[:2].abs().sum(dim=1)                  # B = 2, (3, 8, 8), map (2, 8, 8)
+
+
+# (workload, the tuned size it takes): forward-only passes take SIZES.forward (7), gradient passes
+# SIZES.backward (6, i.e. 3 draws of the batch of 2)
+WORKLOADS = {
+    "pixel_flipping": (lambda m, x, t, a: pixel_flipping(m, x, t, a, steps=8, order="both"), 7),
+    "rise": (lambda m, x, t, a: methods.rise(m, x, t, masks=20, cells=2), 7),
+    "score_cam": (lambda m, x, t, a: methods.score_cam(m, x, t), 7),
+    "integrated_gradients": (lambda m, x, t, a: methods.integrated_gradients(m, x, t, steps=8), 6),
+    "smoothgrad": (lambda m, x, t, a: methods.smoothgrad(m, x, t, samples=9), 6),
+    "expected_gradients": (lambda m, x, t, a: methods.expected_gradients(m, x, t, samples=9), 6),
+    "mprt_stage_maps": (lambda m, x, t, a: mprt(m, x, t, lambda m_, x_, t_: methods.integrated_gradients(
+        m_, x_, t_, steps=8), measures=["spearman"]), 6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_every_chunked_pass_takes_the_tuned_size(name, tiny_cnn, data):
+    run, size = WORKLOADS[name]
+    with pass_sizes(SIZES):
+        seen = _passes(tiny_cnn, lambda: run(tiny_cnn, *data))
+    chunked = [n for n in seen if n > len(data[0])]                   # less whole-batch passes (f(x), g0, CAM)
+    assert chunked and set(chunked) <= {size, *range(len(data[0]) + 1, size)} and size in chunked, seen
+    untuned = _passes(tiny_cnn, lambda: run(tiny_cnn, *data))        # outside the context: the byte budget
+    assert max(untuned) > size
+
+
+def test_an_explicit_size_wins(tiny_cnn, data):
+    x, target, a = data
+    with pass_sizes(SIZES):
+        assert max(_passes(tiny_cnn, lambda: pixel_flipping(tiny_cnn, x, target, a, steps=8, chunk_size=3))) == 3
+        assert max(_passes(tiny_cnn, lambda: methods.smoothgrad(tiny_cnn, x, target, samples=9,
+                                                                  chunk_size=4))) == 4
+        assert max(_passes(tiny_cnn, lambda: methods.integrated_gradients(tiny_cnn, x, target, steps=8,
+                                                                            internal_batch_size=2))) == 2
+
+
+def test_sizes_apply_only_to_their_shape_and_device():
+    with pass_sizes(SIZES):
+        assert auto_chunk_size(torch.zeros(1, 3, 8, 8)) == 7
+        assert auto_chunk_size(torch.zeros(1, 3, 8, 8), backward=True) == 6
+        assert auto_chunk_size(torch.zeros(1, 3, 16, 16)) == (2 << 20) // (3 * 16 * 16 * 4)   # the byte budget
+    assert auto_chunk_size(torch.zeros(1, 3, 8, 8)) == (2 << 20) // (3 * 8 * 8 * 4)
+    with pytest.raises(ValueError, match="PassSizes.forward must be a positive integer"):
+        PassSizes((3, 8, 8), "cpu", forward=0, backward=1)
+
+
+class Spinning(nn.Module):
+    """Burns cost(b) seconds of CPU time per forward of b images (the probe's clock on CPU); with `fail_at`,
+    batches of that size or more raise CUDA's out-of-memory message."""
+
+    def __init__(self, cost, fail_at: int | None = None):
+        super().__init__()
+        self.cost, self.fail_at = cost, fail_at
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        if self.fail_at is not None and len(x) >= self.fail_at:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        t0 = time.process_time()
+        while time.process_time() - t0 < self.cost(len(x)):
+            pass
+        return x.mean(dim=(1, 2, 3))[:, None] * self.w                  # (b, 2)
+
+
+def test_the_probe_picks_the_fastest_size_and_stops_when_it_falls():
+    # seconds per call: 4 ms + 1 ms per image up to 8 images (8 images: 667/s, the best), 4 ms per image beyond
+    model = Spinning(lambda b: 0.004 + 0.001 * b if b <= 8 else 0.004 * b)
+    record = tuning.probe(model, (1, 2, 2), "cpu", budget=20)
+    assert record["forward"] == record["backward"] == 8
+    assert list(record["throughput"]["forward"]) == ["1", "2", "4", "8", "16", "32"]   # two sizes past the best
+
+
+def test_out_of_memory_ends_the_sweep_other_errors_are_raised():
+    record = tuning.probe(Spinning(lambda b: 0.004, fail_at=16), (1, 2, 2), "cpu", budget=20)
+    assert record["forward"] == record["backward"] == 8                      # rate grows with b until OOM
+    with pytest.raises(RuntimeError, match="out of memory"):                 # not even one size fits
+        tuning.probe(Spinning(lambda b: 0.004, fail_at=1), (1, 2, 2), "cpu", budget=20)
+
+
+def test_tune_probes_once_then_reads_the_cache(tiny_cnn, tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "_MEMO", {})
+    sizes, record = tuning.tune(tiny_cnn, (3, 8, 8), "cpu", cache_dir=tmp_path)
+    assert record["source"] == "probe" and (tmp_path / tuning.CACHE_FILE).exists()
+    assert sizes == PassSizes((3, 8, 8), "cpu", record["forward"], record["backward"])
+    monkeypatch.setattr(tuning, "_MEMO", {})                                  # a new process: the JSON file
+    seen = _passes(tiny_cnn, lambda: tuning.tune(tiny_cnn, (3, 8, 8), "cpu", cache_dir=tmp_path))
+    again, record2 = tuning.tune(tiny_cnn, (3, 8, 8), "cpu", cache_dir=tmp_path)
+    assert seen == [] and again == sizes and record2["source"] == "memory"
+    keys = {tuning.key(tiny_cnn, (3, 8, 8), "cpu"), tuning.key(tiny_cnn, (3, 16, 16), "cpu"),
+            tuning.key(tiny_cnn, (3, 8, 8), "cpu", channels_last=True),
+            tuning.key(tiny_cnn, (3, 8, 8), "cpu", precision="bfloat16"),
+            tuning.key(nn.Sequential(nn.Conv2d(3, 5, 3), nn.Flatten()), (3, 8, 8), "cpu")}
+    assert len(keys) == 5
+    weights_only = type(tiny_cnn)()                                           # same architecture, other weights
+    assert tuning.key(weights_only, (3, 8, 8), "cpu") == tuning.key(tiny_cnn, (3, 8, 8), "cpu")
+
+
+def test_the_probe_leaves_model_and_rng_alone(tiny_cnn):
+    state = {k: v.clone() for k, v in tiny_cnn.state_dict().items()}
+    rng = torch.get_rng_state()
+    tuning.probe(tiny_cnn, (3, 8, 8), "cpu", budget=0.2)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, tiny_cnn.state_dict()[k]) for k, v in state.items())
+    assert all(p.grad is None for p in tiny_cnn.parameters())
