@@ -50,7 +50,7 @@ def render_page(t: Tables, figures: list[Path], *, title: str = "saliency-bench 
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>{e(title)}</title><style>{(asset / "page.css").read_text(encoding="utf-8")}</style></head>
 <body><header><h1>{e(title)}</h1><p>{_summary(board, manifests)}</p>
-<nav><a href="#ranking">Ranking</a> <a href="#views">Per model</a> <a href="#sanity">Sanity</a>
+<nav><a href="#ranking">Ranking</a> <a href="#views">Per model</a> <a href="#sanity-checks">Sanity</a>
 <a href="#figures">Figures</a> <a href="#cost">Cost</a> <a href="#provenance">Provenance</a>
 <a href="#cards">Methods and metrics</a>
 <label>filter methods <input type="search" id="filter" placeholder="name contains…"></label></nav></header>
@@ -165,7 +165,7 @@ def _ranking(ranking, board: pd.DataFrame) -> str:
             "over columns) and LATEC's rank (Klein et al. 2024: scores median-standardised per column, then "
             "ranked); rank CI and P(best) from a bootstrap over samples and models; each family's rank on hover. "
             "⚠: the method scores worse than a control somewhere (details on hover).</p>")
-    table = f'<div class="scroll"><table class="sortable" id="overall"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
+    table = f'<div class="scroll"><table id="overall"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
     kendall = getattr(ranking, "kendall", None)
     agree = ""
     if kendall is not None and len(kendall):
@@ -217,7 +217,7 @@ def _view(i: int, dataset: str, model: str, board: pd.DataFrame, t: Tables, unsu
         rows.append(f'<tr data-method="{e(str(r.method))}">{"".join(tds)}</tr>')
     figs = f"<details open><summary>Figures of {e(dataset)} / {e(model)}</summary>{_figures(figures)}</details>" if figures else ""
     return (f'<section class="view" role="tabpanel" data-view="{i}" data-dataset="{e(str(dataset))}" '
-            f'data-model="{e(str(model))}"><div class="scroll"><table class="sortable board">'
+            f'data-model="{e(str(model))}"><div class="scroll"><table class="board">'
             f'<thead><tr>{top}</tr><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
             f"{_view_note(part)}{figs}</section>")
 
@@ -285,7 +285,7 @@ def _frame(df: pd.DataFrame, table_id: str) -> str:
             else:
                 tds.append(f'<td class="key">{e(str(v))}</td>')
         rows.append(f"<tr>{''.join(tds)}</tr>")
-    return (f'<div class="scroll"><table class="sortable" id="{table_id}"><thead><tr>{head}</tr></thead>'
+    return (f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div>')
 
 
@@ -344,7 +344,7 @@ def _parameters(nodes: list[tuple[dict, dict]]) -> str:
 def _sanity_section(sanity: pd.DataFrame | None) -> str:
     """The sanity table, one row per (dataset, model, method, test); a line saying there is none otherwise."""
     if sanity is None or sanity.empty:
-        return '<section id="sanity"><h2>Sanity checks</h2><p>No randomization tests in these runs.</p></section>'
+        return '<section id="sanity-checks"><h2>Sanity checks</h2><p>No randomization tests in these runs.</p></section>'
     rows = []
     for r in sanity.itertuples():
         verdict = "undefined" if pd.isna(r.passed) else "pass" if r.passed else "fail"
@@ -355,9 +355,9 @@ def _sanity_section(sanity: pd.DataFrame | None) -> str:
                     f'{e(text)}</td><td class="{verdict}">{verdict}</td></tr>')
     head = "".join(f'<th class="key">{c}</th>' for c in ("dataset", "model", "method", "test", "map", "stage")) + \
         "<th>Spearman</th><th>verdict</th>"
-    return (f'<section id="sanity"><h2>Sanity checks</h2><p>Spearman rank correlation of the maps before and after '
+    return (f'<section id="sanity-checks"><h2>Sanity checks</h2><p>Spearman rank correlation of the maps before and after '
             f"each randomization (Adebayo et al. 2018), ABS (sum_c |E_c|) and signed (sum_c E_c), after the last "
             f"stage and, for cascading MPRT, the first; mean [95% CI] over samples; pass: |mean| &lt; "
             f"{float(sanity['threshold'].iloc[0]):g}, the map changed with the model.</p>"
-            f'<div class="scroll"><table class="sortable" id="sanity-table"><thead><tr>{head}</tr></thead>'
+            f'<div class="scroll"><table id="sanity"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div></section>')

@@ -15,7 +15,7 @@ function sortBy(table, th) {
   });
   rows.forEach(row => body.appendChild(row));
 }
-for (const table of document.querySelectorAll('table.sortable')) {
+for (const table of document.querySelectorAll('table')) {            // every table sorts
   const heads = table.tHead.rows[table.tHead.rows.length - 1];   // the row under the families
   for (const th of heads.cells) {
     th.addEventListener('click', event => { if (!event.target.closest('a')) { sortBy(table, th); } });

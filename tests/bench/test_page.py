@@ -37,6 +37,7 @@ def _board() -> pd.DataFrame:
                 ("mprt", "spearman", False, "randomization", True, -1),
                 ("mprt", "ssim", False, "randomization", False, 1)]]
     board = pd.DataFrame(rows)
+    board.loc[board["method"].eq("alpha") & board["metric"].eq("pointing_game"), "n_nan"] = 2
     key = board["mean"].where(~board["higher_is_better"], -board["mean"])
     board["rank"] = key.groupby([board["model"], board["metric"], board["score"]]).rank(na_option="bottom")
     return board
@@ -51,7 +52,7 @@ def _ranking() -> SimpleNamespace:
                          "rank": float(rank), "rank_ci_low": float(max(rank - 1, 1)), "rank_ci_high": float(rank + 1),
                          "p_best": 0.7 if rank == 1 else 0.1, "n_columns": 4})
     below = pd.DataFrame({"dataset": ["shapes"], "model": ["cnn"], "method": ["alpha"], "metric": ["pointing_game"],
-                          "score": ["hit"], "control": ["random"]})
+                          "score": ["hit"], "control": ["random"], "mean": [0.2], "control_mean": [0.31]})
     kendall = pd.DataFrame({"dataset_a": ["shapes"], "model_a": ["cnn"], "dataset_b": ["shapes"], "model_b": ["resnet"],
                             "tau": [1.0], "p_value": [0.083], "n_methods": [4]})
     return SimpleNamespace(methods=pd.DataFrame(rows), below_control=below, kendall=kendall)
@@ -109,7 +110,14 @@ def test_page_holds_ranking_cards_provenance_and_cost(page: Path) -> None:
     text = page.read_text(encoding="utf-8")
     overall = text[text.index('id="overall"'):text.index("</table>", text.index('id="overall"'))]
     assert overall.index(">beta<") < overall.index("&lt;img") < overall.index(">alpha<") < overall.index(">gamma<")
-    assert "⚠ below a control on 1" in overall and "shapes/cnn pointing_game/hit below random" in overall
+    assert "⚠ below a control on 1" in overall and "shapes/cnn pointing_game/hit below random (0.2 vs 0.31)" in overall
+    cnn = text[text.index('data-model="cnn"'):text.index('data-model="resnet"')]
+    alpha = cnn[cnn.index('<tr data-method="alpha">'):]
+    alpha = alpha[:alpha.index("</tr>")]
+    assert "rank 3 of 3; n = 8 samples, 2 undefined (NaN, excluded); worse than the control random (0.2 vs 0.31)" \
+        in alpha and '0.2<span class="below">▾</span>' in alpha
+    gamma = cnn[cnn.index('<tr data-method="gamma">'):]
+    assert 'title="undefined on every sample: n = 8 samples">–</td>' in gamma[:gamma.index("</tr>")]
     assert "Kendall τ" in text and "0.083" in text
     card = text[text.index('id="metric-pointing_game"'):]
     card = card[:card.index("</article>")]
