@@ -19,6 +19,7 @@ import pandas as pd
 
 from bench.files import remove_stale_temporaries, write_atomic
 from bench.keep import read_report_maps
+from bench.formats import documents, markdown as _markdown, tex_escape as _tex_escape
 from bench.page import render_page
 from bench.results import Results, group_of, groups, load
 from bench.tables import (COLUMN_KEYS, MAP_LABELS, SANITY_COLUMNS, Tables, bootstrap_ci, by_family, compute, cost, family_order,
@@ -134,8 +135,10 @@ def _write_group(results: Results, notes: list[str], out: Path, *, n_boot: int, 
     Tables (bench.tables): leaderboard.{csv,md,tex,parquet} (with each metric's family), overall_rank.csv
     (overall, per family, per column), significance.csv (Friedman, critical difference, reliability),
     pairwise.csv (Wilcoxon + Holm), agreement.csv (Kendall tau between metrics), cost.csv, failures.csv
-    (store.FAILURE_COLUMNS), sanity.{csv,md} (the randomization tests the metrics' YAMLs declare, pass/fail
-    at `sanity_threshold`). Figures (PNG; with `pdf` also PDF): scores_*, ranks_*, agreement_*, curves_*, cd_*;
+    (store.FAILURE_COLUMNS), sanity.{csv,md,tex} (the randomization tests the metrics' YAMLs declare, pass/fail
+    at `sanity_threshold`); ranking.{csv,md,tex}, kendall.{csv,md,tex} and below_control.csv (bench.ranking:
+    across the group's models), significance and agreement also as .md and .tex (bench.formats).
+    Figures (PNG; with `pdf` also PDF): scores_*, ranks_*, agreement_*, curves_*, cd_*;
     with `gallery`, gallery_* and mprt_grid_* from the maps each run kept (bench.keep). Page: leaderboard.html,
     self-contained, with every figure and manifest. Figures of an earlier report that this one did not draw (a
     model no longer in the store, a PDF twin no longer asked for) are removed (`_remove_stale_figures`).
@@ -162,6 +165,11 @@ def _write_group(results: Results, notes: list[str], out: Path, *, n_boot: int, 
     for name, table in tables.items():
         write_atomic(out / f"{name}.csv", partial(table.to_csv, index=False))
     write_atomic(out / "sanity.md", partial(Path.write_text, data=format_sanity(t.sanity), encoding="utf-8"))
+    ranking = {"ranking": t.ranking.methods, "kendall": t.ranking.kendall, "below_control": t.ranking.below_control}
+    for name, table in ranking.items():                 # across the group's models (bench.ranking)
+        write_atomic(out / f"{name}.csv", partial(table.to_csv, index=False))
+    for name, text in documents(t).items():             # Markdown and LaTeX of the tables (bench.formats)
+        write_atomic(out / name, partial(Path.write_text, data=text, encoding="utf-8"))
     figures = _figures(t, out, gallery=gallery, pdf=pdf)
     _remove_stale_figures(out, figures, pdf=pdf)
     page = render_page(t, figures)
@@ -247,13 +255,6 @@ def _cells(table: pd.DataFrame) -> list[str]:
     return [f"**{t}**" if b else t for t, b in zip(text, best)]
 
 
-def _markdown(wide: pd.DataFrame) -> str:
-    """A plain Markdown table, index first (tabulate is not a dependency)."""
-    header = [wide.index.name or "", *wide.columns]
-    rows = [[str(i), *map(str, row)] for i, row in zip(wide.index, wide.to_numpy())]
-    return "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
-
-
 def _sample_note(table: pd.DataFrame) -> str:
     """One line: samples per cell and where NaN values were excluded."""
     total = table["n"] + table["n_nan"]
@@ -263,15 +264,6 @@ def _sample_note(table: pd.DataFrame) -> str:
         where = ", ".join(f"{r.method} {r.metric}/{r.score}: {r.n_nan}" for r in nan.itertuples())
         note += f"; {nan['n_nan'].sum()} NaN values (undefined, excluded from mean and CI): {where}"
     return note + "."
-
-
-def _tex_escape(text: pd.Series) -> pd.Series:
-    """Escape LaTeX's special characters in names that come from configs."""
-    return text.str.replace(r"[\\_&%#$\{\}~^]", lambda m: _TEX[m.group()], regex=True)
-
-
-_TEX = {"\\": r"\textbackslash{}", "_": r"\_", "&": r"\&", "%": r"\%", "#": r"\#", "$": r"\$",
-        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
 
 if __name__ == "__main__":

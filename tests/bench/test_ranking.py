@@ -129,3 +129,20 @@ def test_a_method_below_a_control_is_flagged_beside_its_rank():
     overall = t.ranking.methods[t.ranking.methods["scope"].eq("overall")].set_index("method")
     assert overall["below_control"].to_dict() == {"a": 2, "b": 0, "random": 0}
     assert overall["rank"].to_dict() == {"a": 3.0, "b": 1.0, "random": 2.0}
+
+
+def test_ranking_kendall_and_tables_in_markdown_and_latex():
+    """bench.formats: every table as Markdown and LaTeX, names escaped, values as in the CSV tables."""
+    from bench.formats import documents
+
+    values = {("shapes", m, "loc_x", "hit"): {"a": [1.0, 1.0], "b": [0.0, 0.5], "random": [0.5, 0.5]}
+              for m in ("m1", "m2")}
+    t = compute(_results(values, hib={("loc_x", "hit"): True}), n_boot=20)
+    docs = documents(t)
+    assert set(docs) == {f"{name}.{ext}" for name in ("ranking", "kendall", "significance", "agreement")
+                         for ext in ("md", "tex")} | {"sanity.tex"}
+    assert "| a | 1 | [1, 1] | 1.00 | 1 | 1 | 2 |  |" in docs["ranking.md"]
+    assert "| b | 3 | [2.5, 3] | 0.00 | 3 | 3 | 2 | 2 |" in docs["ranking.md"]        # below random twice
+    assert r"shapes/m1 & 1 & 1.00 (p=0.33) \\" in docs["kendall.tex"]
+    assert r"loc\_x/hit & " in docs["significance.tex"] and "| loc_x/hit | " in docs["significance.md"]
+    assert docs["ranking.tex"].count(r"\begin{tabular}") == 2                          # overall and its family

@@ -171,6 +171,8 @@ def test_write_report_writes_files(tree: Path, capsys: pytest.CaptureFixture[str
     names = {"leaderboard.csv", "overall_rank.csv", "leaderboard.md", "failures.csv",
              "curves_flip_curve.png", "curves_mprt_spearman.png", "leaderboard.tex", "leaderboard.parquet",
              "significance.csv", "pairwise.csv", "agreement.csv", "cost.csv", "sanity.csv", "sanity.md"}
+    names |= {"ranking.csv", "kendall.csv", "below_control.csv", "sanity.tex"} | {
+        f"{table}.{ext}" for table in ("ranking", "kendall", "significance", "agreement") for ext in ("md", "tex")}
     names |= {f"cd_shapes_{model}_{c}.png" for model, cols in
               [("cnn", ["flip_aopc", "flip_auc", "point_hit", "mprt_spearman"]), ("mlp", ["flip_aopc", "flip_auc"])]
               for c in cols}
