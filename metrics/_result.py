@@ -8,7 +8,8 @@ from torch import Tensor
 
 
 # scores that describe a run's conditions, not the quality of a map: stored and reported, never ranked
-CONTEXT_SCORES = ("changed_fraction",)          # robustness: share of perturbations that changed the prediction
+# robustness: share of perturbations that changed the prediction; randomization: the pair of maps was degenerate
+CONTEXT_SCORES = ("changed_fraction", "degenerate")
 
 
 def ranked(score: str) -> bool:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["similarities", "spearman", "ssim", "hog", "hog_similarity", "top_k_overlap", "SIMILARITIES"]
+__all__ = ["similarities", "degenerate", "spearman", "ssim", "hog", "hog_similarity", "top_k_overlap", "SIMILARITIES"]
 
 SIMILARITIES: tuple[str, ...] = ("spearman", "spearman_signed", "ssim", "hog", "top_k")
 Constant = Literal["zero", "nan"]
@@ -270,6 +270,31 @@ def _minmax(m: Tensor) -> Tensor:
 
 def _constant(m: Tensor) -> Tensor:
     return m.amax(dim=(1, 2)) == m.amin(dim=(1, 2))
+
+
+def degenerate(a: Tensor, b: Tensor, *, clip: float | None = None, reference: dict | None = None) -> Tensor:
+    """1.0 per sample where the pair is degenerate, else 0.0 (B,): the ABS map sum_c |E_c| or the signed map
+    sum_c E_c of `a` or of `b` (clipped as in `similarities`) is constant, fewer than 2 distinct values.
+
+    There the rank correlations have no rank order to compare: `similarities` scores them 0 by convention
+    (`constant="zero"`, "no structure in common") or NaN, so a method whose maps collapse (an all-zero
+    Grad-CAM after ReLU) would "pass" a randomization test without a measurement. A context score: stored
+    and reported beside the similarities (the sanity table's "degenerate" verdict), never ranked. `reference`
+    as in `similarities` (a's side kept).
+    """
+    a, b = _as_attribution(a, "a"), _as_attribution(b, "b")
+    if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
+        raise ValueError(f"a and b must have the same batch and spatial shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    _check_clip(clip)
+    memo = {} if reference is None else reference
+
+    def flat(e: Tensor) -> Tensor:                                                  # (B,) bool
+        g, s = _maps(e, clip)
+        return _constant(g) | _constant(s)
+
+    if ("degenerate", clip) not in memo:
+        memo["degenerate", clip] = flat(a)
+    return (memo["degenerate", clip] | flat(b)).to(a.dtype)
 
 
 def similarities(

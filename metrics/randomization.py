@@ -2,7 +2,8 @@
 
 Every test here recomputes the method's attribution under a change that should matter (weights,
 class, labels) or should not (a compensated input shift) and compares it with the original by
-the measures of `metrics._similarity.similarities`, all from one pair, batched. The tests of
+the measures of `metrics._similarity.similarities`, all from one pair, batched, with the context
+score `degenerate` (1 where either map is constant: `metrics._similarity.degenerate`). The tests of
 Adebayo et al. 2018 consume the raw attribution (B, C, H, W) (`consumes("raw")`): their ABS map
 sum_c |E_c| and signed map sum_c E_c are built from it whatever the run's `reduce` is.
 """
@@ -17,12 +18,12 @@ from torch import Tensor, nn
 from metrics.batching import chunked
 from metrics._map import consumes
 from metrics._result import Curve, MetricResult
-from metrics._similarity import (SIMILARITIES, Constant, Correlation, Window, hog, hog_similarity, similarities,
-                                 spearman, ssim, top_k_overlap)
+from metrics._similarity import (SIMILARITIES, Constant, Correlation, Window, degenerate, hog, hog_similarity,
+                                 similarities, spearman, ssim, top_k_overlap)
 from metrics._stages import Order, _fully_randomized, mprt_stages, randomization_layers
 
 __all__ = ["mprt", "mprt_stages", "emprt", "smprt", "random_logit", "data_randomization",
-           "randomization_layers", "similarities", "spearman", "ssim", "hog", "hog_similarity",
+           "randomization_layers", "similarities", "degenerate", "spearman", "ssim", "hog", "hog_similarity",
            "top_k_overlap", "SIMILARITIES"]
 
 Method = Callable[[nn.Module, Tensor, Tensor], Tensor]          # (model, x, target) -> (B, C, H, W)
@@ -70,13 +71,20 @@ def _raw_original(model: nn.Module, x: Tensor, target: Tensor, method: Method, a
     return attribution
 
 
+def _compared(a: Tensor, b: Tensor, reference: dict, options: dict[str, Any]) -> dict[str, Tensor]:
+    """`similarities` of the pair under `options` and, as the context score `degenerate`, whether it is degenerate."""
+    return {**similarities(a, b, reference=reference, **options),
+            "degenerate": degenerate(a, b, clip=options["clip"], reference=reference)}
+
+
 def _mean_std(draws: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Per-sample mean over draws of each score and, with several draws, its sample sd as `<score>_std`."""
+    """Per-sample mean over draws of each score and, with several draws, its sample sd as `<score>_std` (not of
+    `degenerate`, whose mean is already the fraction of degenerate draws)."""
     out = {}
     for name in draws[0]:
         y = torch.stack([d[name] for d in draws])                                   # (R, B)
         out[name] = y.mean(dim=0)
-        if len(draws) > 1:
+        if len(draws) > 1 and name != "degenerate":
             out[f"{name}_std"] = y.std(dim=0)
     return out
 
@@ -85,7 +93,8 @@ def _mean_std(draws: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 def _result(draws: list[list[dict[str, Tensor]]], labels: Sequence[str], x: Tensor) -> MetricResult:
     """Scores `<measure>@<label>` per stage and `<measure>` for the last stage, means over draws (with
-    `<measure>_std@<label>`, `<measure>_std` over several draws); one mean curve per measure. Lower is better."""
+    `<measure>_std@<label>`, `<measure>_std` over several draws); one mean curve per measure, none of the
+    context score `degenerate` (per stage too: the fraction of draws whose pair is degenerate). Lower is better."""
     scores, curves = {}, {}
     for m in draws[0][0]:
         y = torch.stack([torch.stack([stage[m] for stage in d], dim=1) for d in draws])   # (R, B, L)
@@ -93,6 +102,8 @@ def _result(draws: list[list[dict[str, Tensor]]], labels: Sequence[str], x: Tens
         for j, label in enumerate(labels):
             scores[f"{m}@{label}"] = mean[:, j]
         scores[m] = mean[:, -1]
+        if m == "degenerate":
+            continue
         if len(draws) > 1:
             sd = y.std(dim=0)
             for j, label in enumerate(labels):
@@ -140,7 +151,9 @@ def mprt(
     `explain`: the class explained, the label (default) or each model's own argmax (Adebayo's code).
     `repeats` independent draws (draw r: seed + 100003 r in place of seed) are averaged per sample,
     their sd stored as `<score>_std`. Scores: `<measure>@<layer>` per stage, `<measure>` after the last
-    stage; one mean curve per measure. Lower is better. `model` and the global RNG are never changed.
+    stage; one mean curve per measure. Lower is better. Also the context score `degenerate` (`degenerate@<layer>`
+    per stage), 1 where either map is constant (`similarities` then scores 0 by convention, not by measurement;
+    never ranked; the sanity table's "degenerate" verdict). `model` and the global RNG are never changed.
     Cost: repeats x layers method calls.
     """
     _check_repeats(repeats)
@@ -161,7 +174,7 @@ def mprt(
                                             init_std=init_std):
             stage = method(randomized, x, _explained(randomized, x, target, explain))    # (B, C, H, W)
             names.append(name)
-            per_stage.append(similarities(original, stage, reference=reference, **options))
+            per_stage.append(_compared(original, stage, reference, options))
         draws.append(per_stage)
     return _result(draws, names, x)
 
@@ -327,10 +340,10 @@ def random_logit(
         g = torch.Generator().manual_seed(_draw_seed(seed, r))
         other = (target + torch.randint(1, K, target.shape, generator=g).to(target.device)) % K
         other_attribution = method(model, x, other)
-        s = similarities(original, other_attribution, reference=reference, **options)
-        if sign_flip:
+        s = _compared(original, other_attribution, reference, options)
+        if sign_flip:                                                    # -E' is degenerate exactly when E' is
             flipped = similarities(original, -other_attribution, reference=reference, **options)
-            s = {m: torch.maximum(s[m], flipped[m]) for m in s}
+            s = {m: torch.maximum(s[m], flipped[m]) if m in flipped else s[m] for m in s}
         draws.append(s)
     scores = _mean_std(draws)
     return MetricResult(scores=scores, higher_is_better={s: False for s in scores})
@@ -371,6 +384,7 @@ def data_randomization(
         raise ValueError(f"retrain must be a mapping of train-config overrides (e.g. {{'epochs': 40}}), got {retrain!r}")
     original = _raw_original(model, x, target, method, attribution)
     other = method(label_randomized_model, x, target)
-    scores = similarities(original, other, measures=measures, absolute=absolute, top_k=top_k, constant=constant,
-                          clip=clip, ssim_window=ssim_window, hog_cell=hog_cell, hog_correlation=hog_correlation)
+    scores = _compared(original, other, {}, dict(measures=measures, absolute=absolute, top_k=top_k, constant=constant,
+                                                 clip=clip, ssim_window=ssim_window, hog_cell=hog_cell,
+                                                 hog_correlation=hog_correlation))
     return MetricResult(scores=scores, higher_is_better={s: False for s in scores})

@@ -186,8 +186,9 @@ def test_mprt_spearman_is_a_correlation(data):
     model, x, target, _, _ = data
     result = metrics.mprt(model, x, target, saliency, measures=["spearman"], seed=0)
     layers = [k for k in result.scores if k.startswith("spearman@")]
-    assert len(layers) == 2 and set(result.scores) == {"spearman", *layers}
-    for v in result.scores.values():
+    assert len(layers) == 2 and set(result.scores) == {"spearman", *layers, "degenerate",
+                                                       *(k.replace("spearman", "degenerate") for k in layers)}
+    for v in result.scores.values():                # degenerate: 0 or 1
         assert v.shape == (len(x),) and _in(v, -1, 1) and not v.isinf().any()
 
 

@@ -43,9 +43,10 @@ def test_layers_default_and_declared(tiny_cnn):
 def test_edge_control_stays_identical(tiny_cnn, batch):
     x, target = batch
     r = mprt(tiny_cnn, x, target, methods.edge)
-    assert set(r.scores) == {f"{m}{s}" for m in SIMILARITIES for s in ("@conv1", "@conv2", "@fc", "")}
+    assert set(r.scores) == {f"{m}{s}" for m in (*SIMILARITIES, "degenerate") for s in ("@conv1", "@conv2", "@fc", "")}
     for k, v in r.scores.items():                  # 8x8 maps hold no 3x3 block of 8x8 HOG cells: NaN
-        torch.testing.assert_close(v, torch.full((5,), torch.nan if k.startswith("hog") else 1.0), equal_nan=True)
+        expected = torch.nan if k.startswith("hog") else 0.0 if k.startswith("degenerate") else 1.0
+        torch.testing.assert_close(v, torch.full((5,), expected), equal_nan=True)
     for m in SIMILARITIES:
         assert r.curves[m].labels == ("fc", "conv2", "conv1")             # output layer first
     assert not any(r.higher_is_better.values())
@@ -231,7 +232,8 @@ def test_shared_seed_normal_init_and_exclude(tiny_cnn, batch):
     x, target = batch
     r = mprt(tiny_cnn, x, target, methods.gradient_x_input, seed=9, layer_seed="shared", init="normal",
              init_std=0.5, exclude=["conv1"], measures=["spearman_signed"])
-    assert set(r.scores) == {"spearman_signed@fc", "spearman_signed@conv2", "spearman_signed"}
+    assert set(r.scores) - {"degenerate@fc", "degenerate@conv2", "degenerate"} == {
+        "spearman_signed@fc", "spearman_signed@conv2", "spearman_signed"}
     manual = _manual(tiny_cnn, [("fc", 9), ("conv2", 9)], init="normal", std=0.5)
     a, b = to_map(methods.gradient_x_input(tiny_cnn, x, target), "sum"), to_map(methods.gradient_x_input(manual, x, target), "sum")
     torch.testing.assert_close(r.scores["spearman_signed"], spearman(a, b))
