@@ -39,7 +39,8 @@ def render_page(t: Tables, figures: list[Path], *, title: str = "saliency-bench 
     placed, rest = _place_figures(figures, views)
     tabs = "".join(f'<button class="tab" role="tab" data-view="{i}">{e(f"{d} / {m}")}</button>'
                    for i, (d, m) in enumerate(views))
-    panels = "".join(_view(i, d, m, board, t, _unsupported(t), below, placed.get((d, m), []))
+    unsupported = _unsupported(t)
+    panels = "".join(_view(i, d, m, board, t, unsupported, below, placed.get((d, m), []))
                      for i, (d, m) in enumerate(views))
     n_extra = int((~board["headline"].astype(bool)).sum()) if "headline" in board else 0
     toggle = (f'<label><input type="checkbox" id="all-scores"> every score (the headline score of each metric '
@@ -199,30 +200,34 @@ def _view(i: int, dataset: str, model: str, board: pd.DataFrame, t: Tables, unsu
         f'<th data-col="{e(c)}" class="{"" if headline[c] else "extra"}">{_link("metric", first.loc[c, "metric"])}'
         f'<span>{e(str(first.loc[c, "score"]))} {"↑" if first.loc[c, "higher_is_better"] else "↓"}</span></th>'
         for c in columns)
+    here = {k[2:]: why for k, why in unsupported.items() if k[:2] == (dataset, model)}    # (method, metric) -> why
     n = len(overall)
+    best = part[part["mean"].notna()].groupby("column")["rank"].min()
+    absent = sorted({str(me) for me, _ in here} - set(overall["method"]))        # unsupported on every column
     rows = []
-    for r in overall.itertuples():
-        tds = [f'<td class="key">{_link("method", r.method)}</td>',
-               f'<td data-value="{float(r.rank)!r}"{_shade(r.rank, n)}>{r.rank:g}</td>',
-               f'<td data-value="{float(r.mean_rank)!r}">{r.mean_rank:.2f}</td>']
+    for method, rank, mean_rank in [*zip(overall["method"], overall["rank"], overall["mean_rank"]),
+                                    *((me, np.nan, np.nan) for me in absent)]:
+        tds = [f'<td class="key">{_link("method", method)}</td>',
+               f'<td data-value="{float(rank)!r}"{_shade(rank, n)}>{_num(rank, "{:g}")}</td>',
+               f'<td data-value="{float(mean_rank)!r}">{_num(mean_rank, "{:.2f}")}</td>']
         for f in fams:
-            v = float(fam_rank["rank"].get((r.method, f), np.nan))
+            v = float(fam_rank["rank"].get((method, f), np.nan))
             tds.append(f'<td data-value="{v!r}"{_shade(v, n)}>{_num(v, "{:g}")}</td>')
         for c in columns:
             metric, score = first.loc[c, "metric"], first.loc[c, "score"]
-            cell = cells.loc[(r.method, c)] if (r.method, c) in cells.index else None
-            tds.append(_cell(cell, c, n_col.get(c, 0), "" if headline[c] else "extra",
-                             unsupported.get((dataset, model, r.method, metric)),
-                             below.get((dataset, model, r.method, metric, score), [])))
-        rows.append(f'<tr data-method="{e(str(r.method))}">{"".join(tds)}</tr>')
+            cell = cells.loc[(method, c)] if (method, c) in cells.index else None
+            tds.append(_cell(cell, c, n_col.get(c, 0), best.get(c), "" if headline[c] else "extra",
+                             here.get((method, metric)), below.get((dataset, model, method, metric, score), [])))
+        rows.append(f'<tr data-method="{e(str(method))}">{"".join(tds)}</tr>')
     figs = f"<details open><summary>Figures of {e(dataset)} / {e(model)}</summary>{_figures(figures)}</details>" if figures else ""
     return (f'<section class="view" role="tabpanel" data-view="{i}" data-dataset="{e(str(dataset))}" '
             f'data-model="{e(str(model))}"><div class="scroll"><table class="board">'
             f'<thead><tr>{top}</tr><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
-            f"{_view_note(part)}{figs}</section>")
+            f"{_view_note(part, here)}{figs}</section>")
 
 
-def _cell(r: pd.Series | None, column: str, n: int, cls: str, reason: str | None, controls: list[str]) -> str:
+def _cell(r: pd.Series | None, column: str, n: int, best: float | None, cls: str, reason: str | None,
+          controls: list[str]) -> str:
     """One board cell: the mean, shaded by rank; n/a with the reason where unsupported; – with why where NaN."""
     if reason is not None:
         return f'<td data-value="NaN" class="na {cls}" title="{e(f"unsupported: {reason}")}">n/a</td>'
@@ -237,17 +242,23 @@ def _cell(r: pd.Series | None, column: str, n: int, cls: str, reason: str | None
     if controls:
         tip += f"; worse than the control {', '.join(controls)}"
         mark = '<span class="below">▾</span>'
-    best = " best" if r["rank"] == 1 else ""
-    return (f'<td data-value="{float(r["mean"])!r}" class="{cls}{best}"{_shade(r["rank"], n)} title="{e(tip)}">'
+    top = " best" if r["rank"] == best else ""                # ties share the best rank
+    return (f'<td data-value="{float(r["mean"])!r}" class="{cls}{top}"{_shade(r["rank"], n)} title="{e(tip)}">'
             f'{r["mean"]:.3g}{mark}</td>')
 
 
-def _view_note(part: pd.DataFrame) -> str:
-    """Samples per cell and the NaN count, in one line."""
+def _view_note(part: pd.DataFrame, here: dict[tuple, str]) -> str:
+    """Samples per cell, the NaN count, and each metric that no method could run here (so it has no column)."""
     total = part["n"] + part["n_nan"]
     nan = int(part["n_nan"].sum())
+    gone = {}
+    for (_, metric), why in sorted(here.items()):
+        if metric not in set(part["metric"]):
+            gone.setdefault(str(metric), set()).add(why)
     return (f'<p class="note">n = {total.min()}' + ("" if total.min() == total.max() else f"–{total.max()}")
-            + " samples per cell" + (f"; {nan} undefined values (NaN) excluded from means and CIs" if nan else "") + "</p>")
+            + " samples per cell" + (f"; {nan} undefined values (NaN) excluded from means and CIs" if nan else "")
+            + "".join(f"; {e(k)} unsupported for every method ({e('; '.join(sorted(w)))})" for k, w in gone.items())
+            + "</p>")
 
 
 def _place_figures(figures: list[Path], views: list[tuple]) -> tuple[dict[tuple, list[Path]], list[Path]]:

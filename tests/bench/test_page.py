@@ -82,7 +82,11 @@ def _manifest(model: str) -> dict:
                                                    "metric": {"pointing_game": {"_target_": "metrics.pointing_game",
                                                                                 "tolerance": 0.0 if model == "cnn" else 1.0},
                                                               "mprt": {"_target_": "metrics.mprt"}}},
-            "unsupported": [{"method": "gamma", "metric": "mprt", "reason": "no <layer> to randomize"}] if model == "resnet" else []}
+            "unsupported": [{"method": "gamma", "metric": "mprt", "reason": "no <layer> to randomize"},
+                            {"method": "delta", "metric": "mprt", "reason": "in-place ReLU"},
+                            {"method": "delta", "metric": "pointing_game", "reason": "in-place ReLU"},
+                            *({"method": m, "metric": "focus", "reason": "needs mosaics"} for m in MEANS)]
+            if model == "resnet" else []}
 
 
 @pytest.fixture
@@ -118,6 +122,10 @@ def test_page_holds_ranking_cards_provenance_and_cost(page: Path) -> None:
         in alpha and '0.2<span class="below">▾</span>' in alpha
     gamma = cnn[cnn.index('<tr data-method="gamma">'):]
     assert 'title="undefined on every sample: n = 8 samples">–</td>' in gamma[:gamma.index("</tr>")]
+    resnet = text[text.index('data-model="resnet"'):text.index('id="sanity-checks"')]
+    delta = resnet[resnet.index('<tr data-method="delta">'):]                # unsupported everywhere: still a row
+    assert delta[:delta.index("</tr>")].count('title="unsupported: in-place ReLU">n/a</td>') == 3
+    assert "focus unsupported for every method (needs mosaics)" in resnet
     assert "Kendall τ" in text and "0.083" in text
     card = text[text.index('id="metric-pointing_game"'):]
     card = card[:card.index("</article>")]
@@ -216,7 +224,7 @@ def test_page_sorts_filters_and_switches_views_in_headless_chromium(page: Path, 
     assert browser.script(VISIBLE) == ["beta", EVIL, "alpha", "gamma"]
     browser.click("//button[@class='tab'][text()='shapes / resnet']")     # switch views
     assert browser.script(view) == "resnet"
-    gamma = "return document.querySelector('section.view:not([hidden]) tr:last-child td[title^=unsupported]').title"
+    gamma = "return document.querySelector('section.view:not([hidden]) tr[data-method=gamma] td[title^=unsupported]').title"
     assert browser.script(gamma) == "unsupported: no <layer> to randomize"
     shown = "return Array.from(document.querySelectorAll('section.view:not([hidden]) th[data-col]'))" \
             ".filter(th => th.offsetParent !== null).map(th => th.dataset.col)"
