@@ -71,7 +71,8 @@ def _locate(method: str, model: nn.Module, x: Tensor,
     """(name, module, patch grid (h, w) of a token layer or None) of `layer`, checked, or of the automatic layer."""
     modules = dict(model.named_modules())
     if layer is not None and layer not in modules:
-        raise cannot_run(method, model, f"layer {layer!r} is not a module of it; name one of its modules or pass null")
+        raise ValueError(f"{method}: layer {layer!r} is not a module of {type(model).__name__}; name one of its "
+                         "modules or pass null")                        # the config's error, not the model's
     trace = _trace(model, x)
     if layer is None:
         i = _find_layer(trace, x)
@@ -133,8 +134,8 @@ def _activations(model: nn.Module, layer: tuple[nn.Module, tuple[int, int] | Non
     finally:
         handle.remove()
     if len(store) != 1 or not isinstance(store[0], Tensor) or store[0].ndim != (4 if grid is None else 3):
-        raise ValueError(f"the CAM layer {type(module).__name__} must run once per forward and return (B, K, h, w) "
-                         "or tokens (B, N, D)")
+        raise cannot_run("a CAM", model, f"its CAM layer {type(module).__name__} must run once per forward and "
+                                         "return (B, K, h, w) or tokens (B, N, D)")
     g = torch.autograd.grad(f.sum(), store[0])[0]
     return _as_map(store[0].detach(), grid), _as_map(g, grid)
 

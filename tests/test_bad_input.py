@@ -91,8 +91,8 @@ CONFIG_CASES = {
     "fraction_above_one": (["metric=[pixel_flipping,iou_at_threshold]", "metric.iou_at_threshold.fraction=1.5"],
                            r"metric\.iou_at_threshold .*fraction.*1\.5"),
     "layer_not_in_model": (["method=[saliency,grad_cam]", "method.grad_cam.layer=features.block9"],
-                           r"method\.grad_cam: ValueError: grad_cam cannot run on SmallCNN: layer 'features\.block9' "
-                           r"is not a module of it.*method\.grad_cam\.<key>="),
+                           r"method\.grad_cam: ValueError: grad_cam: layer 'features\.block9' is not a module of "
+                           r"SmallCNN.*method\.grad_cam\.<key>="),
     "method_zero_steps": (["method=[integrated_gradients]", "method.integrated_gradients.steps=0"],
                           r"method\.integrated_gradients: .*steps"),
     "misspelt_parameter": (["+method.saliency.stpes=3"],
