@@ -54,18 +54,21 @@ def curve_axes(manifests: list[dict]) -> dict[str, tuple[str, str]]:
 
 
 def plot_curves(band: pd.DataFrame, out_dir: str | Path, *, axes: dict[str, tuple[str, str]] | None = None,
-                controls: set[str] = frozenset(), pdf: bool = False) -> list[Path]:
+                controls: set[str] = frozenset(), board: pd.DataFrame | None = None, pdf: bool = False) -> list[Path]:
     """One figure per (metric, curve) of `band` (bench.tables.curve_bands): mean y vs x per method with its 95%
     bootstrap band, one panel per (dataset, model). A metric with both a "morf" and a "lerf" curve gets one
     figure `curves_<metric>_morf_lerf`, MoRF panels above LeRF panels. x_label values (the layer randomized at
-    an MPRT stage) become the x tick labels; `axes` (`curve_axes`) names what the axes show."""
+    an MPRT stage) become the x tick labels; `axes` (`curve_axes`) names what the axes show. Where `board` marks
+    headline columns, a curve named as one of its metric's scores is drawn only for a headline score (mprt's
+    spearman, not its four other measures); other curves (pixel flipping's) always."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = sorted(band["method"].unique())
     colour = dict(zip(methods, _colours(len(methods))))
-    paths = []
+    paths, keep = [], _headline_keys(board)
+    skip = set() if keep is None else {(m, s) for m, s in zip(board["metric"], board["score"])} - {k[2:] for k in keep}
     for metric, by_metric in band.groupby("metric", sort=True):
-        names = sorted(by_metric["curve"].unique())
+        names = sorted(c for c in by_metric["curve"].unique() if (metric, c) not in skip)
         paired = {"morf", "lerf"} <= set(names)
         figures = [(c, [c]) for c in names if not (paired and c in _ORDERS)]
         if paired:
@@ -76,8 +79,9 @@ def plot_curves(band: pd.DataFrame, out_dir: str | Path, *, axes: dict[str, tupl
             pairs = sorted(set(zip(data["dataset"], data["model"])))
             ncols = min(len(pairs), _PANELS_PER_ROW)
             nrows = -(-len(pairs) // ncols) * len(curves)
-            fig = new_figure(figsize=(3.4 * ncols, 2.8 * nrows))
-            grid = fig.subplots(nrows, ncols, squeeze=False)
+            below = 0.45 + 0.7 * _text_width(data["x_label"].unique(), 7)       # x tick labels at 45 degrees
+            fig, grid = _grid(nrows, ncols, panel=(3.0, 2.2), left=0.8, right=_text_width(methods, 8) + 0.7,
+                              top=0.75, bottom=below, wgap=0.5, hgap=below + 0.35)
             drawn = {}
             for r, curve in enumerate(curves):
                 for i, (dataset, model) in enumerate(pairs):
@@ -96,18 +100,19 @@ def plot_curves(band: pd.DataFrame, out_dir: str | Path, *, axes: dict[str, tupl
                     ax.set_title(f"{dataset} / {model}" + (f": {_ORDERS[curve]}" if name == "morf_lerf" else ""),
                                  fontsize=9)
                     ax.set_xlabel(xlabel, fontsize=8)
-                    ax.set_ylabel(ylabel.format(curve=curve), fontsize=8)
+                    if i % ncols == 0:
+                        ax.set_ylabel(ylabel.format(curve=curve), fontsize=8)
                     ax.tick_params(labelsize=7)
             for ax in grid.flat:
                 if not ax.has_data():
                     ax.set_visible(False)
-            fig.legend(handles=list(drawn.values()), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
-                       frameon=False, title="dashed: control" if set(drawn) & set(controls) else None,
+            grid[0, -1].legend(handles=list(drawn.values()), loc="upper left", bbox_to_anchor=(1.03, 1), fontsize=8,
+                               frameon=False, title="dashed: control" if set(drawn) & set(controls) else None,
                        title_fontsize=7)
-            what = "most relevant first (MoRF) and least relevant first (LeRF)" if name == "morf_lerf" else name
-            fig.suptitle(f"{metric}: {what} (mean, 95% bootstrap CI over samples)", fontsize=10)
-            fig.tight_layout(rect=(0, 0, 1, 0.95))
-            paths.append(save_figure(fig, out_dir / f"curves_{metric}_{name}", pdf=pdf))
+            what = {"morf_lerf": ": most relevant first (MoRF) and least relevant first (LeRF)", "curve": ""}
+            fig.suptitle(f"{metric}{what.get(name, ': ' + name)} (mean, 95% bootstrap CI over samples)", fontsize=10,
+                         y=1 - 0.15 / fig.get_figheight())
+            paths.append(save_figure(fig, out_dir / f"curves_{metric}_{name}", pdf=pdf, tight=False))
     return paths
 
 
@@ -128,8 +133,8 @@ def plot_critical_difference(ranks: pd.DataFrame, friedman: pd.DataFrame, out_di
         axes = fig.subplots(len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
         for ax, (key, part) in zip(axes, panels):
             _cd_panel(ax, part.sort_values("average_rank"), tests.loc[key], key)
-        fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.35 / fig.get_figheight(), bottom=0.02, hspace=0.9)
-        paths.append(save_figure(fig, Path(out_dir) / f"cd_{dataset}_{model}", pdf=pdf))
+        fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.6 / fig.get_figheight(), bottom=0.02, hspace=0.5)
+        paths.append(save_figure(fig, Path(out_dir) / f"cd_{dataset}_{model}", pdf=pdf, tight=False))
     return paths
 
 
@@ -163,9 +168,9 @@ def _cd_panel(ax, part: pd.DataFrame, row: pd.Series, key: tuple) -> None:
 
 
 def plot_summary(board: pd.DataFrame, agreement: pd.DataFrame, out_dir: str | Path, *, pdf: bool = False) -> list[Path]:
-    """Per (dataset, model): a point plot with 95% CIs per column (the headline columns where the board marks
-    them; methods in overall-rank order), the rank heatmap methods x columns, and the Kendall tau heatmap
-    between columns."""
+    """Per (dataset, model): a point plot with 95% CIs per column (methods in overall-rank order), the rank
+    heatmap methods x columns, and the Kendall tau heatmap between columns; each of the headline columns only
+    where the board marks them."""
     paths, overall, keep = [], overall_rank(board), _headline_keys(board)
     for (dataset, model), table in board.groupby(["dataset", "model"], sort=True):
         order = overall[overall["dataset"].eq(dataset) & overall["model"].eq(model)].sort_values("rank")["method"]
@@ -176,8 +181,8 @@ def plot_summary(board: pd.DataFrame, agreement: pd.DataFrame, out_dir: str | Pa
             k in keep for k in table.loc[table["column"].eq(c), COLUMN_KEYS].itertuples(index=False, name=None))]
         ncols = min(len(shown), _PANELS_PER_ROW)
         nrows = -(-len(shown) // ncols)
-        fig = new_figure(figsize=(2.6 * ncols + 1.2, nrows * (0.3 * len(order) + 1.0)))
-        axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False)
+        fig, axes = _grid(nrows, ncols, panel=(2.4, 0.25 * len(order) + 0.3), left=_text_width(order, 7) + 0.2,
+                          right=0.15, top=0.7, bottom=0.35, wgap=0.25, hgap=0.6, sharey=True)
         y = np.arange(len(order))
         for ax, column in zip(axes.flat, shown):
             t = table[table["column"].eq(column)].set_index("method").reindex(order)
@@ -189,11 +194,13 @@ def plot_summary(board: pd.DataFrame, agreement: pd.DataFrame, out_dir: str | Pa
         axes[0, 0].invert_yaxis()
         for ax in axes.flat[len(shown):]:
             ax.set_visible(False)                               # the last row's unused panels
-        fig.suptitle(f"{dataset} / {model}: mean and 95% bootstrap CI", fontsize=10)
-        fig.tight_layout()
-        paths.append(save_figure(fig, Path(out_dir) / f"scores_{dataset}_{model}", pdf=pdf))
-        ranks = table.pivot(index="method", columns="column", values="rank").reindex(index=order, columns=columns)
+        fig.suptitle(f"{dataset} / {model}: mean and 95% bootstrap CI", fontsize=10, y=1 - 0.15 / fig.get_figheight())
+        paths.append(save_figure(fig, Path(out_dir) / f"scores_{dataset}_{model}", pdf=pdf, tight=False))
+        ranks = table.pivot(index="method", columns="column", values="rank").reindex(index=order, columns=shown)
         tau = _square(agreement[agreement["dataset"].eq(dataset) & agreement["model"].eq(model)])
+        if keep is not None:                                    # the headline columns' agreement only
+            names = [n for n in tau.index if (dataset, model, *n.split("/", 1)) in keep]
+            tau = tau.loc[names, names]
         for name, wide, cmap, fmt, limits, title in [
             ("ranks", ranks, "viridis_r", "{:.1f}", (1, max(len(order), 2)), "rank per column (1 = best)"),
             ("agreement", tau, "RdBu", "{:.2f}", (-1, 1), "Kendall tau between method rankings"),
@@ -208,8 +215,10 @@ def _heatmap(wide: pd.DataFrame, cmap: str, fmt: str, limits: tuple[float, float
              pdf: bool) -> Path:
     """An annotated heatmap of `wide` (rows x columns), text in black or white by the cell's lightness."""
     values = wide.to_numpy(dtype=float)
-    fig = new_figure(figsize=(0.9 * wide.shape[1] + 2.5, 0.4 * wide.shape[0] + 1.8))
-    ax = fig.subplots()
+    bottom = 0.7 * _text_width(wide.columns, 7) + 0.2                        # column names at 45 degrees
+    fig, ax = _grid(1, 1, panel=(0.6 * wide.shape[1], 0.3 * wide.shape[0]), left=_text_width(wide.index, 7) + 0.2,
+                    right=0.2, top=0.4, bottom=bottom, wgap=0, hgap=0)
+    ax = ax[0, 0]
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=limits[0], vmax=limits[1], aspect="auto")
     rgb = image.to_rgba(np.nan_to_num(values, nan=limits[0]))[..., :3] @ [0.299, 0.587, 0.114]   # luma per cell
     for (i, j), v in np.ndenumerate(values):
@@ -219,7 +228,24 @@ def _heatmap(wide: pd.DataFrame, cmap: str, fmt: str, limits: tuple[float, float
     ax.set_xticks(range(wide.shape[1]), wide.columns, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(wide.shape[0]), wide.index, fontsize=7)
     ax.set_title(title, fontsize=9)
-    return save_figure(fig, stem, pdf=pdf)
+    return save_figure(fig, stem, pdf=pdf, tight=False)
+
+
+def _grid(nrows: int, ncols: int, *, panel: tuple[float, float], left: float, right: float, top: float,
+          bottom: float, wgap: float, hgap: float, **kwargs):
+    """A figure of nrows x ncols panels of `panel` inches, margins and gaps in inches: a fixed layout, so no
+    layout pass draws the text once more (tight_layout, constrained layout). Returns (figure, axes (nrows, ncols))."""
+    w, h = panel
+    width, height = left + ncols * w + (ncols - 1) * wgap + right, top + nrows * h + (nrows - 1) * hgap + bottom
+    fig = new_figure(figsize=(width, height))
+    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height,
+                        wspace=wgap / w, hspace=hgap / h)
+    return fig, fig.subplots(nrows, ncols, squeeze=False, **kwargs)
+
+
+def _text_width(labels, fontsize: float) -> float:
+    """Inches a line of the longest of `labels` takes at `fontsize` (about 0.6 em per character)."""
+    return max((len(str(s)) for s in labels), default=0) * fontsize * 0.6 / 72
 
 
 def _headline_keys(board: pd.DataFrame | None) -> set[tuple] | None:
@@ -254,10 +280,12 @@ def _square(agreement: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(values, index=names, columns=names)
 
 
-def save_figure(fig, stem: Path, *, pdf: bool = False) -> Path:
+def save_figure(fig, stem: Path, *, pdf: bool = False, tight: bool = True) -> Path:
     """Write `fig` as stem.png (for pages and READMEs, at DPI) and, with `pdf`, stem.pdf (for papers); return
-    the PNG path. The tight bounding box (padded by 0.1 in) is measured once and reused for both files."""
-    bbox = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.1)
+    the PNG path. With `tight`, the tight bounding box (padded by 0.1 in) is measured once (a layout pass over
+    every text) and reused for both files; the figures of this module are laid out in inches (`_grid`) and
+    saved as they are."""
+    bbox = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.1) if tight else None
     for suffix, dpi in ((".png", DPI), (".pdf", None))[:2 if pdf else 1]:
         write_atomic(stem.with_name(stem.name + suffix), partial(fig.savefig, dpi=dpi, bbox_inches=bbox))
     return stem.with_name(stem.name + ".png")
