@@ -99,3 +99,22 @@ def trained(tmp_path_factory):
     model, info = load_model(cfg.model, cfg.dataset, cache_dir=cache)
     data = instantiate(cfg.dataset).tensors()
     return SimpleNamespace(cfg=cfg, cache_dir=cache, model=model, info=info, **data)
+
+
+@pytest.fixture(scope="session")
+def zoo(trained):
+    """zoo(name) -> (model, info): the embedded model `name` with its shipped recipe on `shapes`, trained once
+    per session into `trained`'s cache (small_cnn is `trained`'s own model; each other one costs minutes)."""
+    from hydra import compose, initialize_config_dir
+
+    from bench.zoo import load_model
+
+    loaded: dict = {}
+
+    def get(name: str):
+        if name not in loaded:
+            with initialize_config_dir(str(CONF), version_base="1.3"):
+                cfg = compose("config", overrides=[f"model={name}", f"cache_dir={trained.cache_dir}"])
+            loaded[name] = load_model(cfg.model, cfg.dataset, cache_dir=trained.cache_dir)
+        return loaded[name]
+    return get
