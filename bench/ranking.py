@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from bench.checks import resolve_target
 
 UNIT = ["dataset", "model"]
 COLUMN = ["dataset", "model", "metric", "score"]
@@ -20,7 +19,9 @@ METHOD_COLUMNS = ["scope", "method", "mean_rank", "latec_rank", "rank", "rank_ci
                   "n_columns", "below_control"]
 BELOW_COLUMNS = ["dataset", "model", "method", "metric", "score", "control", "mean", "control_mean"]
 KENDALL_COLUMNS = ["dataset_a", "model_a", "dataset_b", "model_b", "tau", "p_value", "n_methods"]
-CONTROLS_MODULE = "methods.controls"        # random_map, edge, centre, constant: where chance lies
+# methods.controls' functions (tests/bench/test_ranking.py keeps this in step): where chance lies. By name, so
+# that a report never imports methods (captum, zennit, torchvision: half a minute on a loaded machine).
+CONTROL_TARGETS = frozenset({"methods.random_map", "methods.edge", "methods.centre", "methods.constant"})
 _EPS = 1e-11                                # LATEC's guard against max == min
 
 
@@ -166,18 +167,10 @@ def _counts(draws: np.ndarray, n: int) -> np.ndarray:
 
 
 def controls(manifests: list[dict]) -> set[str]:
-    """The methods of the runs whose `_target_` lies in methods.controls (resolved as the runner checks
-    targets, nothing outside methods. imported)."""
-    out = set()
-    for m in manifests:
-        for name, node in ((m.get("config") or {}).get("method") or {}).items():
-            try:
-                obj = resolve_target(str((node or {}).get("_target_", "")), ("methods.",))
-            except Exception:                                     # noqa: BLE001 - refused or unknown: not a control
-                continue
-            if getattr(obj, "__module__", None) == CONTROLS_MODULE:
-                out.add(name)
-    return out
+    """The methods of the runs whose `_target_` is one of CONTROL_TARGETS (as `methods.<name>` or
+    `methods.controls.<name>`)."""
+    return {name for m in manifests for name, node in ((m.get("config") or {}).get("method") or {}).items()
+            if str((node or {}).get("_target_", "")).replace("methods.controls.", "methods.") in CONTROL_TARGETS}
 
 
 def below_control(heads: pd.DataFrame, control_names: set[str]) -> pd.DataFrame:

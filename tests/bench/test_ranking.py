@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from bench.ranking import bootstrap_ranks, latec_ranks, model_agreement, rank_methods
+from bench.ranking import CONTROL_TARGETS, bootstrap_ranks, controls, latec_ranks, model_agreement, rank_methods
 from bench.results import Results
 from bench.store import CURVE_COLUMNS, FAILURE_COLUMNS, SCORE_COLUMNS
 from bench.tables import compute, headlines, leaderboard, overall_rank
@@ -146,3 +146,16 @@ def test_ranking_kendall_and_tables_in_markdown_and_latex():
     assert r"shapes/m1 & 1 & 1.00 (p=0.33) \\" in docs["kendall.tex"]
     assert r"loc\_x/hit & " in docs["significance.tex"] and "| loc_x/hit | " in docs["significance.md"]
     assert docs["ranking.tex"].count(r"\begin{tabular}") == 2                          # overall and its family
+
+
+def test_controls_are_the_functions_of_methods_controls():
+    import inspect
+
+    import methods.controls
+
+    public = {n for n, f in inspect.getmembers(methods.controls, inspect.isfunction)
+              if not n.startswith("_") and f.__module__ == "methods.controls"}
+    assert CONTROL_TARGETS == {f"methods.{n}" for n in public}
+    node = {"a": {"_target_": "methods.saliency"}, "r": {"_target_": "methods.controls.random_map"},
+            "e": {"_target_": "methods.edge"}}
+    assert controls([{"config": {"method": node}}]) == {"r", "e"}
