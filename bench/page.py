@@ -33,7 +33,7 @@ def render_page(t: Tables, figures: list[Path], *, title: str = "saliency-bench 
     board = t.board.assign(column=t.board["metric"] + "/" + t.board["score"])
     if "family" not in board:
         board = board.assign(family=OTHER)
-    ranking = getattr(t, "ranking", None)
+    ranking = t.ranking                                   # None where the tables have no ranking across models
     below = _below_control(ranking)
     views = sorted(board.groupby(["dataset", "model"]).groups)
     placed, rest = _place_figures(figures, views)

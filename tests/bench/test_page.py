@@ -3,7 +3,6 @@ Chromium), without horizontal overflow at 1400 px."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import re
 import shutil
@@ -12,12 +11,12 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
 from bench.page import render_page
+from bench.ranking import BELOW_COLUMNS, KENDALL_COLUMNS, METHOD_COLUMNS, Ranking
 from bench.results import Results
 from bench.tables import Tables, family_rank, overall_rank
 
@@ -43,19 +42,21 @@ def _board() -> pd.DataFrame:
     return board
 
 
-def _ranking() -> SimpleNamespace:
-    """Tables.ranking's shape (bench.ranking.Ranking): methods per scope, below_control, kendall."""
+def _ranking() -> Ranking:
+    """A bench.ranking.Ranking by hand: methods per scope, one method below a control, Kendall tau."""
     rows = []
     for scope in ("overall", "localization", "randomization"):
         for rank, method in enumerate(["beta", EVIL, "alpha", "gamma"], start=1):
             rows.append({"scope": scope, "method": method, "mean_rank": rank + 0.25, "latec_rank": rank + 0.5,
                          "rank": float(rank), "rank_ci_low": float(max(rank - 1, 1)), "rank_ci_high": float(rank + 1),
-                         "p_best": 0.7 if rank == 1 else 0.1, "n_columns": 4})
+                         "p_best": 0.7 if rank == 1 else 0.1, "n_columns": 4,
+                         "below_control": int(method == "alpha" and scope != "randomization")})
     below = pd.DataFrame({"dataset": ["shapes"], "model": ["cnn"], "method": ["alpha"], "metric": ["pointing_game"],
                           "score": ["hit"], "control": ["random"], "mean": [0.2], "control_mean": [0.31]})
     kendall = pd.DataFrame({"dataset_a": ["shapes"], "model_a": ["cnn"], "dataset_b": ["shapes"], "model_b": ["resnet"],
                             "tau": [1.0], "p_value": [0.083], "n_methods": [4]})
-    return SimpleNamespace(methods=pd.DataFrame(rows), below_control=below, kendall=kendall)
+    return Ranking(methods=pd.DataFrame(rows, columns=METHOD_COLUMNS), below_control=below[BELOW_COLUMNS],
+                   kendall=kendall[KENDALL_COLUMNS])
 
 
 def _tables(board: pd.DataFrame, manifests: list[dict], ranking=None) -> Tables:
@@ -66,12 +67,7 @@ def _tables(board: pd.DataFrame, manifests: list[dict], ranking=None) -> Tables:
                   friedman=empty, pairwise=empty, average_ranks=empty, agreement=empty, cost=pd.DataFrame(
                       {"dataset": ["shapes"], "model": ["cnn"], "kind": ["method"], "name": ["alpha"],
                        "seconds": [1.5], "seconds_per_sample": [0.1875]}), sanity=empty, curves=empty)
-    if ranking is None:
-        return Tables(**fields)
-    if "ranking" in {f.name for f in dataclasses.fields(Tables)}:
-        return Tables(**fields, ranking=ranking)
-    return dataclasses.make_dataclass("WithRanking", [("ranking", object)], bases=(Tables,), frozen=True)(
-        **fields, ranking=ranking)          # until bench.ranking lands: the page reads getattr(t, "ranking")
+    return Tables(**fields, ranking=ranking)
 
 
 def _manifest(model: str) -> dict:
