@@ -1,5 +1,6 @@
-"""How the runner calls methods and metrics: the inputs a metric may take, faults isolated per sample,
-out-of-memory retries recorded, determinism switched on and off (bench/run.py uses them)."""
+"""How the runner calls methods and metrics: what a run's passes share (RunContext), the inputs a metric may
+take, faults isolated per sample, out-of-memory retries recorded, determinism switched on and off (bench/run.py
+and bench/probe.py use them)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,8 @@ import inspect
 import logging
 import os
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -14,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from bench.checks import error_text
+from bench.data.stream import Batches
 from bench.zoo import load_model
 from metrics import MetricResult, consumed, metric_input
 from metrics.batching import ChunkRetryWarning
@@ -33,6 +37,22 @@ METRIC_INPUTS: dict[str, str] = {
     "label_randomized_model": "the run's model retrained on permuted labels (label_randomized_inputs)",
 }
 RUN_INPUTS = ("label_randomized_model",)          # loaded once per run, only for the metrics that name them
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunContext:
+    """What the probe and every method's pass share, fixed for the run (timings and retries accumulate)."""
+
+    model: nn.Module
+    batches: Batches                          # the dataset's batches, decoded once (bench/data/stream.py)
+    device: torch.device
+    reduce: str                               # the run's channel reduction
+    extra: dict[str, Any]                     # run-wide metric inputs (RUN_INPUTS)
+    maps_dir: Path | None                     # the map cache (cache_maps), else None
+    keys: dict[str, str]                      # run_id, dataset, model: in every stored row
+    timings: dict[str, float]                 # seconds per method/<name>, metric/<name>, cell/<method>/<metric>
+    retries: list[dict[str, Any]]             # out-of-memory chunk retries, for the manifest
+    progress: bool = True                     # progress bars while scoring (on a terminal only)
 
 
 def provided_inputs(has_mask: bool, extra: dict[str, Any]) -> set[str]:

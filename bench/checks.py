@@ -188,7 +188,7 @@ def check_options(cfg: DictConfig) -> torch.device:
     if cfg.get("precision", "float32") not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {cfg.get('precision')!r}: float32 is "
                          "exact; bfloat16 and float16 autocast the model's passes (faster on GPUs, approximate)")
-    for key in ("cache_maps", "deterministic", "channels_last"):
+    for key in ("cache_maps", "deterministic", "channels_last", "progress"):
         if not isinstance(cfg.get(key, False), bool):
             raise ValueError(f"{key} must be true or false, got {cfg.get(key)!r}")
     if cfg.get("unavailable_metrics", "error") not in ("error", "skip"):

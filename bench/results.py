@@ -16,6 +16,7 @@ from bench.store import CURVE_COLUMNS, FAILURE_COLUMNS, SCORE_COLUMNS
 
 META_COLUMNS = ["metric", "score", "higher_is_better"]
 SAMPLE_COLUMNS = ["run_id", "sample_id", "target"]
+UNSUPPORTED_COLUMNS = ["run_id", "dataset", "model", "method", "metric", "reason"]
 _NUMERIC = {"sample_id", "value", "step", "x", "y"}
 
 
@@ -26,15 +27,18 @@ class Results:
     scores: pd.DataFrame      # SCORE_COLUMNS: one row per sample and score
     curves: pd.DataFrame      # CURVE_COLUMNS: one row per sample and step; x_label "" when absent
     meta: pd.DataFrame        # META_COLUMNS: one row per (metric, score)
-    failures: pd.DataFrame    # store.FAILURE_COLUMNS: one row per failed sample (None: the manifest lists none)
+    failures: pd.DataFrame    # store.FAILURE_COLUMNS: one row per failed sample (None: the manifest lists none),
+                              # and one per unsupported cell (stage "unsupported", sample_id None)
     manifests: list[dict]
     paths: list[Path] = field(default_factory=list)   # each manifest's file, in the order of `manifests`
     samples: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SAMPLE_COLUMNS))   # each sample's class
+    # UNSUPPORTED_COLUMNS: one row per cell that cannot run on its model or data, with the reason (bench/probe.py)
+    unsupported: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=UNSUPPORTED_COLUMNS))
 
 
 def load(root: str | Path) -> Results:
     """Read every run below `root`: each manifest.json and exactly the cells it lists."""
-    manifests, paths, scores, curves, meta, failures, samples = [], [], [], [], [], [], []
+    manifests, paths, scores, curves, meta, failures, samples, unsupported = [], [], [], [], [], [], [], []
     for path, manifest in read_manifests(root):
         manifests.append(manifest)
         paths.append(path)
@@ -46,22 +50,28 @@ def load(root: str | Path) -> Results:
                 curves.append(_read_cell(path, cell["curves"]).assign(run_id=manifest["run_id"]))
         meta += manifest.get("score_meta", [])
         failures += _failure_rows(manifest)
+        run = {key: manifest[key] for key in ("run_id", "dataset", "model")}
+        unsupported += [{**run, "method": u["method"], "metric": u["metric"], "reason": u["reason"]}
+                        for u in manifest.get("unsupported", [])]
     return Results(scores=_table(scores, SCORE_COLUMNS), curves=_table(curves, CURVE_COLUMNS),
                    meta=_directions(pd.DataFrame(meta, columns=META_COLUMNS)),
                    failures=pd.DataFrame(failures, columns=FAILURE_COLUMNS), manifests=manifests, paths=paths,
-                   samples=pd.concat(samples, ignore_index=True) if samples else pd.DataFrame(columns=SAMPLE_COLUMNS))
+                   samples=pd.concat(samples, ignore_index=True) if samples else pd.DataFrame(columns=SAMPLE_COLUMNS),
+                   unsupported=pd.DataFrame(unsupported, columns=UNSUPPORTED_COLUMNS))
 
 
 def _failure_rows(manifest: dict) -> list[dict]:
     """The manifest's failure summary as FAILURE_COLUMNS rows, one per failed sample (metric None: the method
-    failed, for every metric); an entry without sample ids gives one row with sample_id None."""
+    failed, for every metric); an entry without sample ids gives one row with sample_id None, as does each
+    unsupported cell (stage "unsupported", the reason as its error)."""
     run = {key: manifest[key] for key in ("run_id", "dataset", "model")}
     rows = []
     for f in manifest.get("failures", []):
         for sample_id in f.get("sample_ids") or [None]:
             rows.append({**run, "method": f.get("method"), "metric": f.get("metric"), "sample_id": sample_id,
                          "stage": f.get("stage"), "error": f.get("error")})
-    return rows
+    return rows + [{**run, "method": u["method"], "metric": u["metric"], "sample_id": None, "stage": "unsupported",
+                    "error": u["reason"]} for u in manifest.get("unsupported", [])]
 
 
 def group_of(manifest: dict) -> str:
@@ -87,6 +97,7 @@ def groups(results: Results) -> dict[str, tuple[Results, list[str]]]:
         runs = {results.manifests[i]["run_id"] for i in keep}
         out[group] = (replace(results, scores=_rows_of(results.scores, runs), curves=_rows_of(results.curves, runs),
                               failures=_rows_of(results.failures, runs), samples=_rows_of(results.samples, runs),
+                              unsupported=_rows_of(results.unsupported, runs),
                               manifests=[results.manifests[i] for i in keep],
                               paths=[results.paths[i] for i in keep]), notes)
     return out

@@ -7,11 +7,15 @@ sample id), the model (input shape, number of classes), metrics that need inputs
 lacks, and every method and metric parameter: each method and metric that has a cell to compute
 is called once on a two-sample probe, so the checks the functions themselves make (steps against
 the image size, baselines, layers of this very model) run on the real model and data, with no
-hand-kept copy of them here (the other checks live in bench/checks.py). Then, per method, the
+hand-kept copy of them here (the other checks live in bench/checks.py; the probe, bench/probe.py, also
+tells a misconfiguration, which stops the run, from a method or metric that cannot run on this model,
+recorded as an `unsupported` cell with its reason while every other cell runs). Then, per method, the
 batches stream one at a time (each item decoded once per run: bench/data/stream.py keeps the decoded
 batches of the scan on disk for the later passes): one batch of images and maps is in memory at a
 time, each metric appends the batch's rows to its cell's part file, and a cell is committed by
-rename when its last batch is done, so a method's cells are committed together.
+rename when its last batch is done, so a method's cells are committed together. A progress bar per
+method counts its batches (on a terminal; progress=false turns it off); the manifest's timings hold
+seconds per method (attribution), per metric and per (method, metric) cell.
 
 Faults are per sample: a method or metric that raises, or a method that returns NaN/Inf or the
 wrong shape, is re-run on halves of the batch until the failing samples are isolated; those
@@ -24,23 +28,24 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import Tensor
+from tqdm import tqdm
 
 from bench import keep, store
-from bench.calls import (METRIC_INPUTS, attribute, call_metric, determinism, isolate,
+from bench.calls import (METRIC_INPUTS, RunContext, attribute, call_metric, determinism, isolate,
                          label_randomized_inputs, metric_inputs, missing_inputs, provided_inputs, recording, take)
 from bench.checks import (autocast, check_cache_dir, check_model, check_name, check_names, check_options,
-                          check_targets, error_text, instantiate_checked, need_bytes, scan)
+                          check_targets, instantiate_checked, need_bytes, scan)
 from bench.config import derive_seeds
 from bench.data.contract import missing_members
 from bench.data.stream import Batches
+from bench.probe import PROBE, probe, unsupported_entries  # noqa: F401 - PROBE: the probe's size, for tests
 from bench.provenance import (check_folder_identity, checkpoint_hash, computed, digest, git_commit, identity,
                               metric_meta, suite_version, summarise, versions, without_meta)
 from bench.tuning import tune
@@ -52,26 +57,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = 3                    # part of every cell key: bump when the runner changes what a stored cell holds
                               # (3: each metric gets the form of the attribution it declares, metrics._map)
-PROBE = 2                     # samples each method and metric is tried on before the run
-# Exceptions that mean "this configuration cannot work" when a probe raises them (STYLE: bad input is a
-# ValueError/TypeError; an unknown layer or key a LookupError). Anything else (RuntimeError, OOM) is a
-# fault of the samples it hits and is recorded per sample during the run.
-CONFIG_ERRORS = (ValueError, TypeError, LookupError, AttributeError, NotImplementedError)
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunContext:
-    """What the probe and every method's pass share, fixed for the run (timings and retries accumulate)."""
-
-    model: nn.Module
-    batches: Batches                          # the dataset's batches, decoded once (bench/data/stream.py)
-    device: torch.device
-    reduce: str                               # the run's channel reduction
-    extra: dict[str, Any]                     # run-wide metric inputs (bench.calls.RUN_INPUTS)
-    maps_dir: Path | None                     # the map cache (cache_maps), else None
-    keys: dict[str, str]                      # run_id, dataset, model: in every stored row
-    timings: dict[str, float]                 # seconds per method/<name> and metric/<name>
-    retries: list[dict[str, Any]]             # out-of-memory chunk retries, for the manifest
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -163,7 +148,7 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
             for m in methods for k in metrics}
     paths = {mk: store.cell_paths(out_dir, *mk, key) for mk, key in keys.items()}
     todo = {m: [k for k in metrics if not store.stored_cell(*paths[m, k], n_samples=data["n"])] for m in methods}
-    reused = _reuse_stored_cells(out_dir, paths, todo, data["n"])
+    reused = store.reuse_stored_cells(out_dir, paths, todo, data["n"])
     n_todo = sum(map(len, todo.values()))
     log.info("%s: %d samples on %s, model accuracy %.4f; %d of %d cells already stored (skipped; %d of them copied "
              "from runs beside this one), %d to compute", run_id, data["n"], device, model_info["evaluated_accuracy"],
@@ -171,14 +156,18 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
 
     ctx = RunContext(model=model, batches=batches, device=device, reduce=cfg.reduce, extra=extra,
                      maps_dir=out_dir.parent / "maps" if cfg.get("cache_maps", False) else None,
-                     keys={"run_id": run_id, **names}, timings={}, retries=[])
+                     keys={"run_id": run_id, **names}, timings={}, retries=[], progress=cfg.get("progress", True))
     lost: list[dict[str, Any]] = []                                # failures of cells with no scored sample
     interrupted, write_error = False, None
     if precision != "float32" and device.type == "cpu":
         log.warning("precision=%s on CPU: autocast is meant for GPUs; on a CPU without %s units it is much "
                     "slower (48x for pixel flipping on the suite's reference CPU)", precision, precision)
     with determinism(bool(cfg.get("deterministic", False))), autocast(device, precision), pass_sizes(sizes):
-        rows_per_sample = _probe(ctx, methods=methods, metrics=metrics, todo=todo)
+        rows_per_sample, unsupported = probe(ctx, methods=methods, metrics=metrics, todo=todo)
+        runnable = {m: f for m, f in methods.items() if not todo[m] or any((m, k) not in unsupported for k in todo[m])}
+        for (method_name, metric_name), why in unsupported.items():          # recorded, not computed (bench/probe.py)
+            log.warning("%s x %s: unsupported on %s: %s", method_name, metric_name, names["model"], why)
+            todo[method_name].remove(metric_name)
         store.check_space(out_dir, need_bytes=need_bytes(data["n"], data["shape"], rows_per_sample, len(methods),
                                                           bool(cfg.get("cache_maps", False))))
         try:
@@ -192,7 +181,7 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
         except OSError as e:                                       # a full disk: keep the manifest of what completed
             write_error = e
         if not (interrupted or write_error):                       # the maps the report draws, under the run's keys
-            report_maps = keep.keep_report_maps(out_dir, cfg, model, dataset, methods, data["targets"],
+            report_maps = keep.keep_report_maps(out_dir, cfg, model, dataset, runnable, data["targets"],
                                                 digest(base))      # and settings (determinism, precision)
     batches.close()
 
@@ -218,6 +207,7 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
                  "format": FORMAT, "content": content},
         "config": job, "versions": versions(), "git_commit": git_commit(),
         "model_info": model_info, "cells": cells, "skipped": len(keys) - n_todo, "failures": summarise(failed),
+        "unsupported": unsupported_entries(unsupported),          # cells that cannot run here, with the reason
         "samples": "samples.parquet",                               # each sample's class, for class means
         "retries": ctx.retries,
         "pass_sizes": tuned,                                        # images per forward / gradient pass
@@ -248,67 +238,16 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
         log.warning("%s interrupted: %d of %d cells stored; run the same command again to resume", run_id,
                     len(cells), len(keys))
         raise KeyboardInterrupt
-    log.info("%s done in %.1f s: %d cells (%d skipped as already stored), %d failed samples -> %s", run_id,
-             manifest["timings"]["total"], len(cells), len(keys) - n_todo, len(failed), out_dir)
+    log.info("%s done in %.1f s: %d cells (%d skipped as already stored), %d unsupported, %d failed samples -> %s",
+             run_id, manifest["timings"]["total"], len(cells), len(keys) - n_todo, len(unsupported), len(failed), out_dir)
     return manifest
 
 
-def _reuse_stored_cells(out_dir: Path, paths: dict[tuple[str, str], tuple[Path, Path]], todo: dict[str, list[str]],
-                        n_samples: int) -> int:
-    """Copy into this run the cells that a run folder beside it (results/<dataset>/<model>/*) stored under the
-    same key, verified whole (the key hashes everything that determines a cell), and drop them from `todo`: a
-    run of a changed configuration gets its own folder yet recomputes only the cells the change touches."""
-    copied = 0
-    for method_name, metric_names in todo.items():
-        for metric_name in list(metric_names):
-            scores, curves = paths[method_name, metric_name]
-            for other in sorted(out_dir.parent.glob(f"*/cells/{scores.name}")):
-                if other.parent.parent == out_dir or not store.stored_cell(
-                        other, other.with_name(curves.name), n_samples=n_samples):
-                    continue
-                store.copy_cell(other, other.with_name(curves.name), scores, curves)
-                if store.stored_cell(scores, curves, n_samples=n_samples):
-                    metric_names.remove(metric_name)
-                    copied += 1
-                    break
-    return copied
-
-
-def _probe(ctx: RunContext, *, methods: dict[str, Callable[..., Tensor]], metrics: dict[str, Callable[..., MetricResult]],
-           todo: dict[str, list[str]]) -> int:
-    """Call each method and metric with a cell to compute on the first PROBE samples; a CONFIG_ERRORS
-    exception refuses the run with the config key. Returns the stored values per sample (for the space check)."""
-    batch, model = ctx.batches.head(PROBE, ctx.device), ctx.model
-    values = 0
-    for method_name, todo_metrics in todo.items():
-        if not todo_metrics:
-            continue
-        method = methods[method_name]
-        try:
-            a = method(model, batch["x"], batch["target"])
-        except CONFIG_ERRORS as e:
-            raise ValueError(f"method.{method_name}: {error_text(e)}; fix it in conf/method/{method_name}.yaml or with "
-                             f"method.{method_name}.<key>=... on the command line") from e
-        except Exception:                                          # noqa: BLE001 - a fault, handled per sample
-            a = None
-        usable = isinstance(a, Tensor) and a.shape == batch["x"].shape and bool(torch.isfinite(a).all())
-        # a faulty method (recorded per sample during the run) leaves the metrics to be probed on a stand-in map
-        raw = a if usable else batch["x"]
-        for metric_name in todo_metrics:
-            metric = metrics[metric_name]
-            try:
-                result = call_metric(metric, metric_inputs(metric, model, batch, raw, method, ctx.reduce, ctx.extra))
-            except CONFIG_ERRORS as e:
-                raise ValueError(f"metric.{metric_name} (with method {method_name}): {error_text(e)}; fix it in "
-                                 f"conf/metric/{metric_name}.yaml or with metric.{metric_name}.<key>=...") from e
-            except Exception:                                      # noqa: BLE001 - a fault, handled per sample
-                continue
-            values += len(result.scores) + sum(c.y.shape[1] for c in result.curves.values())
-    return values
-
-
-def _add_time(ctx: RunContext, key: str, t0: float) -> None:
-    ctx.timings[key] = ctx.timings.get(key, 0.0) + time.perf_counter() - t0
+def _add_time(ctx: RunContext, t0: float, *keys: str) -> None:
+    """Add the seconds since `t0` to each of `keys` in the run's timings."""
+    seconds = time.perf_counter() - t0
+    for key in keys:
+        ctx.timings[key] = ctx.timings.get(key, 0.0) + seconds
 
 
 def _run_method(ctx: RunContext, *, name: str, method: Callable[..., Tensor], key: str,
@@ -329,7 +268,11 @@ def _run_method(ctx: RunContext, *, name: str, method: Callable[..., Tensor], ke
             if writer.claim():
                 writers[m] = writer
         metrics = {m: f for m, f in metrics.items() if m in writers}
+        # one bar per method over batches, the metric being scored as its postfix; on a terminal only
+        bar = tqdm(total=-(-ctx.batches.n // ctx.batches.batch_size) if writers else 0, desc=name, unit="batch",
+                   disable=None if ctx.progress else True, leave=False, dynamic_ncols=True)
         for start, batch in ctx.batches.stream(device) if writers else ():
+            bar.set_postfix_str("attribution", refresh=False)
             t0 = time.perf_counter()
             cached = store.read_maps(store.map_path(ctx.maps_dir, name, key, start)) if ctx.maps_dir else None
             if cached is not None and cached[0].shape == batch["x"].shape:
@@ -337,7 +280,7 @@ def _run_method(ctx: RunContext, *, name: str, method: Callable[..., Tensor], ke
             else:
                 with recording(ctx.retries, method=name, metric=None, batch_start=start):
                     attributions, ok, errors = attribute(method, model, batch["x"], batch["target"])
-                _add_time(ctx, f"method/{name}", t0)
+                _add_time(ctx, t0, f"method/{name}")
                 if ctx.maps_dir:
                     store.write_maps(store.map_path(ctx.maps_dir, name, key, start), attributions, ok, errors)
             sample_id = batch["sample_id"]
@@ -346,12 +289,14 @@ def _run_method(ctx: RunContext, *, name: str, method: Callable[..., Tensor], ke
                 for w in writers.values():
                     w.fail(int(sample_id[pos]), "method", errors[pos])
             if not ok.any():
+                bar.update()
                 continue
             kept = ok.nonzero().flatten()
             sub = {k: take(v, kept) for k, v in batch.items()}
             attribution = take(attributions, kept)                           # raw (b, C, H, W)
             for metric_name, metric in metrics.items():
                 t0 = time.perf_counter()
+                bar.set_postfix_str(metric_name)
 
                 def call(idx: Tensor, metric: Callable[..., MetricResult] = metric) -> MetricResult:
                     part = {k: take(v, idx) for k, v in sub.items()}
@@ -365,7 +310,9 @@ def _run_method(ctx: RunContext, *, name: str, method: Callable[..., Tensor], ke
                 for pos, err in failed:
                     log.warning("%s x %s failed on sample_id %d: %s", name, metric_name, int(sub["sample_id"][pos]), err)
                     writers[metric_name].fail(int(sub["sample_id"][pos]), "metric", err)
-                _add_time(ctx, f"metric/{metric_name}", t0)
+                _add_time(ctx, t0, f"metric/{metric_name}", f"cell/{name}/{metric_name}")   # cell: on this method's maps
+            bar.update()
+        bar.close()
         lost, committed = [], 0
         for metric_name, writer in writers.items():
             if writer.commit():

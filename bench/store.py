@@ -368,3 +368,24 @@ def copy_cell(scores_path: Path, curves_path: Path, to_scores: Path, to_curves: 
                      (scores_path, to_scores)):
         if src.exists():
             write_atomic(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
+
+
+def reuse_stored_cells(out_dir: Path, paths: dict[tuple[str, str], tuple[Path, Path]], todo: dict[str, list[str]],
+                       n_samples: int) -> int:
+    """Copy into this run the cells that a run folder beside it (results/<dataset>/<model>/*) stored under the
+    same key, verified whole (the key hashes everything that determines a cell), and drop them from `todo`: a
+    run of a changed configuration gets its own folder yet recomputes only the cells the change touches."""
+    copied = 0
+    for method_name, metric_names in todo.items():
+        for metric_name in list(metric_names):
+            scores, curves = paths[method_name, metric_name]
+            for other in sorted(out_dir.parent.glob(f"*/cells/{scores.name}")):
+                if other.parent.parent == out_dir or not stored_cell(
+                        other, other.with_name(curves.name), n_samples=n_samples):
+                    continue
+                copy_cell(other, other.with_name(curves.name), scores, curves)
+                if stored_cell(scores, curves, n_samples=n_samples):
+                    metric_names.remove(metric_name)
+                    copied += 1
+                    break
+    return copied

@@ -76,7 +76,8 @@ def _canonizers(method: str, model: nn.Module) -> list[zennit.canonizers.Canoniz
     declared = list(getattr(model, "lrp_canonizers", ()))
     bad = [c for c in declared if not isinstance(c, zennit.canonizers.Canonizer)]
     if bad:
-        raise cannot_run(method, model, f"its lrp_canonizers must be zennit canonizers, got {bad[0]!r}")
+        raise ValueError(f"{method}: {type(model).__name__}.lrp_canonizers must be zennit canonizers, got "
+                         f"{bad[0]!r}")                               # the model's declaration to fix, not a limit
     canonizers: list[zennit.canonizers.Canonizer] = [zennit.canonizers.SequentialMergeBatchNorm(), *declared]
     try:
         from torchvision.models.resnet import BasicBlock as TvBasic, Bottleneck as TvBottleneck
