@@ -11,6 +11,9 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
+from bench.results import Results
+from metrics import ranked
+
 
 UNIT = ["dataset", "model"]
 COLUMN = ["dataset", "model", "metric", "score"]
@@ -42,8 +45,9 @@ def rank_methods(board: pd.DataFrame, scores: pd.DataFrame, manifests: list[dict
 
     mean_rank: the mean of a method's ranks r_c (1 = best, board["rank"]) over the headline columns c of every
     (dataset, model) in scope that it has (n_columns); rank: mean_rank ranked again (ties averaged).
-    latec_rank: LATEC's aggregation (`latec_ranks`), ranked again. rank_ci_low/high, p_best: `bootstrap_ranks`. below_control: how many
-    of the method's columns in scope are in `below_control`. Kendall tau: `model_agreement`.
+    latec_rank: the mean of LATEC's per-column ranks (`latec_ranks`) over the scope, ranked again.
+    rank_ci_low/high, p_best: `bootstrap_ranks`. below_control: how many of the method's columns in scope
+    are in `below_control`. Kendall tau: `model_agreement`.
     """
     if n_boot < 1 or not 0 < level < 1:
         raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got n_boot={n_boot}, level={level}")
@@ -53,13 +57,17 @@ def rank_methods(board: pd.DataFrame, scores: pd.DataFrame, manifests: list[dict
     below = below_control(heads, controls(manifests))
     flagged = below.drop_duplicates(["dataset", "model", "method", "metric", "score"])
     out = []
-    fam = heads["family"] if "family" in heads else pd.Series("other", index=heads.index)
-    for scope in [OVERALL, *dict.fromkeys(sorted(fam.unique()))]:
-        part = heads if scope == OVERALL else heads[fam.eq(scope)]
+    if "family" not in heads:
+        heads = heads.assign(family="other")
+    lr = latec_ranks(heads, scores).merge(heads[["dataset", "metric", "score", "family"]].drop_duplicates(),
+                                          on=["dataset", "metric", "score"])
+    boots = _bootstrap(heads, scores, n_boot=n_boot, level=level, seed=seed)
+    for scope in [OVERALL, *dict.fromkeys(sorted(heads["family"].unique()))]:
+        part = heads if scope == OVERALL else heads[heads["family"].eq(scope)]
         mean = part.groupby("method")["rank"].agg(["mean", "size"]).rename(columns={"mean": "mean_rank",
                                                                                     "size": "n_columns"})
-        latec_mean = latec(part, scores)
-        boot = bootstrap_ranks(part, scores, n_boot=n_boot, level=level, seed=seed)
+        latec_mean = (lr if scope == OVERALL else lr[lr["family"].eq(scope)]).groupby("method")["rank"].mean()
+        boot = boots[scope]
         n_below = flagged[flagged["family"].eq(scope)] if scope != OVERALL and "family" in flagged else flagged
         table = mean.join(latec_mean.rename("latec_mean")).join(boot)
         table["below_control"] = n_below.groupby("method").size().reindex(table.index).fillna(0).astype(int)
@@ -71,10 +79,31 @@ def rank_methods(board: pd.DataFrame, scores: pd.DataFrame, manifests: list[dict
                    kendall=model_agreement(heads))
 
 
-def latec(heads: pd.DataFrame, scores: pd.DataFrame) -> pd.Series:
-    """LATEC's mean rank per method (`latec_ranks`' r_{d,c} averaged over (dataset, column))."""
-    ranks = latec_ranks(heads, scores)
-    return ranks.groupby("method")["rank"].mean().rename("latec_mean")
+def headlines(results: Results) -> tuple[dict[tuple[str, str, str], str], list[str]]:
+    """Each (dataset, model, metric)'s headline score: the one its YAML declares (`_headline_`, the
+    manifest's ``metrics.<name>.headline``), else the metric's only ranked stored score; and a note for each
+    metric left out of the rank aggregates (several ranked scores and none declared, or a declared one the
+    run lacks). Derived rows (`<score>_class_mean`) are never a default headline."""
+    declared = {(m["dataset"], m["model"], name): (meta or {}).get("headline")
+                for m in results.manifests for name, meta in (m.get("metrics") or {}).items()}
+    s = results.scores
+    stored = s.loc[s["score"].map(ranked).astype(bool), ["dataset", "model", "metric", "score"]].drop_duplicates()
+    out, notes = {}, []
+    for key, part in stored.astype(str).groupby(["dataset", "model", "metric"], sort=True):
+        names = sorted(part["score"])
+        head = declared.get(key)
+        if head is None and len(names) == 1:
+            out[key] = names[0]
+        elif head is None:
+            notes.append(f"{key[0]}/{key[1]}: metric {key[2]} has {len(names)} ranked scores ({', '.join(names)}) "
+                         f"and declares no headline, so no rank aggregate counts it: add `_headline_: <score>` to "
+                         f"its YAML")
+        elif head not in names:
+            notes.append(f"{key[0]}/{key[1]}: metric {key[2]} declares headline {head!r} but scored "
+                         f"{', '.join(names)}, so no rank aggregate counts it: fix its `_headline_`")
+        else:
+            out[key] = head
+    return out, notes
 
 
 def latec_ranks(heads: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
@@ -86,8 +115,8 @@ def latec_ranks(heads: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     for every per-sample score s of model m (q, min and max over all methods' samples of (d, m, c): each
     model's scores standardised to [0, 1], outliers clipped), and r_{d,c}(k) ranks the methods k by the
     median of s~_k over every sample of every model of d (1 = best in c's direction, ties averaged).
-    One row per (dataset, metric, score, method): median, rank. `latec` averages the ranks, rank_methods
-    ranks that mean again (latec_rank). NaN scores are left out.
+    One row per (dataset, metric, score, method): median, rank. rank_methods averages the ranks over a
+    scope's columns and ranks that mean again (latec_rank). NaN scores are left out.
     """
     cols = heads[COLUMN + ["higher_is_better"]].drop_duplicates(COLUMN)
     s = scores[["dataset", "model", "method", "metric", "score", "value"]].merge(cols, on=COLUMN)
@@ -117,17 +146,24 @@ def bootstrap_ranks(heads: pd.DataFrame, scores: pd.DataFrame, *, n_boot: int = 
     quantiles of a method's replicate ranks; p_best: the share of replicates in which it ranks first (k tied
     firsts get 1/k each, so p_best sums to 1). Draws: np.random.default_rng(seed), units first.
     """
+    return _bootstrap(heads, scores, n_boot=n_boot, level=level, seed=seed)[OVERALL]
+
+
+def _bootstrap(heads: pd.DataFrame, scores: pd.DataFrame, *, n_boot: int, level: float,
+               seed: int) -> dict[str, pd.DataFrame]:
+    """`bootstrap_ranks` for "overall" and for each family of heads["family"] (where given) from the same
+    replicates, in one pass over the columns."""
     methods = sorted(heads["method"].unique())
-    empty = pd.DataFrame(index=pd.Index(methods, name="method"), columns=["rank_ci_low", "rank_ci_high", "p_best"],
-                         dtype=np.float64)
+    family = heads["family"] if "family" in heads else pd.Series("other", index=heads.index)
+    scopes = [OVERALL, *sorted(family.unique())]
+    K = len(methods)
+    acc = {scope: (np.zeros((n_boot, K)), np.zeros((n_boot, K))) for scope in scopes}     # rank sums, weights
     if heads.empty:
-        return empty
+        return {OVERALL: _summary(*acc[OVERALL], methods, level)}
     units = sorted(set(zip(heads["dataset"], heads["model"])))
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(units), size=(n_boot, len(units)))                        # (n_boot, U)
     weight = _counts(draws, len(units))                                                   # (n_boot, U)
-    K = len(methods)
-    total, count = np.zeros((n_boot, K)), np.zeros((n_boot, K))
     s = scores[scores["metric"].isin(heads["metric"].unique())]
     for u, (dataset, model) in enumerate(units):
         cols = heads[heads["dataset"].eq(dataset) & heads["model"].eq(model)]
@@ -147,15 +183,24 @@ def bootstrap_ranks(heads: pd.DataFrame, scores: pd.DataFrame, *, n_boot: int = 
             hib = bool(c["higher_is_better"].iloc[0])
             key = np.where(np.isfinite(mean), -mean if hib else mean, np.inf)             # NaN mean last
             r = scipy.stats.rankdata(key, axis=1, method="average")                       # (n_boot, k)
-            total[:, avail] += weight[:, [u]] * r
-            count[:, avail] += weight[:, [u]]
+            for scope in (OVERALL, family[c.index[0]]):
+                acc[scope][0][:, avail] += weight[:, [u]] * r
+                acc[scope][1][:, avail] += weight[:, [u]]
+    return {scope: _summary(total, count, methods, level) for scope, (total, count) in acc.items()}
+
+
+def _summary(total: np.ndarray, count: np.ndarray, methods: list[str], level: float) -> pd.DataFrame:
+    """Replicates' rank sums and weights (n_boot, K) -> rank CI and p_best per method (NaN: never in scope)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_rank = total / count                                                         # (n_boot, K), NaN: not drawn
     key = np.where(np.isfinite(mean_rank), mean_rank, np.inf)
     ranks = np.where(np.isfinite(mean_rank), scipy.stats.rankdata(key, axis=1, method="average"), np.nan)
-    first = key == key.min(axis=1, keepdims=True)                                         # (n_boot, K)
-    share = first / first.sum(axis=1, keepdims=True)
-    low, high = np.nanquantile(ranks, [(1 - level) / 2, (1 + level) / 2], axis=0)         # (K,) each
+    first = np.isfinite(key) & (key == key.min(axis=1, keepdims=True))                    # (n_boot, K)
+    share = first / np.maximum(first.sum(axis=1, keepdims=True), 1)
+    seen = np.isfinite(ranks).any(axis=0)                                                 # (K,)
+    low, high = np.full(len(methods), np.nan), np.full(len(methods), np.nan)
+    if seen.any():
+        low[seen], high[seen] = np.nanquantile(ranks[:, seen], [(1 - level) / 2, (1 + level) / 2], axis=0)
     return pd.DataFrame({"rank_ci_low": low, "rank_ci_high": high, "p_best": share.mean(axis=0)},
                         index=pd.Index(methods, name="method"))
 

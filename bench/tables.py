@@ -12,7 +12,7 @@ import torch
 
 from bench import stats
 from bench.checks import resolve_target
-from bench.ranking import Ranking, rank_methods
+from bench.ranking import Ranking, headlines, rank_methods
 from bench.results import META_COLUMNS, Results
 from metrics import ranked
 
@@ -144,33 +144,6 @@ def leaderboard(results: Results, *, n_boot: int = 1000, seed: int = 0) -> pd.Da
     board["headline"] = [head.get((d, mo, me)) == sc for d, mo, me, sc in
                          zip(board["dataset"], board["model"], board["metric"], board["score"])]
     return board
-
-
-def headlines(results: Results) -> tuple[dict[tuple[str, str, str], str], list[str]]:
-    """Each (dataset, model, metric)'s headline score: the one its YAML declares (`_headline_`, the
-    manifest's ``metrics.<name>.headline``), else the metric's only ranked stored score; and a note for each
-    metric left out of the rank aggregates (several ranked scores and none declared, or a declared one the
-    run lacks). Derived rows (`<score>_class_mean`) are never a default headline."""
-    declared = {(m["dataset"], m["model"], name): (meta or {}).get("headline")
-                for m in results.manifests for name, meta in (m.get("metrics") or {}).items()}
-    s = results.scores
-    stored = s.loc[s["score"].map(ranked).astype(bool), ["dataset", "model", "metric", "score"]].drop_duplicates()
-    out, notes = {}, []
-    for key, part in stored.astype(str).groupby(["dataset", "model", "metric"], sort=True):
-        names = sorted(part["score"])
-        head = declared.get(key)
-        if head is None and len(names) == 1:
-            out[key] = names[0]
-        elif head is None:
-            notes.append(f"{key[0]}/{key[1]}: metric {key[2]} has {len(names)} ranked scores ({', '.join(names)}) "
-                         f"and declares no headline, so no rank aggregate counts it: add `_headline_: <score>` to "
-                         f"its YAML")
-        elif head not in names:
-            notes.append(f"{key[0]}/{key[1]}: metric {key[2]} declares headline {head!r} but scored "
-                         f"{', '.join(names)}, so no rank aggregate counts it: fix its `_headline_`")
-        else:
-            out[key] = head
-    return out, notes
 
 
 def _class_means(results: Results, *, n_boot: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
