@@ -22,7 +22,7 @@ from bench.keep import read_report_maps
 from bench.formats import documents, markdown as _markdown, tex_escape as _tex_escape
 from bench.page import render_page
 from bench.results import Results, group_of, groups, load
-from bench.tables import (COLUMN_KEYS, MAP_LABELS, SANITY_COLUMNS, Tables, bootstrap_ci, by_family, compute, cost, family_order,
+from bench.tables import (COLUMN_KEYS, MAP_LABELS, MAX_DEGENERATE, SANITY_COLUMNS, Tables, bootstrap_ci, by_family, compute, cost, family_order,
                           family_rank, leaderboard, overall_rank, sanity, significance, wide_ranks)
 
 __all__ = ["Results", "SANITY_COLUMNS", "Tables", "bootstrap_ci", "compute", "cost", "format_latex",
@@ -79,7 +79,7 @@ def format_sanity(table: pd.DataFrame) -> str:
         return ("No randomization tests in these runs (a metric joins the sanity table by declaring its scores in "
                 "its YAML: `_sanity_: [spearman, spearman_signed]`).\n")
     threshold = float(table["threshold"].iloc[0])
-    verdict = table["passed"].map({True: "pass", False: "fail"}).fillna("undefined")
+    verdict = table["verdict"]
     cells = table.assign(cell=[f"{m:.3g} [{lo:.3g}, {hi:.3g}] {v}" if np.isfinite(m) else f"– {v}"
                                for m, lo, hi, v in zip(table["mean"], table["ci_low"], table["ci_high"], verdict)],
                          column=[f"{metric} {MAP_LABELS.get(score, score)}"
@@ -89,7 +89,8 @@ def format_sanity(table: pd.DataFrame) -> str:
                 f"signed (sum_c E_c) side by side (mprt: every layer randomized, `@layer`: after the first stage "
                 f"alone; random_logit: another class; data_randomization: model trained on permuted labels), "
                 f"mean [95% CI] over samples. pass: |mean| < {threshold:g}, the map changed with the model; controls "
-                f"(edge) are expected to fail.\n"]
+                f"(edge) are expected to fail; degenerate: more than {MAX_DEGENERATE:.0%} of the samples have a "
+                f"constant map before or after the change (Spearman 0 by convention, not measured).\n"]
     for (dataset, model), part in cells.groupby(["dataset", "model"], sort=True):
         wide = part.pivot(index="method", columns="column", values="cell").fillna("–")
         wide = wide[list(dict.fromkeys(part["column"]))]                       # the table's order, first stage first

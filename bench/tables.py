@@ -22,7 +22,8 @@ STATS = ["mean", "ci_low", "ci_high", "n", "n_nan"]
 OTHER = "other"                                          # the family of a metric from outside metrics/ (a plug-in)
 MAP_LABELS = {"spearman": "ABS", "spearman_signed": "signed"}    # a sanity score -> the map it compares (Adebayo)
 SANITY_COLUMNS = ["dataset", "model", "method", "metric", "score", "stage", "mean", "ci_low", "ci_high", "n", "n_nan",
-                  "threshold", "passed"]
+                  "threshold", "passed", "degenerate", "verdict"]
+MAX_DEGENERATE = 0.1        # the sanity verdict is "degenerate" when more of a test's samples have a constant map
 
 
 @dataclass(frozen=True)
@@ -262,7 +263,7 @@ def cost(results: Results) -> pd.DataFrame:
 
 
 def sanity(board: pd.DataFrame, manifests: list[dict], *, threshold: float = 0.3, results: Results | None = None,
-           n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+           n_boot: int = 1000, seed: int = 0, max_degenerate: float = MAX_DEGENERATE) -> pd.DataFrame:
     """The sanity table (Adebayo et al. 2018): per (dataset, model, method) and randomization test, the
     scores each metric declares in its YAML (`_sanity_`, the manifest's ``metrics.<name>.sanity``; e.g.
     `spearman` of the ABS maps sum_c |E_c| and `spearman_signed` of the signed maps sum_c E_c before and
@@ -272,7 +273,13 @@ def sanity(board: pd.DataFrame, manifests: list[dict], *, threshold: float = 0.3
     layer top-down: the paper's gradual decorrelation), summarised as `leaderboard` does. passed =
     |mean| < threshold: the map changed with the model (a control such as edge fails; a strongly
     anti-correlated signed map has not changed either); NaN where every sample is undefined.
+    degenerate: with `results`, the fraction of samples whose pair of maps is degenerate (either map
+    constant: the metric's context score `degenerate`, `degenerate@<stage>` for a first stage), where the
+    similarity is 0 or NaN by convention, not measured; above `max_degenerate` the row does not pass
+    (passed False) and its verdict is "degenerate". verdict: pass, fail, undefined or degenerate.
     """
+    if not 0 <= max_degenerate < 1:
+        raise ValueError(f"max_degenerate must be a fraction of samples in [0, 1), got {max_degenerate}")
     if not 0 < threshold <= 1:
         raise ValueError(f"sanity threshold must be in (0, 1] (a Spearman correlation), got {threshold}")
     keep, staged = set(), set()
@@ -294,9 +301,24 @@ def sanity(board: pd.DataFrame, manifests: list[dict], *, threshold: float = 0.3
         summary = summarise(first, BOARD_KEYS + ["stage"], value="value", n_boot=n_boot, seed=seed)
         rows = pd.concat([rows, summary], ignore_index=True)
     passed = (rows["mean"].abs() < threshold).astype(object).where(rows["mean"].notna())
-    out = rows.assign(threshold=threshold, passed=passed)
+    degenerate = _degenerate_fraction(rows, results)
+    flat = degenerate > max_degenerate
+    verdict = passed.map({True: "pass", False: "fail"}).where(passed.notna(), "undefined").where(~flat, "degenerate")
+    out = rows.assign(threshold=threshold, passed=passed.where(~flat, False), degenerate=degenerate, verdict=verdict)
     out = out.assign(_last=out["stage"].eq("last"))
     return out.sort_values(["dataset", "model", "metric", "_last", "score", "method"], ignore_index=True)[SANITY_COLUMNS]
+
+
+def _degenerate_fraction(rows: pd.DataFrame, results: Results | None) -> pd.Series:
+    """Mean over samples of the `degenerate` score (`degenerate@<stage>`) of each sanity row's cell; NaN without it."""
+    if results is None or rows.empty:
+        return pd.Series(np.nan, index=rows.index, dtype=float)
+    s = results.scores
+    s = s[s["score"].astype(str).str.startswith("degenerate")]
+    frac = s.groupby(["dataset", "model", "method", "metric", "score"], observed=True)["value"].mean().to_dict()
+    keys = zip(rows["dataset"], rows["model"], rows["method"], rows["metric"],
+               ["degenerate" if stage == "last" else f"degenerate@{stage}" for stage in rows["stage"]])
+    return pd.Series([frac.get(k, np.nan) for k in keys], index=rows.index, dtype=float)
 
 
 def curve_bands(results: Results, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -312,7 +334,37 @@ def summarise(df: pd.DataFrame, keys: list[str], *, value: str, n_boot: int, see
         return pd.DataFrame(columns=keys + STATS)
     g = df.groupby(keys, sort=True)[value]
     out = g.agg(["mean", "count", "size"]).rename(columns={"count": "n"})
-    ci = g.apply(lambda v: bootstrap_ci(v.to_numpy(), n_boot=n_boot, seed=seed))
-    out[["ci_low", "ci_high"]] = pd.DataFrame(ci.tolist(), index=ci.index)
+    rows = pd.MultiIndex.from_frame(df[keys]) if len(keys) > 1 else pd.Index(df[keys[0]])
+    out[["ci_low", "ci_high"]] = _group_cis(df[value].to_numpy(np.float64), out.index.get_indexer(rows), len(out),
+                                            n_boot=n_boot, seed=seed)
     out["n_nan"] = out.pop("size") - out["n"]
     return out[STATS].reset_index()
+
+
+_BLOCK = 2**17                 # values one resampling block of `_group_cis` gathers (1 MiB of float64)
+
+
+def _group_cis(values: np.ndarray, codes: np.ndarray, groups: int, *, n_boot: int, seed: int,
+               level: float = 0.95) -> np.ndarray:
+    """`bootstrap_ci` of every group at once, the same numbers: (groups, 2) of (low, high); `codes` gives each
+    value's group (-1: none). Every group of n finite values resamples with bootstrap_ci's draw
+    ``default_rng(seed).integers(0, n, (n_boot, n))``, so that draw is made once per n, and the groups of one n
+    are resampled together, in blocks of at most _BLOCK values (cache-sized: faster than one large gather)."""
+    if n_boot < 1 or not 0 < level < 1:
+        raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got n_boot={n_boot}, level={level}")
+    ci = np.full((groups, 2), np.nan)
+    keep = np.isfinite(values) & (codes >= 0)
+    order = np.argsort(codes[keep], kind="stable")                   # group by group, each in its rows' order
+    v, c = values[keep][order], codes[keep][order]
+    counts = np.bincount(c, minlength=groups)
+    starts = np.cumsum(counts) - counts
+    for n in np.unique(counts[counts >= 2]):
+        members = np.flatnonzero(counts == n)
+        idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))        # (n_boot, n)
+        step = max(1, _BLOCK // (n_boot * n))
+        for i in range(0, len(members), step):
+            block = v[starts[members[i:i + step], None] + np.arange(n)]           # (G, n)
+            d = block - block[:, :1]                                              # centred, as bootstrap_ci
+            means = block[:, :1] + d[:, idx].reshape(-1, n).mean(axis=1).reshape(len(block), n_boot)   # (G, n_boot)
+            ci[members[i:i + step]] = np.quantile(means, [(1 - level) / 2, (1 + level) / 2], axis=1).T
+    return ci

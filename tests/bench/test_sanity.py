@@ -163,3 +163,46 @@ def test_the_sanity_table_follows_the_declarations_not_the_target(tree: Path) ->
     (run / "manifest.json").write_text(json.dumps(manifest))
     results = load(tree)
     assert sanity(leaderboard(results, n_boot=20), results.manifests).empty
+
+
+def test_a_degenerate_map_does_not_pass(tree: Path) -> None:
+    """Samples whose pair of maps is degenerate (a constant map: Spearman 0 by convention, the metrics' context
+    score `degenerate`) do not count as decorrelated: above `max_degenerate` of a test's samples the verdict is
+    "degenerate" and passed False, in the table, the CSV and the Markdown."""
+    run = tree / "shapes" / "cnn"
+    manifest = json.loads((run / "manifest.json").read_text())
+    flags = {("rl", "grad_cam"): [1.0, 0.0, 0.0, 0.0], ("mprt", "saliency"): [0.0, 0.0, 0.0, 1.0],
+             ("mprt", "edge"): [1.0] * 4, ("rl", "saliency"): [0.0] * 4}      # grad_cam's mprt: not recorded
+    for cell in manifest["cells"]:
+        if (cell["metric"], cell["method"]) in flags:
+            scores = pd.read_parquet(run / cell["scores"])
+            extra = scores[scores.score == scores.score.iloc[0]].assign(
+                score="degenerate", value=flags[cell["metric"], cell["method"]])
+            pd.concat([scores, extra]).to_parquet(run / cell["scores"])
+    manifest["score_meta"] += [{"metric": m, "score": "degenerate", "higher_is_better": False} for m in ("mprt", "rl")]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    results = load(tree)
+    board = leaderboard(results, n_boot=20)
+    assert "degenerate" not in set(board["score"])                                  # a context score: never ranked
+    table = sanity(board, results.manifests, threshold=0.3, results=results, n_boot=20)
+    rows = table[table.score == "spearman"].set_index(["metric", "method"])
+    assert rows.loc[("rl", "grad_cam"), "degenerate"] == 0.25 and rows.loc[("mprt", "saliency"), "degenerate"] == 0.25
+    assert rows.loc[("rl", "grad_cam"), "mean"] == pytest.approx(0.1)               # |0.1| < 0.3 would pass ...
+    assert rows.loc[("rl", "grad_cam"), "verdict"] == "degenerate" and rows.loc[("rl", "grad_cam"), "passed"] is False
+    assert rows.loc[("mprt", "saliency"), "verdict"] == "degenerate"
+    assert rows.loc[("mprt", "edge"), "verdict"] == "degenerate"                     # a fail, unmeasured, too
+    assert rows.loc[("rl", "saliency"), "verdict"] == "fail" and rows.loc[("rl", "saliency"), "degenerate"] == 0
+    assert pd.isna(rows.loc[("mprt", "grad_cam"), "degenerate"]) and pd.isna(rows.loc[("mprt", "grad_cam"), "passed"])
+    assert rows.loc[("mprt", "grad_cam"), "verdict"] == "undefined"
+    lenient = sanity(board, results.manifests, results=results, n_boot=20, max_degenerate=0.25)  # 0.25 is not above
+    lenient = lenient[lenient.score == "spearman"].set_index(["metric", "method"])
+    assert lenient.loc[("rl", "grad_cam"), "verdict"] == "pass" and lenient.loc[("rl", "grad_cam"), "passed"] is True
+    assert lenient.loc[("mprt", "edge"), "verdict"] == "degenerate"
+    assert "| grad_cam | – undefined | 0.5 [0.5, 0.5] fail | 0.1 [0.1, 0.1] degenerate |" in format_sanity(table)
+    assert "more than 10% of the samples have a constant map" in format_sanity(table)
+    with pytest.raises(ValueError, match=r"max_degenerate must be a fraction of samples in \[0, 1\), got 1"):
+        sanity(board, results.manifests, results=results, max_degenerate=1)
+    out = write_report(tree, n_boot=20)
+    csv = pd.read_csv(out / "sanity.csv").set_index(["metric", "score", "method"])
+    assert csv.loc[("rl", "spearman", "grad_cam"), "verdict"] == "degenerate"
+    assert not csv.loc[("rl", "spearman", "grad_cam"), "passed"]
