@@ -55,7 +55,7 @@ def render_page(t: Tables, figures: list[Path], *, title: str = "saliency-bench 
 <a href="#figures">Figures</a> <a href="#cost">Cost</a> <a href="#provenance">Provenance</a>
 <a href="#cards">Methods and metrics</a>
 <label>filter methods <input type="search" id="filter" placeholder="name contains…"></label></nav></header>
-<section id="ranking"><h2>Overall ranking</h2>{_ranking(ranking, board)}</section>
+{_notes(t)}<section id="ranking"><h2>Overall ranking</h2>{_ranking(ranking, board)}</section>
 <section id="views"><h2>Per dataset and model</h2>
 <p>Mean over samples (95% bootstrap CI, rank and sample count on hover); ↑ higher is better, ↓ lower;
 colour: rank within the column, darker is better; bold: best; ▾ worse than a control; n/a: the method or
@@ -69,6 +69,14 @@ name for its card.</p>
 <section id="cards"><h2>Methods and metrics</h2>{_cards(board, manifests)}</section>
 <script>{(asset / "page.js").read_text(encoding="utf-8")}</script></body></html>
 """
+
+
+def _notes(t: Tables) -> str:
+    """The report's notes (metrics left out of the rank aggregates, ...) and the failed samples' count."""
+    f = t.results.failures
+    failed = int(f["stage"].ne("unsupported").sum()) if "stage" in f else len(f)     # unsupported cells: in the views
+    items = [*t.notes, *([f"{failed} failed samples: see failures.csv and the provenance below"] if failed else [])]
+    return f'<ul class="notes">{"".join(f"<li>{e(str(n))}</li>" for n in items)}</ul>' if items else ""
 
 
 def _anchor(kind: str, name: str) -> str:

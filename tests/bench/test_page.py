@@ -67,7 +67,7 @@ def _tables(board: pd.DataFrame, manifests: list[dict], ranking=None) -> Tables:
                   friedman=empty, pairwise=empty, average_ranks=empty, agreement=empty, cost=pd.DataFrame(
                       {"dataset": ["shapes"], "model": ["cnn"], "kind": ["method"], "name": ["alpha"],
                        "seconds": [1.5], "seconds_per_sample": [0.1875]}), sanity=empty, curves=empty)
-    return Tables(**fields, ranking=ranking)
+    return Tables(**fields, ranking=ranking, notes=["metric <mprt> declares no headline"])
 
 
 def _manifest(model: str) -> dict:
@@ -129,6 +129,7 @@ def test_page_holds_ranking_cards_provenance_and_cost(page: Path) -> None:
     assert "tolerance = 0.0</code> (shapes/cnn)" in card and "tolerance = 1.0</code> (shapes/resnet)" in card
     assert f'href="#method-{"".join(f".{ord(c):x}" if not (c.isalnum() or c in "_-") else c for c in EVIL)}"' in text
     assert "0123456789" in text and "seconds_per_sample" in text and "0.1875" in text
+    assert '<ul class="notes"><li>metric &lt;mprt&gt; declares no headline</li></ul>' in text
     without = render_page(_tables(_board(), [_manifest("cnn")]), [])
     assert "No ranking across models" in without and "<td" in without
 
