@@ -15,7 +15,7 @@ import pytest
 from bench import store
 from bench.report import format_latex, format_leaderboard, main, write_report
 from bench.results import load
-from bench.tables import bootstrap_ci, family_rank, leaderboard, overall_rank, wide_ranks
+from bench.tables import bootstrap_ci, family_rank, leaderboard, overall_rank, summarise, wide_ranks
 
 NAN = np.nan
 # run 1: (shapes, cnn); per method and score, the values of samples 0..3
@@ -139,6 +139,23 @@ def test_bootstrap_ci_matches_a_loop_reference() -> None:
     means = [np.mean(finite[i]) for i in idx]   # one resample at a time, straight from the definition
     expected = np.quantile(means, [0.05, 0.95])
     assert np.allclose(bootstrap_ci(v, n_boot=300, level=0.9, seed=5), expected, rtol=0, atol=1e-12)
+
+
+def test_summarise_gives_bootstrap_ci_of_every_group_exactly() -> None:
+    """summarise resamples all groups of one size together (one draw per size): the same numbers, to the bit, as
+    bootstrap_ci per group; groups of 0 or 1 finite values get NaN, constant groups their value."""
+    rng = np.random.default_rng(1)
+    parts = []
+    for g in range(40):
+        v = rng.normal(size=int(rng.integers(0, 30)))
+        v[rng.random(v.size) < 0.2] = np.nan
+        parts.append(pd.DataFrame({"key": f"k{g % 3}", "group": g, "value": np.full(v.size, 2.5) if g % 7 == 0 else v}))
+    df = pd.concat(parts).astype({"key": "category"})
+    out = summarise(df, ["key", "group"], value="value", n_boot=200, seed=3)
+    expected = [bootstrap_ci(g.to_numpy(), n_boot=200, seed=3)
+                for _, g in df.groupby(["key", "group"], sort=True, observed=True)["value"]]
+    np.testing.assert_array_equal(out[["ci_low", "ci_high"]].to_numpy(), np.array(expected))
+    assert out["ci_low"].isna().any() and (out.loc[out["group"] % 7 == 0, "ci_low"].dropna() == 2.5).all()
 
 
 def test_bootstrap_ci_properties() -> None:
