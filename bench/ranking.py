@@ -12,8 +12,7 @@ import pandas as pd
 import scipy.stats
 
 from bench.results import Results
-from metrics import ranked
-
+from metrics import FAMILIES, ranked
 
 UNIT = ["dataset", "model"]
 COLUMN = ["dataset", "model", "metric", "score"]
@@ -62,7 +61,8 @@ def rank_methods(board: pd.DataFrame, scores: pd.DataFrame, manifests: list[dict
     lr = latec_ranks(heads, scores).merge(heads[["dataset", "metric", "score", "family"]].drop_duplicates(),
                                           on=["dataset", "metric", "score"])
     boots = _bootstrap(heads, scores, n_boot=n_boot, level=level, seed=seed)
-    for scope in [OVERALL, *dict.fromkeys(sorted(heads["family"].unique()))]:
+    order = {f: i for i, f in enumerate(FAMILIES)}                  # metrics' family order, plug-ins ("other") last
+    for scope in [OVERALL, *sorted(heads["family"].unique(), key=lambda f: (order.get(f, len(order)), f))]:
         part = heads if scope == OVERALL else heads[heads["family"].eq(scope)]
         mean = part.groupby("method")["rank"].agg(["mean", "size"]).rename(columns={"mean": "mean_rank",
                                                                                     "size": "n_columns"})
