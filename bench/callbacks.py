@@ -16,6 +16,7 @@ class ReportCallback(Callback):
     With `gallery` (default true) the report also holds, for every run, the gallery of maps and
     the MPRT grid, drawn from the maps the run kept in the store (bench.keep); no model is loaded.
     A run that kept none (an older runner) is logged and left out of them, never fails the report.
+    Figures are PNG; `report_pdf: true` adds a PDF twin of each (for papers).
     """
 
     def _report(self, config: DictConfig) -> None:
@@ -23,7 +24,8 @@ class ReportCallback(Callback):
             return
         from bench.report import write_report                      # matplotlib only when a report is due
         try:
-            write_report(config.results_dir, gallery=bool(config.get("gallery", True)))
+            write_report(config.results_dir, gallery=bool(config.get("gallery", True)),
+                         pdf=bool(config.get("report_pdf", False)))
         except ValueError as e:                                     # e.g. every job failed: nothing to report
             log.error("no report: %s", e)
 

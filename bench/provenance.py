@@ -21,7 +21,7 @@ from bench.zoo.sources import sha256
 from metrics import ranked
 
 PACKAGES = ("saliency-bench", "torch", "torchvision", "captum", "hydra-core", "omegaconf", "numpy", "pandas", "pyarrow", "scipy")
-PLUMBING = ("results_dir", "cache_dir", "report", "gallery", "allowed_targets", "run_tag", "progress")   # where a run writes
+PLUMBING = ("results_dir", "cache_dir", "report", "gallery", "report_pdf", "allowed_targets", "run_tag", "progress")   # where a run writes
                                                                                         # and reports, not what it computes
 # Keys of a metric's YAML that describe it for the report, never what it computes: popped before the metric is
 # instantiated, kept out of every digest (identity, cell keys), recorded in the manifest's `metrics` entry.

@@ -49,17 +49,20 @@ def tiny(tmp_path_factory) -> SimpleNamespace:
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=TINY + [f"cache_dir={tmp / 'cache'}"])
     run(cfg, out_dir=tmp / "results" / "shapes" / "small_cnn")
-    drawn, save = {}, figures.save_figure
+    drawn, axes, save = {}, {}, figures.save_figure
 
-    def record(fig, stem):
-        drawn[stem.name] = [(line.get_linestyle(), line.get_color()) for ax in fig.axes for line in ax.lines
-                            if len(line.get_xdata())]
-        return save(fig, stem)
+    def record(fig, stem, **kwargs):
+        drawn[stem.name] = [(line.get_label(), line.get_linestyle(), line.get_color()) for ax in fig.axes
+                            for line in ax.lines if len(line.get_xdata())]
+        axes[stem.name] = [(ax.get_title(), ax.get_xlabel(), ax.get_ylabel(),
+                            [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else [])
+                           for ax in fig.axes if ax.get_visible()]
+        return save(fig, stem, **kwargs)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(figures, "save_figure", record)
         m.setattr(zoo, "load_model", _no_model)                     # the report draws the kept maps only
         report = write_report(tmp / "results", n_boot=20, gallery=True)
-    return SimpleNamespace(root=tmp / "results", report=report, drawn=drawn)
+    return SimpleNamespace(root=tmp / "results", report=report, drawn=drawn, axes=axes)
 
 
 def test_pick_samples_takes_one_per_class_in_turn():
@@ -102,8 +105,8 @@ def test_gallery_and_grid_of_a_stored_run(tiny: SimpleNamespace):
     data = load_items(run_, torch.arange(4))
     assert data["target"].tolist() == [0, 1, 2, 3]                   # shapes: sample i has class i mod 6
     figs = {"gallery_shapes_small_cnn", "mprt_grid_shapes_small_cnn_mprt_0"}
-    assert figs <= set(tiny.drawn) and all((tiny.report / f"{f}{e}").stat().st_size > 5000
-                                           for f in figs for e in (".png", ".pdf"))
+    assert figs <= set(tiny.drawn) and all((tiny.report / f"{f}.png").stat().st_size > 5000 for f in figs)
+    assert not list(tiny.report.glob("*.pdf"))                       # PDF twins are opt-in (report_pdf, --pdf)
     assert not any(f.startswith("mprt_grid") and not f.endswith("_0") for f in tiny.drawn)   # one grid sample
 
     # the grid: methods x (stages + 1) panels, stages in mprt's top-down order
@@ -133,12 +136,18 @@ def test_gallery_and_grid_of_a_stored_run(tiny: SimpleNamespace):
 
 
 def test_report_draws_morf_and_lerf_in_one_figure_and_embeds_the_gallery(tiny: SimpleNamespace):
-    # one pixel-flipping figure, not one per order: per method a solid MoRF and a dashed LeRF line, same colour
+    # one pixel-flipping figure, not one per order: a MoRF panel above a LeRF panel, each method one colour in
+    # both; the random control dashed (drawn on top), saliency solid; axes say what they show; the legend
+    # lists the two methods drawn
     assert "curves_pixel_flipping_morf_lerf" in tiny.drawn and "curves_pixel_flipping_morf" not in tiny.drawn
     lines = tiny.drawn["curves_pixel_flipping_morf_lerf"]
-    assert sorted(style for style, _ in lines) == ["-"] * 2 + ["--"] * 2
-    assert {c for st, c in lines if st == "-"} == {c for st, c in lines if st == "--"}
-    assert len({c for _, c in lines}) == 2
+    assert sorted((label, style) for label, style, _ in lines) == [("random", "--")] * 2 + [("saliency", "-")] * 2
+    assert len({(label, c) for label, _, c in lines}) == 2 and len({c for *_, c in lines}) == 2
+    panels = tiny.axes["curves_pixel_flipping_morf_lerf"]
+    assert [t for t, *_ in panels] == ["shapes / small_cnn: MoRF", "shapes / small_cnn: LeRF"]
+    assert {x for _, x, *_ in panels} == {"fraction of pixels removed"}
+    assert panels[0][2] == "model output (target class)" and sorted(panels[0][3]) == ["random", "saliency"]
+    assert tiny.axes["curves_mprt_spearman"][0][1:3] == ("layer randomized", "similarity to the original map (spearman)")
     page = (tiny.report / "leaderboard.html").read_text(encoding="utf-8")
     assert "<figcaption>gallery_shapes_small_cnn</figcaption>" in page
     # mprt.yaml declares its sanity scores (_sanity_, _staged_): the runner records them, the table follows them

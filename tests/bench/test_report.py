@@ -190,11 +190,8 @@ def test_write_report_writes_files(tree: Path, capsys: pytest.CaptureFixture[str
              "significance.csv", "pairwise.csv", "agreement.csv", "cost.csv", "sanity.csv", "sanity.md"}
     names |= {"ranking.csv", "kendall.csv", "below_control.csv", "sanity.tex"} | {
         f"{table}.{ext}" for table in ("ranking", "kendall", "significance", "agreement") for ext in ("md", "tex")}
-    names |= {f"cd_shapes_{model}_{c}.png" for model, cols in
-              [("cnn", ["flip_aopc", "flip_auc", "point_hit", "mprt_spearman"]), ("mlp", ["flip_aopc", "flip_auc"])]
-              for c in cols}
-    names |= {f"{kind}_shapes_{model}.png" for kind in ("scores", "ranks", "agreement") for model in ("cnn", "mlp")}
-    names |= {n.replace(".png", ".pdf") for n in names if n.endswith(".png")} | {"leaderboard.html"}
+    names |= {f"{kind}_shapes_{model}.png" for kind in ("scores", "ranks", "agreement", "cd") for model in ("cnn", "mlp")}
+    names |= {"leaderboard.html"}                                 # PNG only: PDF twins are opt-in (pdf=True)
     assert {p.name for p in out.iterdir()} == names   # no temporary files left behind
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -203,6 +200,25 @@ def test_write_report_writes_files(tree: Path, capsys: pytest.CaptureFixture[str
     assert list(wide.columns[:5]) == ["dataset", "model", "method", "mean_rank", "rank"]
     assert "**" in (out / "leaderboard.md").read_text(encoding="utf-8")
     assert "report written to" in capsys.readouterr().out
+
+
+def test_pdf_twins_on_demand_and_figures_of_earlier_reports_removed(tree: Path) -> None:
+    """pdf=True adds a PDF twin of every PNG; the next report (PNG only, one model less in the store) removes the
+    twins and the figures of the model no longer there, and nothing a report does not write."""
+    out = write_report(tree, n_boot=20, pdf=True)
+    pngs = {p.stem for p in out.glob("*.png")}
+    assert pngs and pngs == {p.stem for p in out.glob("*.pdf")}
+    assert (out / "cd_shapes_mlp.pdf").read_bytes()[:5] == b"%PDF-"
+    mine = [out / "notes.txt", out / "my_plot.png", out / "scores.pdf"]     # not named as a report's figures
+    for p in mine:
+        p.write_text("keep me")
+    for p in (tree / "sweep" / "shapes-mlp-2").iterdir():                   # the mlp run leaves the store
+        p.unlink() if p.is_file() else None
+    (tree / "sweep" / "shapes-mlp-2" / "cells").rename(tree / "cells_of_mlp")
+    write_report(tree, n_boot=20)
+    assert not list(out.glob("*.pdf")) or {p.name for p in out.glob("*.pdf")} == {"scores.pdf"}
+    assert not list(out.glob("*mlp*")) and (out / "scores_shapes_cnn.png").exists()
+    assert all(p.read_text() == "keep me" for p in mine)
 
 
 def test_main_on_an_empty_folder_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
