@@ -24,7 +24,7 @@ import pandas as pd
 from bench.catalog import describe
 from bench.tables import MAP_LABELS, OTHER, Tables, by_family, family_order
 
-e = html.escape
+_e = html.escape
 
 
 def render_page(t: Tables, figures: list[Path], *, title: str = "saliency-bench leaderboard") -> str:
@@ -37,20 +37,19 @@ def render_page(t: Tables, figures: list[Path], *, title: str = "saliency-bench 
     below = _below_control(ranking)
     views = sorted(board.groupby(["dataset", "model"]).groups)
     placed, rest = _place_figures(figures, views)
-    tabs = "".join(f'<button class="tab" role="tab" data-view="{i}">{e(f"{d} / {m}")}</button>'
+    tabs = "".join(f'<button class="tab" role="tab" data-view="{i}">{_e(f"{d} / {m}")}</button>'
                    for i, (d, m) in enumerate(views))
     unsupported = _unsupported(t)
     panels = "".join(_view(i, d, m, board, t, unsupported, below, placed.get((d, m), []))
                      for i, (d, m) in enumerate(views))
-    n_extra = int((~board["headline"].astype(bool)).sum()) if "headline" in board else 0
+    extra = set(board.loc[~board["headline"].astype(bool), "column"]) if "headline" in board else set()
     toggle = (f'<label><input type="checkbox" id="all-scores"> every score (the headline score of each metric '
-              f'is shown; {len(set(board.loc[~board["headline"].astype(bool), "column"]))} more)</label>'
-              if n_extra else "")
+              f'is shown; {len(extra)} more)</label>' if extra else "")
     asset = resources.files(__package__) / "page_assets"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>{e(title)}</title><style>{(asset / "page.css").read_text(encoding="utf-8")}</style></head>
-<body><header><h1>{e(title)}</h1><p>{_summary(board, manifests)}</p>
+<title>{_e(title)}</title><style>{(asset / "page.css").read_text(encoding="utf-8")}</style></head>
+<body><header><h1>{_e(title)}</h1><p>{_summary(board, manifests)}</p>
 <nav><a href="#ranking">Ranking</a> <a href="#views">Per model</a> <a href="#sanity-checks">Sanity</a>
 <a href="#figures">Figures</a> <a href="#cost">Cost</a> <a href="#provenance">Provenance</a>
 <a href="#cards">Methods and metrics</a>
@@ -76,7 +75,7 @@ def _notes(t: Tables) -> str:
     f = t.results.failures
     failed = int(f["stage"].ne("unsupported").sum()) if "stage" in f else len(f)     # unsupported cells: in the views
     items = [*t.notes, *([f"{failed} failed samples: see failures.csv and the provenance below"] if failed else [])]
-    return f'<ul class="notes">{"".join(f"<li>{e(str(n))}</li>" for n in items)}</ul>' if items else ""
+    return f'<ul class="notes">{"".join(f"<li>{_e(str(n))}</li>" for n in items)}</ul>' if items else ""
 
 
 def _anchor(kind: str, name: str) -> str:
@@ -85,7 +84,7 @@ def _anchor(kind: str, name: str) -> str:
 
 
 def _link(kind: str, name: str) -> str:
-    return f'<a class="card-link" href="#{_anchor(kind, name)}">{e(str(name))}</a>'
+    return f'<a class="card-link" href="#{_anchor(kind, name)}">{_e(str(name))}</a>'
 
 
 def _num(v: float, fmt: str = "{:.3g}") -> str:
@@ -107,7 +106,7 @@ def _summary(board: pd.DataFrame, manifests: list[dict]) -> str:
              f"models: {', '.join(sorted(board['model'].unique()))}",
              f"{board['method'].nunique()} methods", f"{board['metric'].nunique()} metrics",
              f"commit {', '.join(commits) or 'unknown'}"]
-    return e("; ".join(parts))
+    return _e("; ".join(parts))
 
 
 def _below_control(ranking) -> dict[tuple, list[str]]:
@@ -147,7 +146,7 @@ def _ranking(ranking, board: pd.DataFrame) -> str:
         flags.setdefault(method, []).append(f"{d}/{m} {metric}/{score} below {', '.join(controls)}")
     n = len(overall)
     head = ("<tr><th>rank</th><th>method</th><th>mean rank</th><th>LATEC rank</th><th>rank 95% CI</th>"
-            "<th>P(best)</th><th>columns</th>" + "".join(f"<th>{e(f)}</th>" for f in fams) + "<th>flag</th></tr>")
+            "<th>P(best)</th><th>columns</th>" + "".join(f"<th>{_e(f)}</th>" for f in fams) + "<th>flag</th></tr>")
     rows = []
     for r in overall.itertuples():
         tds = [f'<td data-value="{r.rank!r}"{_shade(r.rank, n)}>{_num(r.rank, "{:g}")}</td>',
@@ -164,12 +163,12 @@ def _ranking(ranking, board: pd.DataFrame) -> str:
             s = by_scope.loc[(f, r.method)]
             tip = (f"{f}: rank {s['rank']:g} (95% CI {s['rank_ci_low']:g}–{s['rank_ci_high']:g}), mean rank "
                    f"{s['mean_rank']:.2f}, LATEC {s['latec_rank']:.2f}, P(best) {s['p_best']:.2f}")
-            tds.append(f'<td data-value="{float(s["rank"])!r}" title="{e(tip)}"{_shade(s["rank"], n)}>'
+            tds.append(f'<td data-value="{float(s["rank"])!r}" title="{_e(tip)}"{_shade(s["rank"], n)}>'
                        f'{_num(s["rank"], "{:g}")}</td>')
         flag = flags.get(r.method, [])
-        tds.append(f'<td class="flag" title="{e(chr(10).join(flag))}">⚠ below a control on {len(flag)}</td>'
+        tds.append(f'<td class="flag" title="{_e(chr(10).join(flag))}">⚠ below a control on {len(flag)}</td>'
                    if flag else '<td class="key"></td>')
-        rows.append(f'<tr data-method="{e(str(r.method))}">{"".join(tds)}</tr>')
+        rows.append(f'<tr data-method="{_e(str(r.method))}">{"".join(tds)}</tr>')
     note = ("<p>Rank 1 = best, over every headline column of every model and dataset: mean rank (ranks averaged "
             "over columns) and LATEC's rank (Klein et al. 2024: scores median-standardised per column, then "
             "ranked); rank CI and P(best) from a bootstrap over samples and models; each family's rank on hover. "
@@ -202,11 +201,11 @@ def _view(i: int, dataset: str, model: str, board: pd.DataFrame, t: Tables, unsu
     top = f'<th colspan="{3 + len(fams)}"></th>' + "".join(
         f'<th colspan="{max(1, sum(headline[cs]))}" class="{"" if headline[cs].any() else "extra"}" '
         f'data-span="{max(1, sum(headline[cs]))} {len(cs)}">'
-        f"{e(f)}</th>" for f, cs in spans)
+        f"{_e(f)}</th>" for f, cs in spans)
     head = '<th class="key">method</th><th>rank</th><th>mean rank</th>' + "".join(
-        f"<th>{e(f)} rank</th>" for f in fams) + "".join(
-        f'<th data-col="{e(c)}" class="{"" if headline[c] else "extra"}">{_link("metric", first.loc[c, "metric"])}'
-        f'<span>{e(str(first.loc[c, "score"]))} {"↑" if first.loc[c, "higher_is_better"] else "↓"}</span></th>'
+        f"<th>{_e(f)} rank</th>" for f in fams) + "".join(
+        f'<th data-col="{_e(c)}" class="{"" if headline[c] else "extra"}">{_link("metric", first.loc[c, "metric"])}'
+        f'<span>{_e(str(first.loc[c, "score"]))} {"↑" if first.loc[c, "higher_is_better"] else "↓"}</span></th>'
         for c in columns)
     here = {k[2:]: why for k, why in unsupported.items() if k[:2] == (dataset, model)}    # (method, metric) -> why
     n = len(overall)
@@ -226,10 +225,10 @@ def _view(i: int, dataset: str, model: str, board: pd.DataFrame, t: Tables, unsu
             cell = cells.loc[(method, c)] if (method, c) in cells.index else None
             tds.append(_cell(cell, c, n_col.get(c, 0), best.get(c), "" if headline[c] else "extra",
                              here.get((method, metric)), below.get((dataset, model, method, metric, score), [])))
-        rows.append(f'<tr data-method="{e(str(method))}">{"".join(tds)}</tr>')
-    figs = f"<details open><summary>Figures of {e(dataset)} / {e(model)}</summary>{_figures(figures)}</details>" if figures else ""
-    return (f'<section class="view" role="tabpanel" data-view="{i}" data-dataset="{e(str(dataset))}" '
-            f'data-model="{e(str(model))}"><div class="scroll"><table class="board">'
+        rows.append(f'<tr data-method="{_e(str(method))}">{"".join(tds)}</tr>')
+    figs = f"<details open><summary>Figures of {_e(dataset)} / {_e(model)}</summary>{_figures(figures)}</details>" if figures else ""
+    return (f'<section class="view" role="tabpanel" data-view="{i}" data-dataset="{_e(str(dataset))}" '
+            f'data-model="{_e(str(model))}"><div class="scroll"><table class="board">'
             f'<thead><tr>{top}</tr><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
             f"{_view_note(part, here)}{figs}</section>")
 
@@ -238,12 +237,12 @@ def _cell(r: pd.Series | None, column: str, n: int, best: float | None, cls: str
           controls: list[str]) -> str:
     """One board cell: the mean, shaded by rank; n/a with the reason where unsupported; – with why where NaN."""
     if reason is not None:
-        return f'<td data-value="NaN" class="na {cls}" title="{e(f"unsupported: {reason}")}">n/a</td>'
+        return f'<td data-value="NaN" class="na {cls}" title="{_e(f"unsupported: {reason}")}">n/a</td>'
     if r is None:
         return f'<td data-value="NaN" class="nan {cls}" title="not scored in these runs">–</td>'
     samples = f"n = {int(r['n'])} samples" + (f", {int(r['n_nan'])} undefined (NaN, excluded)" if r["n_nan"] else "")
     if not np.isfinite(r["mean"]):
-        return f'<td data-value="NaN" class="nan {cls}" title="{e(f"undefined on every sample: {samples}")}">–</td>'
+        return f'<td data-value="NaN" class="nan {cls}" title="{_e(f"undefined on every sample: {samples}")}">–</td>'
     tip = f"{column} = {r['mean']:.4g}, 95% CI [{_num(r['ci_low'], '{:.4g}')}, {_num(r['ci_high'], '{:.4g}')}]; " \
           f"rank {r['rank']:g} of {n}; {samples}"
     mark = ""
@@ -251,7 +250,7 @@ def _cell(r: pd.Series | None, column: str, n: int, best: float | None, cls: str
         tip += f"; worse than the control {', '.join(controls)}"
         mark = '<span class="below">▾</span>'
     top = " best" if r["rank"] == best else ""                # ties share the best rank
-    return (f'<td data-value="{float(r["mean"])!r}" class="{cls}{top}"{_shade(r["rank"], n)} title="{e(tip)}">'
+    return (f'<td data-value="{float(r["mean"])!r}" class="{cls}{top}"{_shade(r["rank"], n)} title="{_e(tip)}">'
             f'{r["mean"]:.3g}{mark}</td>')
 
 
@@ -265,7 +264,7 @@ def _view_note(part: pd.DataFrame, here: dict[tuple, str]) -> str:
             gone.setdefault(str(metric), set()).add(why)
     return (f'<p class="note">n = {total.min()}' + ("" if total.min() == total.max() else f"–{total.max()}")
             + " samples per cell" + (f"; {nan} undefined values (NaN) excluded from means and CIs" if nan else "")
-            + "".join(f"; {e(k)} unsupported for every method ({e('; '.join(sorted(w)))})" for k, w in gone.items())
+            + "".join(f"; {_e(k)} unsupported for every method ({_e('; '.join(sorted(w)))})" for k, w in gone.items())
             + "</p>")
 
 
@@ -286,15 +285,15 @@ def _place_figures(figures: list[Path], views: list[tuple]) -> tuple[dict[tuple,
 def _figures(paths: list[Path]) -> str:
     """Figures as data URIs at their own size, never wider than the page."""
     return "".join(
-        f'<figure><img alt="{e(p.stem)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-        f"<figcaption>{e(p.stem)}</figcaption></figure>" for p in paths)
+        f'<figure><img alt="{_e(p.stem)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        f"<figcaption>{_e(p.stem)}</figcaption></figure>" for p in paths)
 
 
 def _frame(df: pd.DataFrame, table_id: str) -> str:
     """A sortable HTML table of any frame: numbers to 4 significant digits, every text escaped."""
     if df is None or df.empty:
         return "<p>None in these runs.</p>"
-    head = "".join(f"<th>{e(str(c))}</th>" for c in df.columns)
+    head = "".join(f"<th>{_e(str(c))}</th>" for c in df.columns)
     rows = []
     for values in df.itertuples(index=False):
         tds = []
@@ -302,7 +301,7 @@ def _frame(df: pd.DataFrame, table_id: str) -> str:
             if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
                 tds.append(f'<td data-value="{float(v)!r}">{_num(float(v), "{:.4g}")}</td>')
             else:
-                tds.append(f'<td class="key">{e(str(v))}</td>')
+                tds.append(f'<td class="key">{_e(str(v))}</td>')
         rows.append(f"<tr>{''.join(tds)}</tr>")
     return (f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div>')
@@ -315,8 +314,8 @@ def _provenance(manifests: list[dict]) -> str:
                           "finished": m.get("finished"), "device": m.get("device"), "samples": m.get("n_samples"),
                           "seed": m.get("seed"), "test accuracy": (m.get("model_info") or {}).get("test_accuracy")}
                          for m in manifests])
-    runs = "".join(f"<details><summary>{e(str(m.get('run_id', '?')))}: versions, config, manifest</summary>"
-                   f"<pre>{e(json.dumps(m, indent=2, default=str))}</pre></details>" for m in manifests)
+    runs = "".join(f"<details><summary>{_e(str(m.get('run_id', '?')))}: versions, config, manifest</summary>"
+                   f"<pre>{_e(json.dumps(m, indent=2, default=str))}</pre></details>" for m in manifests)
     return _frame(rows, "runs") + runs
 
 
@@ -333,17 +332,17 @@ def _cards(board: pd.DataFrame, manifests: list[dict]) -> str:
                 description, paper = describe(group, name, target) if target else ("", "")
             except (ValueError, OSError) as err:                    # a broken YAML: say so on its card
                 description, paper = f"(no description: {err})", ""
-            facts = [f"<dt>paper</dt><dd>{e(paper or '–')}</dd>", f"<dt>target</dt><dd><code>{e(target or '?')}</code></dd>"]
+            facts = [f"<dt>paper</dt><dd>{_e(paper or '–')}</dd>", f"<dt>target</dt><dd><code>{_e(target or '?')}</code></dd>"]
             if kind == "metric":
                 rows = board[board["metric"] == name].drop_duplicates("score")
                 scores = ", ".join(f"{s} {'↑' if h else '↓'}" + (" (headline)" if hl else "")
                                    for s, h, hl in zip(rows["score"], rows["higher_is_better"],
                                                        rows["headline"] if "headline" in rows else [False] * len(rows)))
                 family = rows["family"].iloc[0] if len(rows) and "family" in rows else OTHER
-                facts += [f"<dt>family</dt><dd>{e(str(family))}</dd>", f"<dt>scores</dt><dd>{e(scores or '–')}</dd>"]
+                facts += [f"<dt>family</dt><dd>{_e(str(family))}</dd>", f"<dt>scores</dt><dd>{_e(scores or '–')}</dd>"]
             facts.append(f"<dt>parameters</dt><dd>{_parameters(nodes)}</dd>")
-            out.append(f'<article class="card" id="{_anchor(kind, name)}"><h3>{e(kind)} {e(name)}</h3>'
-                       f'<p>{e(description or "–")}</p><dl>{"".join(facts)}</dl></article>')
+            out.append(f'<article class="card" id="{_anchor(kind, name)}"><h3>{_e(kind)} {_e(name)}</h3>'
+                       f'<p>{_e(description or "–")}</p><dl>{"".join(facts)}</dl></article>')
     return f'<div class="cards">{"".join(out)}</div>'
 
 
@@ -356,7 +355,7 @@ def _parameters(nodes: list[tuple[dict, dict]]) -> str:
     parts = []
     for text, runs in sets.items():
         items = ", ".join(f"{k} = {json.dumps(v, default=str)}" for k, v in json.loads(text).items()) or "none"
-        parts.append(f"<code>{e(items)}</code>" + (f" ({e(', '.join(runs))})" if len(sets) > 1 else ""))
+        parts.append(f"<code>{_e(items)}</code>" + (f" ({_e(', '.join(runs))})" if len(sets) > 1 else ""))
     return "<br>".join(parts) or "–"
 
 
@@ -369,9 +368,9 @@ def _sanity_section(sanity: pd.DataFrame | None) -> str:
         verdict = "undefined" if pd.isna(r.passed) else "pass" if r.passed else "fail"
         text = "–" if np.isnan(r.mean) else f"{r.mean:.3g} [{r.ci_low:.3g}, {r.ci_high:.3g}]"
         map_ = MAP_LABELS.get(r.score, r.score)
-        cells = [f'<td class="key">{e(str(v))}</td>' for v in (r.dataset, r.model, r.method, r.metric, map_, r.stage)]
-        rows.append(f'<tr data-method="{e(str(r.method))}">{"".join(cells)}<td data-value="{float(r.mean)!r}">'
-                    f'{e(text)}</td><td class="{verdict}">{verdict}</td></tr>')
+        cells = [f'<td class="key">{_e(str(v))}</td>' for v in (r.dataset, r.model, r.method, r.metric, map_, r.stage)]
+        rows.append(f'<tr data-method="{_e(str(r.method))}">{"".join(cells)}<td data-value="{float(r.mean)!r}">'
+                    f'{_e(text)}</td><td class="{verdict}">{verdict}</td></tr>')
     head = "".join(f'<th class="key">{c}</th>' for c in ("dataset", "model", "method", "test", "map", "stage")) + \
         "<th>Spearman</th><th>verdict</th>"
     return (f'<section id="sanity-checks"><h2>Sanity checks</h2><p>Spearman rank correlation of the maps before and after '

@@ -45,3 +45,9 @@ function allScores() {                     // every score, or the headline score
   }
 }
 if (all) { all.addEventListener('change', allScores); }
+function openTarget() {                   // a link to a folded section (#cost, #provenance) unfolds it
+  const target = document.getElementById(decodeURIComponent(location.hash.slice(1)));
+  if (target && target.tagName === 'DETAILS') { target.open = true; }
+}
+window.addEventListener('hashchange', openTarget);
+openTarget();

@@ -236,6 +236,9 @@ def test_page_sorts_filters_and_switches_views_in_headless_chromium(page: Path, 
     browser.click("//section[@data-model='resnet']//td//a[text()='alpha']")   # a name opens its card
     assert browser.script("return location.hash") == "#method-alpha"
     assert browser.script("return document.querySelectorAll('img[alt=fig]')[0].naturalWidth") == 1
+    assert browser.script("return document.getElementById('provenance').open") is False
+    browser.click("//nav/a[text()='Provenance']")                          # one click unfolds it
+    assert browser.script("return document.getElementById('provenance').open") is True
 
 
 def test_page_fits_1400_px_without_horizontal_overflow(tmp_path: Path, browser: _WebDriver) -> None:
