@@ -159,3 +159,15 @@ def test_controls_are_the_functions_of_methods_controls():
     node = {"a": {"_target_": "methods.saliency"}, "r": {"_target_": "methods.controls.random_map"},
             "e": {"_target_": "methods.edge"}}
     assert controls([{"config": {"method": node}}]) == {"r", "e"}
+
+
+@pytest.mark.parametrize("bad", ["spearman@fc", "spearman_std", "", 3, ["auc"]])
+def test_a_headline_must_name_one_ranked_score(bad):
+    from omegaconf import OmegaConf
+
+    from bench.provenance import metric_meta
+
+    assert metric_meta("mprt", OmegaConf.create({"_headline_": "spearman"}))["headline"] == "spearman"
+    with pytest.raises(ValueError, match=r"metric.mprt._headline_ must be the name of one ranked score .* fix "
+                                         r"conf/metric/mprt.yaml"):
+        metric_meta("mprt", OmegaConf.create({"_headline_": bad}))
