@@ -12,6 +12,7 @@ counterpart (Quantus 0.6, the `test` extra; skipped with a message where absent)
   methods         every method of conf/method/ with its YAML defaults: seconds per 64 images
   metrics         each metric of bench.perf_metrics.PAIRS (issue 20's) beside its Quantus pair on the same
                   work, one row pair per metric (--metrics picks some; the workload column names the metric)
+  tuned           pass sizes tuned to the model (issue 22): bench.perf_tuning's table, OUT/tuned.csv
 Models: the zoo's small_cnn at 32 and 64 px and torchvision's resnet18 at 224 px, randomly
 initialised (timing does not need trained weights). Every figure is the best of `--repeat` runs
 after a warm-up. Peak memory is measured in a fresh process per (workload, size, n): the rise of
@@ -39,7 +40,7 @@ from bench.perf_metrics import PAIRS, metric_workload
 import methods
 from metrics import localization, mprt, pixel_flipping, random_logit, to_map
 
-WORKLOADS = ("pixel_flipping", "mprt", "random_logit", "localization", "grid", "methods", "metrics")
+WORKLOADS = ("pixel_flipping", "mprt", "random_logit", "localization", "grid", "methods", "metrics", "tuned")
 STEPS = 16                                                     # pixel-flipping steps
 QUANTUS_LOCALIZATION = {                                        # ours -> Quantus class name
     "pointing_game": "PointingGame", "relevance_mass_accuracy": "RelevanceMassAccuracy",
@@ -143,7 +144,7 @@ def workload(name: str, model: nn.Module, d: dict[str, Tensor], impl: str) -> tu
     sample where the workload is nothing but forward passes (pixel flipping), else 0."""
     if name in PAIRS:                                          # one metric beside its Quantus pair
         return metric_workload(name, model, d, impl), 0
-    if name not in WORKLOADS or name == "metrics":
+    if name not in WORKLOADS or name in ("metrics", "tuned"):
         raise ValueError(f"unknown workload {name!r}; choose among {list(WORKLOADS)} or a metric of {sorted(PAIRS)}")
     quantus = _quantus() if impl == "quantus" else None
     size = d["x"].shape[-1]
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if not a.no_quantus and quantus is None:
         print("quantus is not installed (pip install 'saliency-bench[test]'): timing ours only")
     jobs = []
-    names = [w for w in a.workloads if w not in ("methods", "metrics")]
+    names = [w for w in a.workloads if w not in ("methods", "metrics", "tuned")]
     names += a.metrics if "metrics" in a.workloads else []
     for name in names:
         if name == "grid":                                       # the default model's size, once: it takes minutes
@@ -350,8 +351,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         rows += method_costs(64 if 64 in a.sizes else a.sizes[0], a.n, a.device, a.repeat, a.threads).to_dict("records")
     df = pd.DataFrame(rows)
     a.out.mkdir(parents=True, exist_ok=True)
+    if "tuned" in a.workloads:                                   # each model's workloads against its best
+        from bench.perf_tuning import MODELS, table
+        table(list(MODELS), n=a.n, n_224=2, repeat=a.repeat, device=a.device, threads=a.threads).to_csv(
+            a.out / "tuned.csv", index=False)
     df.to_csv(a.out / "perf.csv", index=False)
-    timed = df[df.workload != "methods"]
+    timed = df[df.workload != "methods"] if len(df) else df
     if not timed.empty:
         print("\n" + summary(timed).to_string())
     _plot(df, a.out / "scaling.png")

@@ -80,3 +80,18 @@ def test_metrics_workload_rows_name_the_metric(tmp_path):
     df = perf.main(["--workloads", "metrics", "--metrics", "focus", "complexity", "--sizes", "16", "--n", "4",
                     "--scales", "1", "--repeat", "1", "--no-quantus", "--threads", "1", "--out", str(tmp_path)])
     assert sorted(df.workload) == ["complexity", "focus"] and (df.impl == "ours").all() and (df.seconds > 0).all()
+
+
+def test_tuned_workload_rows_are_ratios_of_the_models_best(monkeypatch):
+    """Issue 22's table: each workload's images/s over the best of the reference sweep of its pass kind."""
+    from bench import perf_tuning, tuning
+
+    monkeypatch.setattr(tuning, "_MEMO", {})
+    rows = perf_tuning.measure("other_cnn", n=2, repeat=1, masks=4, samples=2, limit=4)
+    df = pd.DataFrame(rows)
+    assert sorted(df.workload) == ["integrated_gradients", "pixel_flipping", "rise", "smoothgrad"]
+    assert ((df.ratio - df.images_per_s / df.best_images_per_s).abs() < 2e-3).all() and (df.ratio > 0).all()
+    sizes, _ = tuning.tune(perf_tuning.OtherCNN().eval(), (3, 32, 32), "cpu")      # same architecture: same key
+    assert set(df[df["pass"] == "forward"].chosen_batch) == {sizes.forward}
+    assert set(df[df["pass"] == "backward"].chosen_batch) == {sizes.backward}
+    assert set(df.best_batch) <= {1, 2, 4}
