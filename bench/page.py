@@ -365,17 +365,20 @@ def _sanity_section(sanity: pd.DataFrame | None) -> str:
         return '<section id="sanity-checks"><h2>Sanity checks</h2><p>No randomization tests in these runs.</p></section>'
     rows = []
     for r in sanity.itertuples():
-        verdict = "undefined" if pd.isna(r.passed) else "pass" if r.passed else "fail"
+        verdict = getattr(r, "verdict", None) or ("undefined" if pd.isna(r.passed) else "pass" if r.passed else "fail")
+        flat = getattr(r, "degenerate", np.nan)
+        tip = f' title="{flat:.0%} of the samples have a constant map"' if np.isfinite(flat) and flat > 0 else ""
         text = "–" if np.isnan(r.mean) else f"{r.mean:.3g} [{r.ci_low:.3g}, {r.ci_high:.3g}]"
         map_ = MAP_LABELS.get(r.score, r.score)
         cells = [f'<td class="key">{_e(str(v))}</td>' for v in (r.dataset, r.model, r.method, r.metric, map_, r.stage)]
         rows.append(f'<tr data-method="{_e(str(r.method))}">{"".join(cells)}<td data-value="{float(r.mean)!r}">'
-                    f'{_e(text)}</td><td class="{verdict}">{verdict}</td></tr>')
+                    f'{_e(text)}</td><td class="{_e(verdict)}"{tip}>{_e(verdict)}</td></tr>')
     head = "".join(f'<th class="key">{c}</th>' for c in ("dataset", "model", "method", "test", "map", "stage")) + \
         "<th>Spearman</th><th>verdict</th>"
     return (f'<section id="sanity-checks"><h2>Sanity checks</h2><p>Spearman rank correlation of the maps before and after '
             f"each randomization (Adebayo et al. 2018), ABS (sum_c |E_c|) and signed (sum_c E_c), after the last "
             f"stage and, for cascading MPRT, the first; mean [95% CI] over samples; pass: |mean| &lt; "
-            f"{float(sanity['threshold'].iloc[0]):g}, the map changed with the model.</p>"
+            f"{float(sanity['threshold'].iloc[0]):g}, the map changed with the model; degenerate: too many samples "
+            f"have a constant map (its Spearman is 0 by convention, not measured), so it does not pass.</p>"
             f'<div class="scroll"><table id="sanity"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div></section>')

@@ -18,7 +18,7 @@ import pytest
 from bench.page import render_page
 from bench.ranking import BELOW_COLUMNS, KENDALL_COLUMNS, METHOD_COLUMNS, Ranking
 from bench.results import Results
-from bench.tables import Tables, family_rank, overall_rank
+from bench.tables import SANITY_COLUMNS, Tables, family_rank, overall_rank
 
 EVIL = '<img src=x onerror="alert(1)">'
 MEANS = {"alpha": 0.2, "beta": 0.9, EVIL: 0.5, "gamma": float("nan")}
@@ -63,10 +63,15 @@ def _tables(board: pd.DataFrame, manifests: list[dict], ranking=None) -> Tables:
     """A Tables holding `board`, its ranks and `manifests` (the other tables empty), with `ranking` where given."""
     empty = pd.DataFrame()
     results = Results(scores=empty, curves=empty, meta=empty, failures=empty, manifests=manifests)
+    sanity = pd.DataFrame([{"dataset": "shapes", "model": "cnn", "method": m, "metric": "mprt", "score": "spearman",
+                            "stage": "last", "mean": v, "ci_low": v, "ci_high": v, "n": 8, "n_nan": 0, "threshold": 0.3,
+                            "passed": p, "degenerate": d, "verdict": verdict}
+                           for m, v, p, d, verdict in [("alpha", 0.1, True, 0.0, "pass"), ("beta", 0.0, False, 0.5, "degenerate")]],
+                          columns=SANITY_COLUMNS)
     fields = dict(results=results, board=board, overall=overall_rank(board), families=family_rank(board), ranks=empty,
                   friedman=empty, pairwise=empty, average_ranks=empty, agreement=empty, cost=pd.DataFrame(
                       {"dataset": ["shapes"], "model": ["cnn"], "kind": ["method"], "name": ["alpha"],
-                       "seconds": [1.5], "seconds_per_sample": [0.1875]}), sanity=empty, curves=empty)
+                       "seconds": [1.5], "seconds_per_sample": [0.1875]}), sanity=sanity, curves=empty)
     return Tables(**fields, ranking=ranking, notes=["metric <mprt> declares no headline"])
 
 
@@ -130,6 +135,8 @@ def test_page_holds_ranking_cards_provenance_and_cost(page: Path) -> None:
     assert f'href="#method-{"".join(f".{ord(c):x}" if not (c.isalnum() or c in "_-") else c for c in EVIL)}"' in text
     assert "0123456789" in text and "seconds_per_sample" in text and "0.1875" in text
     assert '<ul class="notes"><li>metric &lt;mprt&gt; declares no headline</li></ul>' in text
+    assert 'class="pass">pass</td>' in text
+    assert 'class="degenerate" title="50% of the samples have a constant map">degenerate</td>' in text
     without = render_page(_tables(_board(), [_manifest("cnn")]), [])
     assert "No ranking across models" in without and "<td" in without
 
