@@ -25,6 +25,9 @@ KENDALL_COLUMNS = ["dataset_a", "model_a", "dataset_b", "model_b", "tau", "p_val
 # that a report never imports methods (captum, zennit, torchvision: half a minute on a loaded machine).
 CONTROL_TARGETS = frozenset({"methods.random_map", "methods.edge", "methods.centre", "methods.constant"})
 _EPS = 1e-11                                # LATEC's guard against max == min
+# Families whose columns never flag a method below a control: in a randomization test the random control is
+# the ideal by construction (independent draws: similarity 0) and edge the worst; the sanity table judges them.
+UNFLAGGED_FAMILIES = ("randomization",)
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,9 @@ def controls(manifests: list[dict]) -> set[str]:
 def below_control(heads: pd.DataFrame, control_names: set[str]) -> pd.DataFrame:
     """One row per (headline column, method, control) where a method that is not a control has a mean worse
     than the control's in the score's direction (strictly; NaN means are not compared): a method that does
-    worse than chance-level maps on the score that ranks its metric."""
+    worse than chance-level maps on the score that ranks its metric. Columns of UNFLAGGED_FAMILIES are left out."""
+    if "family" in heads:
+        heads = heads[~heads["family"].isin(UNFLAGGED_FAMILIES)]
     ctrl = heads[heads["method"].isin(control_names)][COLUMN + ["method", "mean"]]
     rest = heads[~heads["method"].isin(control_names)]
     pairs = rest.merge(ctrl.rename(columns={"method": "control", "mean": "control_mean"}), on=COLUMN)

@@ -15,14 +15,15 @@ MPRT = ["spearman", "spearman_signed", "ssim", "hog", "top_k"]
 METHODS = {"a": "methods.saliency", "b": "methods.gradient_x_input", "random": "methods.random_map"}
 
 
-def _results(values: dict, *, hib: dict, headline: dict = (), methods: dict = METHODS) -> Results:
+def _results(values: dict, *, hib: dict, headline: dict = (), methods: dict = METHODS, metrics: dict = ()) -> Results:
     """Results of one run per (dataset, model) from {(dataset, model, metric, score): {method: samples}}."""
     rows = [pd.DataFrame({"run_id": f"{d}-{m}", "dataset": d, "model": mo, "method": meth, "metric": m_, "score": s,
                           "sample_id": np.arange(len(v)), "value": np.asarray(v, dtype=np.float64)})
             for (d, mo, m_, s), per in values.items() for meth, v in per.items() for m in [mo]]
     units = dict.fromkeys((d, mo) for d, mo, *_ in values)
     manifests = [{"run_id": f"{d}-{mo}", "dataset": d, "model": mo, "config": {"method": {
-                  k: {"_target_": t} for k, t in methods.items()}},
+                  k: {"_target_": t} for k, t in methods.items()},
+                  "metric": {k: {"_target_": t} for k, t in dict(metrics).items()}},
                   "metrics": {m: {"headline": h} for m, h in dict(headline).items()}} for d, mo in units]
     meta = pd.DataFrame([{"metric": m, "score": s, "higher_is_better": h} for (m, s), h in hib.items()])
     return Results(scores=pd.concat(rows, ignore_index=True)[SCORE_COLUMNS], curves=pd.DataFrame(columns=CURVE_COLUMNS),
@@ -115,12 +116,14 @@ def test_kendall_tau_between_models_against_scipy():
 
 def test_a_method_below_a_control_is_flagged_beside_its_rank():
     """a is worse than the random control on flip's headline (aopc) and on loc, better on flip/auc (not a
-    headline: never flagged); b beats random everywhere; the control itself is never flagged."""
+    headline: never flagged); b beats random everywhere; the control itself is never flagged; a randomization
+    test (mprt, where random is the ideal by construction) flags nobody."""
     values = {("shapes", "cnn", "flip", "aopc"): {"a": [0.1, 0.2], "b": [0.9, 0.8], "random": [0.5, 0.5]},
               ("shapes", "cnn", "flip", "auc"): {"a": [0.1, 0.1], "b": [0.2, 0.2], "random": [0.9, 0.9]},
-              ("shapes", "cnn", "loc", "hit"): {"a": [0.0, 0.5], "b": [1.0, 1.0], "random": [0.5, 0.5]}}
-    hib = {("flip", "aopc"): True, ("flip", "auc"): False, ("loc", "hit"): True}
-    t = compute(_results(values, hib=hib, headline={"flip": "aopc"}), n_boot=20)
+              ("shapes", "cnn", "loc", "hit"): {"a": [0.0, 0.5], "b": [1.0, 1.0], "random": [0.5, 0.5]},
+              ("shapes", "cnn", "mprt", "spearman"): {"a": [0.5, 0.5], "b": [0.4, 0.4], "random": [0.0, 0.0]}}
+    hib = {("flip", "aopc"): True, ("flip", "auc"): False, ("loc", "hit"): True, ("mprt", "spearman"): False}
+    t = compute(_results(values, hib=hib, headline={"flip": "aopc"}, metrics={"mprt": "metrics.mprt"}), n_boot=20)
     below = t.ranking.below_control
     assert below[["method", "metric", "score", "control"]].to_dict("records") == [
         {"method": "a", "metric": "flip", "score": "aopc", "control": "random"},
@@ -128,6 +131,7 @@ def test_a_method_below_a_control_is_flagged_beside_its_rank():
     np.testing.assert_allclose(below[["mean", "control_mean"]].to_numpy(np.float64), [[0.15, 0.5], [0.25, 0.5]])
     overall = t.ranking.methods[t.ranking.methods["scope"].eq("overall")].set_index("method")
     assert overall["below_control"].to_dict() == {"a": 2, "b": 0, "random": 0}
+    assert overall["mean_rank"].to_dict() == pytest.approx({"a": 3.0, "b": 4 / 3, "random": 5 / 3})
     assert overall["rank"].to_dict() == {"a": 3.0, "b": 1.0, "random": 2.0}
 
 
