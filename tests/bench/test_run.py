@@ -53,7 +53,7 @@ def test_run_writes_tidy_cells_and_manifest(tmp_path):
     s = results.scores
     auc = s[(s.method == "saliency") & (s.metric == "pixel_flipping") & (s.score == "auc")]
     assert sorted(auc.sample_id) == list(range(10))                           # one row per sample
-    mprt_measures = {"spearman", "spearman_signed", "ssim", "hog", "top_k"}
+    mprt_measures = {"spearman", "spearman_signed", "ssim", "hog", "top_k", "degenerate"}   # degenerate: context
     assert set(s.score) == {"auc", "aopc", "hit", "rma"} | mprt_measures | {x for x in s.score if "@" in x}
     c = results.curves
     pf = c[(c.method == "random") & (c.metric == "pixel_flipping")]
