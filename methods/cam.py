@@ -80,7 +80,7 @@ def _locate(method: str, model: nn.Module, x: Tensor,
             raise cannot_run(method, model, "it needs a spatial layer, but no module has a (B, C, h, w) output over "
                                             "the image or a LayerNorm with token outputs (B, N, D) after a patch grid")
     else:
-        i = next((j for j, (n, _m, _o) in enumerate(trace[:-1]) if n == layer), None)
+        i = next((j for j in reversed(range(len(trace) - 1)) if trace[j][0] == layer), None)   # its last call
     name = layer or trace[i][0]
     out = trace[i][2] if i is not None else None
     if out is None or out.ndim == 4:
@@ -133,11 +133,12 @@ def _activations(model: nn.Module, layer: tuple[nn.Module, tuple[int, int] | Non
             f = target_output(model, x.detach().requires_grad_(), target)
     finally:
         handle.remove()
-    if len(store) != 1 or not isinstance(store[0], Tensor) or store[0].ndim != (4 if grid is None else 3):
-        raise cannot_run("a CAM", model, f"its CAM layer {type(module).__name__} must run once per forward and "
+    if not store or not isinstance(store[-1], Tensor) or store[-1].ndim != (4 if grid is None else 3):
+        raise cannot_run("a CAM", model, f"its CAM layer {type(module).__name__} must run in the forward and "
                                          "return (B, K, h, w) or tokens (B, N, D)")
-    g = torch.autograd.grad(f.sum(), store[0])[0]
-    return _as_map(store[0].detach(), grid), _as_map(g, grid)
+    A = store[-1]                     # a module run several times (torchvision's shared ReLU): its last call, as captum
+    g = torch.autograd.grad(f.sum(), A)[0]
+    return _as_map(A.detach(), grid), _as_map(g, grid)
 
 
 def _upsample(cam: Tensor, x: Tensor) -> Tensor:
@@ -206,7 +207,7 @@ def score_cam(
             model(x)
     finally:
         handle.remove()
-    A = _as_map(store[0].detach(), grid)                                          # (B, K, h, w)
+    A = _as_map(store[-1].detach(), grid)                                          # (B, K, h, w)
     B, K = x.shape[0], A.shape[1]
     U = F.interpolate(A, size=x.shape[2:], mode="bilinear", align_corners=False)   # (B, K, H, W)
     lo, hi = U.amin(dim=(2, 3), keepdim=True), U.amax(dim=(2, 3), keepdim=True)

@@ -98,3 +98,17 @@ def test_attention_tensors_are_not_image_maps(x):
     torch.manual_seed(0)
     vit = timm_model(6, arch="vit_tiny_patch16_224", options={"img_size": 64, "depth": 1, "global_pool": "avg"})
     assert last_spatial_layer(vit.eval(), x) == "blocks.0.norm2"     # mean-pooled: every token reaches the output
+
+
+def test_a_shared_relu_gives_its_last_call_as_captum(x):
+    """torchvision's BasicBlock calls one ReLU twice; the CAM takes its last call (the block's output), as captum's
+    LayerGradCam does."""
+    import captum.attr
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=6).eval()
+    target = torch.tensor([1, 4])
+    assert last_spatial_layer(model, x) == "layer4.1.relu"
+    cam = captum.attr.LayerGradCam(model, model.layer4[1].relu).attribute(x.clone().requires_grad_(), target=target,
+                                                                           relu_attributions=True)
+    expected = F.interpolate(cam.detach(), size=x.shape[2:], mode="bilinear", align_corners=False).expand_as(x)
+    torch.testing.assert_close(grad_cam(model, x, target), expected)
