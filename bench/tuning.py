@@ -5,13 +5,13 @@ probe() times the model on seeded inputs at batch sizes 1, 2, 4, ... (powers of 
 (torch.inference_mode) and the input gradient of one logit (as the gradient methods take it). A
 direction stops when two sizes running did not beat its best throughput (past MIN_SWEEP), at an
 out-of-memory error (the GPU's bound), at MAX_BATCH or MAX_INPUT_BYTES of inputs, or when its share of
-the time budget (BUDGET_S: a second of CPU time on CPU, of wall time on a GPU; sizes up to MIN_BUDGETED always) would be
-exceeded. It
-picks the largest size within TOLERANCE of the best: timings of small batches are noisy (a shared
-machine read 500-960 images/s at batch 1 for one model) and a chunked pass has its own per-chunk
-overhead, so of sizes that tie the larger is safer. tune() keeps the result per key (architecture, input shape, device and threads, precision,
-channels_last, torch version) in memory and in `pass_sizes.json` of the cache folder, so later runs skip
-the probe. metrics.batching.pass_sizes() hands the sizes to every pass given no explicit chunk size.
+the time budget would be exceeded (BUDGET_S: a second of CPU time on CPU, of wall time on a GPU; sizes
+up to MIN_BUDGETED are always timed). It picks the largest size within TOLERANCE of the best: timings
+of small batches are noisy (a shared machine read 500-960 images/s at batch 1 for one model) and a
+chunked pass has its own per-chunk overhead, so of sizes that tie the larger is safer. tune() keeps
+the result per key (architecture, input shape, device and threads, precision, channels_last, torch
+version) in memory and in `pass_sizes.json` of the cache folder, so later runs skip the probe.
+metrics.batching.pass_sizes() hands the sizes to every pass given no explicit chunk size.
 """
 from __future__ import annotations
 
