@@ -151,8 +151,11 @@ def _write_group(results: Results, notes: list[str], out: Path, *, n_boot: int, 
     for note in t.notes:
         log.warning("report: %s", note)
         markdown += f"\nNote: {note}.\n"
-    if len(results.failures):
-        markdown += f"\n{len(results.failures)} failed samples: see failures.csv\n"
+    for (dataset, model, method, why), cells in results.unsupported.groupby(["dataset", "model", "method", "reason"]):
+        markdown += f"\nUnsupported on {dataset} / {model}, not scored: {method} × {', '.join(cells['metric'])}: {why}\n"
+    if n_failed := int((results.failures["stage"] != "unsupported").sum()):
+        markdown += f"\n{n_failed} failed samples: see failures.csv\n"
+    if len(results.failures):                            # failed samples and unsupported cells, with the reason
         write_atomic(out / "failures.csv", partial(results.failures.to_csv, index=False))
     else:
         (out / "failures.csv").unlink(missing_ok=True)   # a stale list would blame runs that now pass

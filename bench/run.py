@@ -165,9 +165,12 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
     with determinism(bool(cfg.get("deterministic", False))), autocast(device, precision), pass_sizes(sizes):
         rows_per_sample, unsupported = probe(ctx, methods=methods, metrics=metrics, todo=todo)
         runnable = {m: f for m, f in methods.items() if not todo[m] or any((m, k) not in unsupported for k in todo[m])}
-        for (method_name, metric_name), why in unsupported.items():          # recorded, not computed (bench/probe.py)
-            log.warning("%s x %s: unsupported on %s: %s", method_name, metric_name, names["model"], why)
+        by_reason: dict[tuple[str, str], list[str]] = {}                  # recorded, not computed (bench/probe.py)
+        for (method_name, metric_name), why in unsupported.items():
             todo[method_name].remove(metric_name)
+            by_reason.setdefault((method_name, why), []).append(metric_name)
+        for (method_name, why), cells in by_reason.items():
+            log.warning("%s x %s: unsupported on %s, not scored: %s", method_name, ", ".join(cells), names["model"], why)
         store.check_space(out_dir, need_bytes=need_bytes(data["n"], data["shape"], rows_per_sample, len(methods),
                                                           bool(cfg.get("cache_maps", False))))
         try:
