@@ -163,32 +163,47 @@ def _bootstrap(heads: pd.DataFrame, scores: pd.DataFrame, *, n_boot: int, level:
     acc = {scope: (np.zeros((n_boot, K)), np.zeros((n_boot, K))) for scope in scopes}     # rank sums, weights
     if heads.empty:
         return {OVERALL: _summary(*acc[OVERALL], methods, level)}
-    units = sorted(set(zip(heads["dataset"], heads["model"])))
+    cols = heads[COLUMN + ["higher_is_better"]].drop_duplicates(COLUMN).reset_index(drop=True).astype(
+        {c: str for c in COLUMN})
+    cols["family"] = [family[i] for i in heads.drop_duplicates(COLUMN).index]
+    units = sorted(set(zip(cols["dataset"], cols["model"])))
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(units), size=(n_boot, len(units)))                        # (n_boot, U)
     weight = _counts(draws, len(units))                                                   # (n_boot, U)
-    s = scores[scores["metric"].isin(heads["metric"].unique())]
+    # every stored value's (column, method) by its group, not row by row: the scores table is large
+    s = scores[scores["metric"].isin(set(cols["metric"]))]
+    g = s.groupby(COLUMN + ["method"], observed=True, sort=True)
+    keys = g.size().index.to_frame(index=False).astype(str)
+    keys = keys.merge(heads[COLUMN + ["method"]].astype(str).assign(_head=True), how="left", on=COLUMN + ["method"])
+    col_of = pd.MultiIndex.from_frame(cols[COLUMN]).get_indexer(pd.MultiIndex.from_frame(keys[COLUMN]))
+    col_of = np.where(keys["_head"].eq(True), col_of, -1)                                 # -1: not on the board
+    row_col = col_of[g.ngroup().to_numpy()]                                               # (rows,)
+    row_method = np.asarray([methods.index(m) if m in methods else -1 for m in keys["method"]])[g.ngroup().to_numpy()]
+    avail_all = np.zeros((len(cols), K), dtype=bool)                                      # (C, K): on the board
+    head_cols = pd.MultiIndex.from_frame(cols[COLUMN]).get_indexer(pd.MultiIndex.from_frame(heads[COLUMN].astype(str)))
+    avail_all[head_cols, [methods.index(m) for m in heads["method"]]] = True
+    sign = np.where(cols["higher_is_better"].astype(bool), -1.0, 1.0)                     # (C,): smaller key = better
+    values, sample_ids = s["value"].to_numpy(np.float64), s["sample_id"].to_numpy()
     for u, (dataset, model) in enumerate(units):
-        cols = heads[heads["dataset"].eq(dataset) & heads["model"].eq(model)]
-        part = s[s["dataset"].eq(dataset) & s["model"].eq(model)]
-        part = part.merge(cols[COLUMN[2:] + ["method"]], on=["metric", "score", "method"])
-        part = part.astype({"metric": str, "score": str, "method": str})
-        values = part.pivot_table(index="sample_id", columns=["metric", "score", "method"], values="value",
-                                  aggfunc="mean", dropna=False, observed=True)          # (n, columns x methods)
-        n = len(values)
+        c_u = np.flatnonzero(cols["dataset"].eq(dataset) & cols["model"].eq(model))      # (C_u,) this unit's columns
+        rows = np.flatnonzero(np.isin(row_col, c_u) & (row_method >= 0))
+        ids, sample = np.unique(sample_ids[rows], return_inverse=True)
+        n = len(ids)
+        local = np.searchsorted(c_u, row_col[rows])
+        v = np.full((n, len(c_u), K), np.nan)                                             # (n, C_u, K)
+        v[sample, local, row_method[rows]] = values[rows]
         times = _counts(rng.integers(0, max(n, 1), size=(n_boot, n)), n)                # (n_boot, n): draws of each
-        for (metric, score), c in cols.groupby(["metric", "score"], observed=True):
-            avail = [methods.index(m) for m in c["method"]]
-            v = values.reindex(columns=pd.MultiIndex.from_product([[metric], [score], c["method"]])).to_numpy()
-            finite = np.isfinite(v)                                                       # (n, k)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean = (times @ np.where(finite, v, 0.0)) / (times @ finite)              # (n_boot, k)
-            hib = bool(c["higher_is_better"].iloc[0])
-            key = np.where(np.isfinite(mean), -mean if hib else mean, np.inf)             # NaN mean last
-            r = scipy.stats.rankdata(key, axis=1, method="average")                       # (n_boot, k)
-            for scope in (OVERALL, family[c.index[0]]):
-                acc[scope][0][:, avail] += weight[:, [u]] * r
-                acc[scope][1][:, avail] += weight[:, [u]]
+        finite = np.isfinite(v)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = (times @ np.where(finite, v, 0.0).reshape(n, -1)) / (times @ finite.reshape(n, -1))
+        mean = mean.reshape(n_boot, len(c_u), K) * sign[c_u][None, :, None]               # (n_boot, C_u, K)
+        avail = avail_all[c_u]                                                            # (C_u, K)
+        key = np.where(avail, np.where(np.isfinite(mean), mean, np.inf), np.nan)          # NaN mean last; off-board NaN
+        r = scipy.stats.rankdata(key, axis=2, method="average", nan_policy="omit")         # (n_boot, C_u, K)
+        for scope in acc:
+            inside = np.ones(len(c_u), dtype=bool) if scope == OVERALL else cols["family"].to_numpy()[c_u] == scope
+            acc[scope][0][:] += weight[:, [u]] * np.nansum(r[:, inside], axis=1)
+            acc[scope][1][:] += weight[:, [u]] * avail[inside].sum(axis=0)[None, :]
     return {scope: _summary(total, count, methods, level) for scope, (total, count) in acc.items()}
 
 
