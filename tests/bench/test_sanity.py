@@ -145,6 +145,15 @@ def test_sanity_first_stage_from_the_curves(tmp_path: Path) -> None:
     assert first.loc[("spearman", "saliency"), "passed"] is False and pd.isna(first.loc[("spearman", "grad_cam"), "passed"])
     assert set(table.stage) == {"fc", "last"} and len(first) == 6                       # rl has no stages
     assert "mprt ABS @fc" in format_sanity(table)
+    cell = next(c for c in manifest["cells"] if (c["method"], c["metric"]) == ("saliency", "mprt"))
+    scores = pd.read_parquet(run / cell["scores"])
+    extra = scores[scores.score == "spearman"].assign(score="degenerate@fc", value=[1.0, 1.0, 0.0, 0.0])
+    pd.concat([scores, extra]).to_parquet(run / cell["scores"])              # half its first-stage pairs degenerate
+    results = load(tmp_path)
+    table = sanity(leaderboard(results, n_boot=50), results.manifests, threshold=0.3, results=results, n_boot=50)
+    rows = table[(table.method == "saliency") & (table.metric == "mprt")].set_index(["stage", "score"])
+    assert rows.loc[("fc", "spearman"), "degenerate"] == 0.5 and rows.loc[("fc", "spearman"), "verdict"] == "degenerate"
+    assert pd.isna(rows.loc[("last", "spearman"), "degenerate"]) and rows.loc[("last", "spearman"), "verdict"] == "pass"
 
 
 def test_the_sanity_table_follows_the_declarations_not_the_target(tree: Path) -> None:
