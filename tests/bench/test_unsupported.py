@@ -23,6 +23,7 @@ import bench.run
 import methods
 from bench.config import CONF
 from bench.probe import unsupported_reason
+from bench.report import write_report
 from bench.results import UNSUPPORTED_COLUMNS, load
 from bench.run import run
 from bench.tables import cost
@@ -137,6 +138,13 @@ def test_unsupported_cells_are_recorded_and_every_other_cell_scored(cache, tmp_p
     # one bar for the one method with a cell to compute: its three batches, the metric as postfix
     assert [(b["desc"], b["total"], b["updates"], b["disable"]) for b in bars.bars] == [("saliency", 3, 3, None)]
     assert bars.bars[0]["postfix"].count("pixel_flipping") == 3
+
+    # the report: a note under the Markdown leaderboard, failures.csv with the cells (no failed samples)
+    md = (write_report(out, gallery=False) / "leaderboard.md").read_text()
+    assert f"Unsupported on shapes / vit, not scored: deeplift × cnn_only, pixel_flipping: {DEEPLIFT_WHY}" in md
+    assert f"Unsupported on shapes / vit, not scored: saliency × cnn_only: {METRIC_WHY}" in md
+    assert "failed samples" not in md
+    assert pd.read_csv(out / "report" / "failures.csv").stage.tolist() == ["unsupported"] * len(expected)
 
     # a rerun skips the stored cell and probes the unsupported ones again (cheap), with the same verdicts
     again = run(_cfg(cache, "progress=false"), out_dir=out)
