@@ -121,19 +121,23 @@ def latec_ranks(heads: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     One row per (dataset, metric, score, method): median, rank. rank_methods averages the ranks over a
     scope's columns and ranks that mean again (latec_rank). NaN scores are left out.
     """
-    cols = heads[COLUMN + ["higher_is_better"]].drop_duplicates(COLUMN)
-    s = scores[["dataset", "model", "method", "metric", "score", "value"]].merge(cols, on=COLUMN)
-    s = s[np.isfinite(s["value"].to_numpy(np.float64))]
-    s = s.merge(heads[COLUMN + ["method"]], on=COLUMN + ["method"])     # the board's methods only
-    if s.empty:
+    cols, methods, values, _, row_col, row_method = _board_rows(heads, scores)
+    keep = (row_col >= 0) & (row_method >= 0) & np.isfinite(values)
+    v, c, k = values[keep], row_col[keep], row_method[keep]
+    if v.size == 0:
         return pd.DataFrame(columns=["dataset", "metric", "score", "method", "median", "rank"])
-    g = s.groupby(COLUMN, observed=True)["value"]
-    lo, hi = g.transform(lambda v: v.quantile(0.025)), g.transform(lambda v: v.quantile(0.975))
-    clipped = s["value"].clip(lo, hi)
-    g = clipped.groupby([s[c] for c in COLUMN], observed=True)
-    s = s.assign(norm=(clipped - g.transform("min")) / (g.transform("max") - g.transform("min") + _EPS))
-    med = s.groupby(["dataset", "metric", "score", "method"], observed=True).agg(
-        median=("norm", "median"), higher_is_better=("higher_is_better", "first")).reset_index()
+    q = pd.Series(v).groupby(c).quantile([0.025, 0.975]).unstack()                     # (columns, 2)
+    at = np.searchsorted(q.index.to_numpy(), c)                                           # each value's column row
+    clipped = np.clip(v, q[0.025].to_numpy()[at], q[0.975].to_numpy()[at])
+    g = pd.Series(clipped).groupby(c)
+    low, high = g.transform("min").to_numpy(), g.transform("max").to_numpy()
+    norm = (clipped - low) / (high - low + _EPS)                                          # s~, per value
+    across = cols.groupby(["dataset", "metric", "score"], sort=False).ngroup().to_numpy()  # column -> (d, c)
+    med = pd.Series(norm).groupby([pd.Series(across[c], name="_dc"), pd.Series(k, name="_k")]).median()
+    med = med.rename("median").reset_index()
+    first = cols.assign(_dc=across).drop_duplicates("_dc").set_index("_dc")
+    med = pd.concat([first.loc[med["_dc"], ["dataset", "metric", "score", "higher_is_better"]].reset_index(drop=True),
+                     med.assign(method=[methods[i] for i in med["_k"]])[["method", "median"]]], axis=1)
     key = med["median"].where(~med["higher_is_better"].astype(bool), -med["median"])     # smaller = better
     med["rank"] = key.groupby([med["dataset"], med["metric"], med["score"]]).rank(method="average")
     return med.drop(columns="higher_is_better")
@@ -163,27 +167,16 @@ def _bootstrap(heads: pd.DataFrame, scores: pd.DataFrame, *, n_boot: int, level:
     acc = {scope: (np.zeros((n_boot, K)), np.zeros((n_boot, K))) for scope in scopes}     # rank sums, weights
     if heads.empty:
         return {OVERALL: _summary(*acc[OVERALL], methods, level)}
-    cols = heads[COLUMN + ["higher_is_better"]].drop_duplicates(COLUMN).reset_index(drop=True).astype(
-        {c: str for c in COLUMN})
+    cols, methods, values, sample_ids, row_col, row_method = _board_rows(heads, scores)
     cols["family"] = [family[i] for i in heads.drop_duplicates(COLUMN).index]
     units = sorted(set(zip(cols["dataset"], cols["model"])))
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(units), size=(n_boot, len(units)))                        # (n_boot, U)
     weight = _counts(draws, len(units))                                                   # (n_boot, U)
-    # every stored value's (column, method) by its group, not row by row: the scores table is large
-    s = scores[scores["metric"].isin(set(cols["metric"]))]
-    g = s.groupby(COLUMN + ["method"], observed=True, sort=True)
-    keys = g.size().index.to_frame(index=False).astype(str)
-    keys = keys.merge(heads[COLUMN + ["method"]].astype(str).assign(_head=True), how="left", on=COLUMN + ["method"])
-    col_of = pd.MultiIndex.from_frame(cols[COLUMN]).get_indexer(pd.MultiIndex.from_frame(keys[COLUMN]))
-    col_of = np.where(keys["_head"].eq(True), col_of, -1)                                 # -1: not on the board
-    row_col = col_of[g.ngroup().to_numpy()]                                               # (rows,)
-    row_method = np.asarray([methods.index(m) if m in methods else -1 for m in keys["method"]])[g.ngroup().to_numpy()]
     avail_all = np.zeros((len(cols), K), dtype=bool)                                      # (C, K): on the board
     head_cols = pd.MultiIndex.from_frame(cols[COLUMN]).get_indexer(pd.MultiIndex.from_frame(heads[COLUMN].astype(str)))
     avail_all[head_cols, [methods.index(m) for m in heads["method"]]] = True
     sign = np.where(cols["higher_is_better"].astype(bool), -1.0, 1.0)                     # (C,): smaller key = better
-    values, sample_ids = s["value"].to_numpy(np.float64), s["sample_id"].to_numpy()
     for u, (dataset, model) in enumerate(units):
         c_u = np.flatnonzero(cols["dataset"].eq(dataset) & cols["model"].eq(model))      # (C_u,) this unit's columns
         rows = np.flatnonzero(np.isin(row_col, c_u) & (row_method >= 0))
@@ -205,6 +198,25 @@ def _bootstrap(heads: pd.DataFrame, scores: pd.DataFrame, *, n_boot: int, level:
             acc[scope][0][:] += weight[:, [u]] * np.nansum(r[:, inside], axis=1)
             acc[scope][1][:] += weight[:, [u]] * avail[inside].sum(axis=0)[None, :]
     return {scope: _summary(total, count, methods, level) for scope, (total, count) in acc.items()}
+
+
+def _board_rows(heads: pd.DataFrame, scores: pd.DataFrame) -> tuple:
+    """The headline columns (cols: COLUMN + higher_is_better, as str), the methods (sorted), and each stored
+    score's value, sample_id, column index and method index (-1: not a board cell), found per group of the
+    scores table (its string keys are converted once per group, not per row)."""
+    methods = sorted(heads["method"].astype(str).unique())
+    cols = heads[COLUMN + ["higher_is_better"]].drop_duplicates(COLUMN).reset_index(drop=True).astype(
+        {c: str for c in COLUMN})
+    s = scores[scores["metric"].isin(set(cols["metric"]))]
+    g = s.groupby(COLUMN + ["method"], observed=True, sort=True)
+    keys = g.size().index.to_frame(index=False).astype(str)
+    keys = keys.merge(heads[COLUMN + ["method"]].astype(str).assign(_head=True), how="left", on=COLUMN + ["method"])
+    col_of = pd.MultiIndex.from_frame(cols[COLUMN]).get_indexer(pd.MultiIndex.from_frame(keys[COLUMN]))
+    col_of = np.where(keys["_head"].eq(True), col_of, -1)                                 # -1: not on the board
+    method_of = np.asarray([methods.index(m) if m in methods else -1 for m in keys["method"]], dtype=np.int64)
+    group = g.ngroup().to_numpy()
+    return (cols, methods, s["value"].to_numpy(np.float64), s["sample_id"].to_numpy(), col_of[group],
+            method_of[group])
 
 
 def _summary(total: np.ndarray, count: np.ndarray, methods: list[str], level: float) -> pd.DataFrame:
