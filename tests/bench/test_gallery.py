@@ -120,7 +120,7 @@ def test_gallery_and_grid_of_a_stored_run(tiny: SimpleNamespace):
     matplotlib.pyplot.close(fig)
 
     # the last stage is the fully randomized model (emprt's own helper, another code path) ...
-    full = _fully_randomized(run_.model, None, (), 0)
+    full = _fully_randomized(run_.model, None, (), mprt_configs(run_.cfg)["mprt"]["seed"])   # the seed the run derived
     torch.testing.assert_close(grid.maps["saliency"][-1], to_map(saliency(full, one["x"], one["target"]), "abs_sum"))
     # ... and each stage's similarity is the score the run stored (a batch of 4 there, of 1 here)
     s = load(tiny.root).scores
