@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from bench.config import CONF, derive_seeds
+from bench.provenance import without_meta
 from metrics import to_map
 
 METRICS = ["pointing_game", "energy_pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy",
@@ -29,7 +30,7 @@ def means(trained):
             for name, method in methods.items()}
     out = {}
     for metric in METRICS:
-        fn = instantiate(OmegaConf.load(CONF / "metric" / f"{metric}.yaml")[metric])
+        fn = instantiate(without_meta(OmegaConf.load(CONF / "metric" / f"{metric}.yaml")[metric]))
         for method, a in maps.items():
             with warnings.catch_warnings():
                 warnings.simplefilter("error")                      # shapes masks are never empty

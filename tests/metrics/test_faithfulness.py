@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bench.config import CONF, derive_seeds
+from bench.provenance import without_meta
 from metrics import pixel_flipping, to_map
 
 from metrics.batching import CHUNK_BYTES, auto_chunk_size
@@ -482,7 +483,7 @@ def test_samek2017_experiment_is_the_papers_aopc(tiny_cnn):
     assert pf.steps == budget                                              # one region per step
     assert abs(budget / regions - 100 / (224 / 9) ** 2) < 0.01             # Samek et al.'s share of the image
     assert pf.baseline == "uniform" and pf.order in ("morf", "both")
-    metric = instantiate(pf)
+    metric = instantiate(without_meta(pf))                                   # less _headline_
     x = torch.randn(1, 3, H, H, generator=torch.Generator().manual_seed(0))
     r = metric(tiny_cnn, x, torch.tensor([0]), torch.rand(1, H, H))
     assert r.curves["morf"].y.shape == (1, budget + 1)
