@@ -51,7 +51,7 @@ from bench.provenance import (check_folder_identity, checkpoint_hash, computed, 
 from bench.tuning import tune
 from bench.zoo import cache_key, load_model
 from metrics import MetricResult, consumed
-from metrics.batching import pass_sizes
+from metrics.batching import CHUNK_BYTES, pass_sizes
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,13 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
     precision, channels_last = cfg.get("precision", "float32"), cfg.get("channels_last", False)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # images per model pass, tuned to this model, shape and device (bench/tuning.py; cached in cache_dir)
-    sizes, tuned = tune(model, data["shape"], device, precision=precision, channels_last=channels_last,
-                        cache_dir=cfg.get("cache_dir"))
+    # images per model pass, tuned to this model, shape and device (bench/tuning.py; cached in cache_dir);
+    # deterministic=true keeps the byte budget: tuned sizes differ between machines, and so would sums' rounding
+    if cfg.get("deterministic", False):
+        sizes, tuned = None, {"source": "budget", "bytes": CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"])}
+    else:
+        sizes, tuned = tune(model, data["shape"], device, precision=precision, channels_last=channels_last,
+                            cache_dir=cfg.get("cache_dir"))
     fast = {k: v for k, v in (("channels_last", channels_last), ("precision", precision))
             if v not in (False, "float32")}                        # in the cell keys only when switched on,
                                                                    # so default runs keep their stored cells

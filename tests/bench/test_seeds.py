@@ -66,7 +66,8 @@ def test_the_run_seed_changes_stochastic_cells_only_and_a_pinned_seed_is_honoure
     common = [*TINY, f"cache_dir={tmp_path / 'cache'}"]
     pin = derived_seed(0, "method", "smoothgrad")
     runs = {name: run(_cfg(*common, *extra), out_dir=tmp_path / name) for name, extra in
-            [("seed0", ["seed=0"]), ("seed1", ["seed=1"]), ("pinned", ["seed=1", f"method.smoothgrad.seed={pin}"])]}
+            [("seed0", ["seed=0"]), ("seed1", ["seed=1"]), ("pinned", ["seed=1", f"method.smoothgrad.seed={pin}"]),
+             ("budget", ["seed=0", "deterministic=true"])]}
     scores = {name: {m: _scores(man, tmp_path / name, m) for m in ("saliency", "smoothgrad")} for name, man in runs.items()}
     for man in runs.values():
         assert man["status"] == "complete" and len(man["cells"]) == 2
@@ -83,5 +84,12 @@ def test_the_run_seed_changes_stochastic_cells_only_and_a_pinned_seed_is_honoure
     # smoothgrad pinned to seed 0's draws gives seed 0's scores under run seed 1 (pixel flipping at baseline 0
     # draws nothing, so its own seed changes nothing)
     assert scores["pinned"]["smoothgrad"].equals(scores["seed0"]["smoothgrad"])
-    keys = {name: {c["method"]: c["key"] for c in man["cells"]} for name, man in runs.items()}
+    # pass sizes: tuned to the model (and recorded), or with deterministic=true the machine-independent byte
+    # budget, which changes only the rounding of sums over draws
+    assert runs["seed0"]["pass_sizes"]["source"] in ("probe", "cache", "memory")
+    assert runs["budget"]["pass_sizes"]["source"] == "budget"
+    for m in ("saliency", "smoothgrad"):
+        torch.testing.assert_close(torch.tensor(scores["budget"][m]["value"].to_numpy()),
+                                   torch.tensor(scores["seed0"][m]["value"].to_numpy()), rtol=1e-5, atol=1e-6)
+    keys = {name: {c["method"]: c["key"] for c in man["cells"]} for name, man in runs.items() if name != "budget"}
     assert len({k["smoothgrad"] for k in keys.values()}) == 3                 # the seeds are in the cell keys
