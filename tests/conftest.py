@@ -52,6 +52,15 @@ def linear_batch():
     return Linear().eval(), x, torch.tensor([0, 1, 1, 0])
 
 
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """Every test leaves torch's intra-op thread count as it found it: a test that sets one thread would
+    otherwise slow every later test (the zoo's training ran on one of two cores)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: small tensors gain nothing from more (and stall on a shared machine)."""
