@@ -20,7 +20,6 @@ from bench.files import write_atomic
 from bench.tables import COLUMN_KEYS, OTHER, by_family, overall_rank
 
 DPI = 100                  # PNG resolution: a 7 in wide figure is 700 px, full width on the page
-CONTROL_TARGETS = {"methods.random_map", "methods.edge", "methods.centre", "methods.constant"}   # methods.controls
 # what a curve's axes show, by the metric's function (its `_target_`); "{curve}" is the stored curve's name
 CURVE_AXES = {
     "pixel_flipping": ("fraction of pixels removed", "model output (target class)"),
@@ -34,12 +33,6 @@ CURVE_AXES = {
 }
 _ORDERS = {"morf": "MoRF", "lerf": "LeRF"}     # curve name -> panel label of the paired figure
 _PANELS_PER_ROW = 4                            # panels wrap after this many columns
-
-
-def controls(manifests: list[dict]) -> set[str]:
-    """Names of the runs' methods whose `_target_` is a control of methods.controls."""
-    return {name for m in manifests for name, node in ((m.get("config") or {}).get("method") or {}).items()
-            if str((node or {}).get("_target_", "")).replace("methods.controls.", "methods.") in CONTROL_TARGETS}
 
 
 def curve_axes(manifests: list[dict]) -> dict[str, tuple[str, str]]:

@@ -19,10 +19,11 @@ import pandas as pd
 
 from bench.files import remove_stale_temporaries, write_atomic
 from bench.keep import read_report_maps
-from bench.formats import documents, markdown as _markdown, tex_escape as _tex_escape
+from bench.formats import documents, markdown as _markdown, sanity_sections, tex_escape as _tex_escape
 from bench.page import render_page
+from bench.ranking import controls
 from bench.results import Results, group_of, groups, load
-from bench.tables import (COLUMN_KEYS, MAP_LABELS, MAX_DEGENERATE, SANITY_COLUMNS, Tables, bootstrap_ci, by_family, compute, cost, family_order,
+from bench.tables import (COLUMN_KEYS, MAX_DEGENERATE, SANITY_COLUMNS, Tables, bootstrap_ci, by_family, compute, cost, family_order,
                           family_rank, leaderboard, overall_rank, sanity, significance, wide_ranks)
 
 __all__ = ["Results", "SANITY_COLUMNS", "Tables", "bootstrap_ci", "compute", "cost", "format_latex",
@@ -79,22 +80,13 @@ def format_sanity(table: pd.DataFrame) -> str:
         return ("No randomization tests in these runs (a metric joins the sanity table by declaring its scores in "
                 "its YAML: `_sanity_: [spearman, spearman_signed]`).\n")
     threshold = float(table["threshold"].iloc[0])
-    verdict = table["verdict"]
-    cells = table.assign(cell=[f"{m:.3g} [{lo:.3g}, {hi:.3g}] {v}" if np.isfinite(m) else f"– {v}"
-                               for m, lo, hi, v in zip(table["mean"], table["ci_low"], table["ci_high"], verdict)],
-                         column=[f"{metric} {MAP_LABELS.get(score, score)}"
-                                 + ("" if stage == "last" else f" @{stage}")
-                                 for metric, score, stage in zip(table["metric"], table["score"], table["stage"])])
     sections = [f"Spearman rank correlation of the maps before and after each randomization, ABS (sum_c |E_c|) and "
                 f"signed (sum_c E_c) side by side (mprt: every layer randomized, `@layer`: after the first stage "
                 f"alone; random_logit: another class; data_randomization: model trained on permuted labels), "
                 f"mean [95% CI] over samples. pass: |mean| < {threshold:g}, the map changed with the model; controls "
                 f"(edge) are expected to fail; degenerate: more than {MAX_DEGENERATE:.0%} of the samples have a "
                 f"constant map before or after the change (Spearman 0 by convention, not measured).\n"]
-    for (dataset, model), part in cells.groupby(["dataset", "model"], sort=True):
-        wide = part.pivot(index="method", columns="column", values="cell").fillna("–")
-        wide = wide[list(dict.fromkeys(part["column"]))]                       # the table's order, first stage first
-        sections.append(f"## {dataset} / {model}\n\n{_markdown(wide)}\n")
+    sections += [f"## {title}\n\n{_markdown(wide)}\n" for title, wide in sanity_sections(table)]
     return "\n".join(sections)
 
 
@@ -194,7 +186,7 @@ def _figures(t: Tables, out: Path, *, gallery: bool, pdf: bool = False) -> list[
 
     manifests = t.results.manifests
     steps = [partial(fig.plot_summary, t.board, t.agreement, out, pdf=pdf),
-             partial(fig.plot_curves, t.curves, out, axes=fig.curve_axes(manifests), controls=fig.controls(manifests),
+             partial(fig.plot_curves, t.curves, out, axes=fig.curve_axes(manifests), controls=controls(manifests),
                      pdf=pdf)]
     if len(t.average_ranks):
         steps.append(partial(fig.plot_critical_difference, t.average_ranks, t.friedman, out, board=t.board, pdf=pdf))
