@@ -61,6 +61,22 @@ def _threads_restored():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def batch_norms_drawn():
+    """f(model): give every BatchNorm2d non-trivial statistics and affine terms (running mean in
+    [-0.2, 0.2], variance and weight in [0.5, 1.5], bias in [-0.1, 0.1], from torch's global generator: seed it
+    first), so canonizers have something to merge."""
+    def draw(model: nn.Module) -> nn.Module:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.1, 0.1)
+        return model
+    return draw
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: small tensors gain nothing from more (and stall on a shared machine)."""

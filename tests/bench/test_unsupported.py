@@ -181,19 +181,14 @@ def test_unsupported_reason_is_narrow():
     assert unsupported_reason(RuntimeError("CUDA out of memory")) is None
 
 
-def test_lrp_on_a_torchvision_resnet_is_gradient_x_input_and_leaves_the_model_as_it_was():
+def test_lrp_on_a_torchvision_resnet_is_gradient_x_input_and_leaves_the_model_as_it_was(batch_norms_drawn):
     """zennit's ResNetCanonizer merged the batch norms twice: its undo failed on bias-free convs and left
     canonizer_sum modules behind. With the block canonizers alone, LRP-epsilon (eps -> 0) on a ReLU ResNet
     is gradient x input (Ancona et al. 2018)."""
     from bench.zoo import torchvision_model
     torch.manual_seed(0)
     model = torchvision_model(4, arch="resnet18").eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):                                   # non-trivial batch norms to merge
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.1, 0.1)
+    batch_norms_drawn(model)                                                # non-trivial batch norms to merge
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, target = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
     gxi = methods.gradient_x_input(model, x, target)

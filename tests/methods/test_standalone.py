@@ -77,15 +77,10 @@ class UserResNet(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def pair():
+def pair(batch_norms_drawn):
     torch.manual_seed(0)
     zoo = ResNet(num_classes=6, width=8).eval()
-    for m in zoo.modules():
-        if isinstance(m, nn.BatchNorm2d):                              # non-trivial batch norms to merge
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.1, 0.1)
+    batch_norms_drawn(zoo)                                             # non-trivial batch norms to merge
     user = UserResNet().eval()
     user.load_state_dict(zoo.state_dict())
     x, target = torch.randn(3, 3, 32, 32), torch.tensor([0, 2, 5])
