@@ -20,6 +20,7 @@ from metrics._map import consumes
 from metrics._perturb import _check_inputs
 from metrics._result import MetricResult
 from metrics._similarity import SIMILARITIES, Constant, similarities
+from metrics._sweep import pixel_sweep
 from metrics.baselines import Baseline, baseline_fill, target_output
 from metrics.batching import chunked
 
@@ -99,7 +100,8 @@ def non_sensitivity(
     `tolerance`, |f_t(x) - f_t(x with the unit replaced)| <= tolerance. violations = |Z_a xor Z_f|,
     the number of units in one set and not the other, as Quantus 0.6 counts them (in [0, units];
     lower is better; 0 for a map that is zero exactly where the model is insensitive). One forward
-    pass per (sample, unit), all in chunks of `chunk_size`; `seed` draws the "uniform" baseline.
+    pass per (sample, unit), all in chunks of `chunk_size` (patch=1: metrics._sweep.pixel_sweep, shared
+    within a run with faithfulness_estimate); `seed` draws the "uniform" baseline.
     Consumes the run's reduced map, the pixels a user reads as unattributed (under abs_sum: all channels
     zero); Quantus thresholds its a_batch, the channel-reduced map in its image examples, the same way.
     """
@@ -128,7 +130,11 @@ def non_sensitivity(
 
     with torch.inference_mode():
         f0 = target_output(model, x, target, output, check=target)                # (B,)
-        f = chunked(forward, B * U, chunk_size, device=x.device, like=x).view(B, U)
+    if patch == 1:                             # single pixels: the sweep faithfulness_estimate shares in a run
+        f = pixel_sweep(model, x, target, baseline=baseline, output=output, seed=seed, chunk_size=chunk_size)
+    else:
+        with torch.inference_mode():
+            f = chunked(forward, B * U, chunk_size, device=x.device, like=x).view(B, U)
     insensitive = (f - f0[:, None]).abs() <= tolerance                             # (B, U)
     violations = (unattributed ^ insensitive).sum(dim=1).to(x.dtype)
     return MetricResult(scores={"violations": violations}, higher_is_better={"violations": False})

@@ -22,6 +22,7 @@ from metrics._map import consumes
 from metrics._perturb import _check_inputs, _perturbation_curves, _removed_at, _static_fill
 from metrics._result import Curve, MetricResult
 from metrics._similarity import _pearson, spearman
+from metrics._sweep import pixel_sweep
 from metrics.baselines import Baseline, baseline_fill, target_output
 from metrics.batching import chunked
 from metrics.faithfulness import _check_options
@@ -76,7 +77,8 @@ def faithfulness_estimate(
 
     Each group k of pixels (module docstring; default: every pixel alone, the paper's per-feature
     removal) is replaced by `baseline` on its own (not cumulatively), giving x_k; a_k is the
-    signed map's sum over the group. Consumes the signed channel sum (the drop of a linear model
+    signed map's sum over the group. With one pixel per group the drops are the per-pixel sweep
+    (metrics._sweep.pixel_sweep) that non_sensitivity shares within a run. Consumes the signed channel sum (the drop of a linear model
     under gradient x input with a zero baseline is then exactly a_k: rho = 1). Higher is better;
     NaN where a_k or the drops are constant (e.g. a constant map with one pixel per group).
     """
@@ -86,8 +88,13 @@ def faithfulness_estimate(
     at = _removed_at(attribution, steps=K, descending=True, patch=1, seed=seed)            # (B, HW) in 1..K
     with torch.inference_mode():
         f0 = target_output(model, x, target, output, check=target)                      # (B,)
-    delta = f0[:, None] - _group_outputs(model, x, target, at, _constant_fill(x, baseline, seed), steps=K, draws=1,
-                                         output=output, chunk_size=chunk_size)[..., 0]   # (B, K)
+    if K == at.shape[1]:                       # one pixel per group: the shared sweep, by pixel, put in group order
+        drop = f0[:, None] - pixel_sweep(model, x, target, baseline=baseline, output=output, seed=seed,
+                                         chunk_size=chunk_size)                           # (B, HW)
+        delta = torch.zeros_like(drop).scatter_(1, at.long() - 1, drop)                  # (B, K)
+    else:
+        delta = f0[:, None] - _group_outputs(model, x, target, at, _constant_fill(x, baseline, seed), steps=K, draws=1,
+                                             output=output, chunk_size=chunk_size)[..., 0]   # (B, K)
     rho = _pearson(_group_sums(attribution, at, K, delta.dtype), delta).to(x.dtype)
     return MetricResult(scores={"pearson": rho}, higher_is_better={"pearson": True})
 
