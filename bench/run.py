@@ -52,6 +52,7 @@ from bench.tuning import tune
 from bench.zoo import cache_key, load_model
 from metrics import MetricResult, consumed
 from metrics.batching import CHUNK_BYTES, pass_sizes
+from metrics._sweep import sweeps_shared
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +179,15 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
         store.check_space(out_dir, need_bytes=need_bytes(data["n"], data["shape"], rows_per_sample, len(methods),
                                                           bool(cfg.get("cache_maps", False))))
         try:
-            for method_name, method in methods.items():
-                if todo[method_name]:
-                    lost += _run_method(ctx, name=method_name, method=method, key=method_keys[method_name],
-                                        metrics={k: metrics[k] for k in todo[method_name]},
-                                        paths={k: paths[method_name, k] for k in todo[method_name]})
+            with sweeps_shared() as sweeps:                        # one per-pixel sweep per batch for all methods
+                for method_name, method in methods.items():
+                    if todo[method_name]:
+                        lost += _run_method(ctx, name=method_name, method=method, key=method_keys[method_name],
+                                            metrics={k: metrics[k] for k in todo[method_name]},
+                                            paths={k: paths[method_name, k] for k in todo[method_name]})
+            if sweeps.hits or sweeps.misses:
+                log.info("%s: per-pixel removal sweeps computed %d times, reused %d times (metrics._sweep)", run_id,
+                         sweeps.misses, sweeps.hits)
         except KeyboardInterrupt:
             interrupted = True
         except OSError as e:                                       # a full disk: keep the manifest of what completed
