@@ -46,21 +46,40 @@ def friedman(table: pd.DataFrame) -> dict[str, float]:
 def pairwise_wilcoxon(table: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame:
     """Two-sided Wilcoxon signed-rank test for every pair of methods, Holm-corrected over the pairs.
 
-    Pairs whose differences are all zero have no test: p = 1 (no evidence of a difference).
+    Pairs whose differences are all zero have no test: p = 1 (no evidence of a difference). Every pair is
+    tested at once (scipy.stats.wilcoxon along axis 0 of the (samples, pairs) differences), in groups by the
+    method scipy's "auto" picks for that pair alone (`_wilcoxon_method`), so each p is scipy's for the pair.
     """
-    rows = []
-    for a, b in itertools.combinations(table.columns, 2):
-        d = table[a].to_numpy() - table[b].to_numpy()
-        if np.all(d == 0) or len(d) < 2:
-            rows.append({"method_a": a, "method_b": b, "statistic": np.nan, "p": 1.0, "mean_diff": 0.0})
-            continue
-        res = scipy.stats.wilcoxon(table[a], table[b])
-        rows.append({"method_a": a, "method_b": b, "statistic": float(res.statistic), "p": float(res.pvalue),
-                     "mean_diff": float(d.mean())})
-    out = pd.DataFrame(rows, columns=["method_a", "method_b", "statistic", "p", "mean_diff"])
+    a, b = np.triu_indices(table.shape[1], 1)                              # every pair, in combinations' order
+    x = table.to_numpy(dtype=np.float64)
+    d = x[:, a] - x[:, b]                                                   # (n, pairs)
+    statistic, p = np.full(len(a), np.nan), np.ones(len(a))
+    tested = ~np.all(d == 0, axis=0) if len(d) >= 2 else np.zeros(len(a), bool)
+    how = _wilcoxon_method(d)
+    for method in set(how[tested]):
+        cols = np.flatnonzero(tested & (how == method))
+        res = scipy.stats.wilcoxon(d[:, cols], axis=0, method=_METHODS[method]())
+        statistic[cols], p[cols] = res.statistic, res.pvalue
+    out = pd.DataFrame({"method_a": table.columns[a], "method_b": table.columns[b], "statistic": statistic, "p": p,
+                        "mean_diff": np.where(tested, d.mean(axis=0) if len(d) else 0.0, 0.0)})
     out["p_holm"] = holm(out["p"].to_numpy()) if len(out) else []
     out["significant"] = out["p_holm"] < alpha
     return out
+
+
+_METHODS = {"exact": lambda: "exact", "asymptotic": lambda: "asymptotic", "permutation": scipy.stats.PermutationMethod}
+
+
+def _wilcoxon_method(d: np.ndarray) -> np.ndarray:
+    """Per column of the (n, pairs) differences, the method scipy.stats.wilcoxon(method="auto") uses for that
+    column alone (scipy 1.13+): asymptotic past 50 samples; else exact without zeros or ties in |d|; else a
+    permutation test up to 13 samples, asymptotic above. (Given 2-D input, "auto" decides once for all columns.)"""
+    n = d.shape[0]
+    if n > 50:
+        return np.full(d.shape[1], "asymptotic")
+    s = np.sort(np.abs(d), axis=0)
+    clean = (s[:1] > 0).all(axis=0) & (np.diff(s, axis=0) > 0).all(axis=0)    # no zero, no tie
+    return np.where(clean, "exact", "permutation" if n <= 13 else "asymptotic")
 
 
 def critical_difference(k: int, n: int, *, alpha: float = 0.05) -> float:

@@ -64,6 +64,31 @@ def test_pairwise_wilcoxon_equals_scipy_with_holm():
     assert out.set_index(["method_a", "method_b"]).loc[("a", "c"), "significant"]
 
 
+def _wilcoxon_per_pair(table: pd.DataFrame) -> pd.DataFrame:
+    """The reference: scipy.stats.wilcoxon called once per pair of columns (what pairwise_wilcoxon batches)."""
+    rows = []
+    for a, b in itertools.combinations(table.columns, 2):
+        d = table[a].to_numpy() - table[b].to_numpy()
+        res = scipy.stats.wilcoxon(table[a], table[b]) if len(d) >= 2 and np.any(d != 0) else None
+        rows.append([res.statistic if res else np.nan, res.pvalue if res else 1.0, d.mean() if res else 0.0])
+    return pd.DataFrame(rows, columns=["statistic", "p", "mean_diff"])
+
+
+@pytest.mark.parametrize("n", [1, 6, 10, 20, 50, 51, 128])
+def test_pairwise_wilcoxon_batched_is_scipy_per_pair(n):
+    # 2-D wilcoxon picks one method ("auto") for every column; the batched test must pick per pair as the 1-D
+    # call does: exact (no zero, no tie), a permutation test (n <= 13) or asymptotic (ties, zeros, n > 50)
+    rng = np.random.default_rng(n)
+    table = pd.DataFrame(rng.normal(size=(n, 5)) + np.arange(5) * 0.2, columns=list("abcde"))
+    table["f"] = table["a"]                                               # all zero differences: no test
+    table["g"] = table["b"].round(1)                                      # ties in |d| against several columns
+    table.loc[table.index[:2], "e"] = table.loc[table.index[:2], "c"]    # a few zero differences
+    out = stats.pairwise_wilcoxon(table)
+    expected = _wilcoxon_per_pair(table)
+    assert list(zip(out["method_a"], out["method_b"])) == list(itertools.combinations(table.columns, 2))
+    np.testing.assert_array_equal(out[["statistic", "p", "mean_diff"]].to_numpy(), expected.to_numpy())
+
+
 @pytest.mark.parametrize("k,q", [(2, 1.960), (3, 2.343), (4, 2.569), (5, 2.728), (7, 2.949), (10, 3.164)])
 def test_critical_difference_matches_demsar_table(k, q):
     # Demšar (2006), Table 5(a): Nemenyi q_0.05
