@@ -13,6 +13,7 @@ counterpart (Quantus 0.6, the `test` extra; skipped with a message where absent)
   metrics         each metric of bench.perf_metrics.PAIRS (issue 20's) beside its Quantus pair on the same
                   work, one row pair per metric (--metrics picks some; the workload column names the metric)
   tuned           pass sizes tuned to the model (issue 22): bench.perf_tuning's table, OUT/tuned.csv
+  floor           the default `python -m bench` (cached models) against its model-pass floor: bench.perf_floor
 Models: the zoo's small_cnn at 32 and 64 px and torchvision's resnet18 at 224 px, randomly
 initialised (timing does not need trained weights). Every figure is the best of `--repeat` runs
 after a warm-up. Peak memory is measured in a fresh process per (workload, size, n): the rise of
@@ -40,7 +41,8 @@ from bench.perf_metrics import PAIRS, metric_workload
 import methods
 from metrics import localization, mprt, pixel_flipping, random_logit, to_map
 
-WORKLOADS = ("pixel_flipping", "mprt", "random_logit", "localization", "grid", "methods", "metrics", "tuned")
+WORKLOADS = ("pixel_flipping", "mprt", "random_logit", "localization", "grid", "methods", "metrics", "tuned", "floor")
+OWN = ("methods", "metrics", "tuned", "floor")                  # workloads with their own tables, not perf.csv rows
 STEPS = 16                                                     # pixel-flipping steps
 QUANTUS_LOCALIZATION = {                                        # ours -> Quantus class name
     "pointing_game": "PointingGame", "relevance_mass_accuracy": "RelevanceMassAccuracy",
@@ -144,7 +146,7 @@ def workload(name: str, model: nn.Module, d: dict[str, Tensor], impl: str) -> tu
     sample where the workload is nothing but forward passes (pixel flipping), else 0."""
     if name in PAIRS:                                          # one metric beside its Quantus pair
         return metric_workload(name, model, d, impl), 0
-    if name not in WORKLOADS or name in ("metrics", "tuned"):
+    if name not in WORKLOADS or name in OWN[1:]:
         raise ValueError(f"unknown workload {name!r}; choose among {list(WORKLOADS)} or a metric of {sorted(PAIRS)}")
     quantus = _quantus() if impl == "quantus" else None
     size = d["x"].shape[-1]
@@ -290,10 +292,6 @@ def measure(name: str, impl: str, size: int, n: int, device: str, repeat: int, t
             "peak_mb": max(peak, 0) / 2 ** 20}
 
 
-def _in_process(args: tuple) -> dict[str, Any]:
-    return measure(*args)
-
-
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     p = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__.split("\n")[0])
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
@@ -317,7 +315,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if not a.no_quantus and quantus is None:
         print("quantus is not installed (pip install 'saliency-bench[test]'): timing ours only")
     jobs = []
-    names = [w for w in a.workloads if w not in ("methods", "metrics", "tuned")]
+    names = [w for w in a.workloads if w not in OWN]
     names += a.metrics if "metrics" in a.workloads else []
     for name in names:
         if name == "grid":                                       # the default model's size, once: it takes minutes
@@ -334,8 +332,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ctx = mp.get_context("spawn")
     for name, impl, size, n in jobs:
         with ctx.Pool(1) as pool:                                # a fresh process: its own peak memory
-            row = pool.apply(_in_process, ((name, impl, size, n, a.device, a.repeat, a.threads, a.channels_last,
-                                             a.precision),))
+            row = pool.apply(measure, (name, impl, size, n, a.device, a.repeat, a.threads, a.channels_last,
+                                       a.precision))
         print(f"{name:15s} {impl:8s} {size:4d} px n={n:6d}: {row['seconds']:8.3f} s  "
               f"{row['samples_per_s']:9.1f} samples/s  peak +{row['peak_mb']:.0f} MB", flush=True)
         rows.append(row)
@@ -355,6 +353,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         from bench.perf_tuning import MODELS, table
         table(list(MODELS), n=a.n, n_224=2, repeat=a.repeat, device=a.device, threads=a.threads).to_csv(
             a.out / "tuned.csv", index=False)
+    if "floor" in a.workloads:                                   # OUT/floor.csv, OUT/floor_passes.csv
+        from bench.perf_floor import floor
+        floor(a.out, repeat=a.repeat)
     df.to_csv(a.out / "perf.csv", index=False)
     timed = df[df.workload != "methods"] if len(df) else df
     if not timed.empty:

@@ -95,3 +95,26 @@ def test_tuned_workload_rows_are_ratios_of_the_models_best(monkeypatch):
     assert set(df[df["pass"] == "forward"].chosen_batch) == {sizes.forward}
     assert set(df[df["pass"] == "backward"].chosen_batch) == {sizes.backward}
     assert set(df.best_batch) <= {1, 2, 4}
+
+
+@pytest.mark.slow
+def test_floor_counts_the_runs_passes_and_prices_them(tmp_path):
+    """Issue 22's floor: a real `python -m bench` in a child process, its passes counted by (method, metric,
+    batch, kind) and priced at the model's best seconds per image."""
+    from bench import perf_floor
+
+    run = ["model=small_cnn", "~model.train", "model.net.width=4", "dataset.n_samples=6", "batch_size=3",
+           "method=[saliency,random]", "metric=[pixel_flipping]", "metric.pixel_flipping.steps=4",
+           "report=false", "gallery=false", "progress=false", f"cache_dir={tmp_path / 'cache'}"]
+    table = perf_floor.floor(tmp_path, overrides=tuple(run), repeat=1, limit=8)
+    passes = pd.read_csv(tmp_path / "floor_passes.csv").set_index(["method", "metric", "kind"])
+    # pixel flipping, MoRF: 2 batches of 3 samples x (4 steps + f(x)) = 30 inference images
+    assert passes.loc[("saliency", "pixel_flipping", "forward")].images.sum() == 30
+    assert passes.loc[("random", "pixel_flipping", "forward")].images.sum() == 30
+    assert passes.loc[("saliency", "(attribution)", "backward")].images.sum() == 6   # one gradient per sample
+    assert ("random", "(attribution)", "backward") not in passes.index               # a control: no model pass
+    total = table.set_index("model").loc["total"]
+    assert total.floor_wall_s == pytest.approx(passes.floor_wall_s.sum(), rel=1e-3)
+    assert total.run_wall_s > total.scoring_s > 0 and total.ratio_run == pytest.approx(
+        total.run_wall_s / total.floor_wall_s, rel=1e-3)
+    assert total.forward_passes > 0 and total.backward_passes > 0
