@@ -122,15 +122,10 @@ def _below_control(ranking) -> dict[tuple, list[str]]:
 
 
 def _unsupported(t: Tables) -> dict[tuple, str]:
-    """(dataset, model, method, metric) -> why it cannot run: Results.unsupported and the manifests' lists."""
-    out = {}
-    frame = getattr(t.results, "unsupported", None)
-    for r in (frame.itertuples() if frame is not None else ()):
-        out[(r.dataset, r.model, r.method, r.metric)] = str(r.reason)
-    for m in t.results.manifests:
-        for u in m.get("unsupported") or ():
-            out.setdefault((m.get("dataset"), m.get("model"), u.get("method"), u.get("metric")), str(u.get("reason")))
-    return out
+    """(dataset, model, method, metric) -> why it cannot run, from Results.unsupported (the manifests' lists)."""
+    u = t.results.unsupported
+    return {(d, mo, me, mt): str(why) for d, mo, me, mt, why in
+            zip(u["dataset"], u["model"], u["method"], u["metric"], u["reason"])}
 
 
 def _ranking(ranking, board: pd.DataFrame) -> str:

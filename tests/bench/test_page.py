@@ -17,7 +17,7 @@ import pytest
 
 from bench.page import render_page
 from bench.ranking import BELOW_COLUMNS, KENDALL_COLUMNS, METHOD_COLUMNS, Ranking
-from bench.results import Results
+from bench.results import UNSUPPORTED_COLUMNS, Results
 from bench.tables import SANITY_COLUMNS, Tables, family_rank, overall_rank
 
 EVIL = '<img src=x onerror="alert(1)">'
@@ -62,7 +62,10 @@ def _ranking() -> Ranking:
 def _tables(board: pd.DataFrame, manifests: list[dict], ranking=None) -> Tables:
     """A Tables holding `board`, its ranks and `manifests` (the other tables empty), with `ranking` where given."""
     empty = pd.DataFrame()
-    results = Results(scores=empty, curves=empty, meta=empty, failures=empty, manifests=manifests)
+    unsupported = pd.DataFrame([{"run_id": m["run_id"], "dataset": m["dataset"], "model": m["model"], **u}
+                                for m in manifests for u in m["unsupported"]], columns=UNSUPPORTED_COLUMNS)
+    results = Results(scores=empty, curves=empty, meta=empty, failures=empty, manifests=manifests,
+                      unsupported=unsupported)                         # as bench.results.load reads the manifests
     sanity = pd.DataFrame([{"dataset": "shapes", "model": "cnn", "method": m, "metric": "mprt", "score": "spearman",
                             "stage": "last", "mean": v, "ci_low": v, "ci_high": v, "n": 8, "n_nan": 0, "threshold": 0.3,
                             "passed": p, "degenerate": d, "verdict": verdict}
