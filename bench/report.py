@@ -32,25 +32,42 @@ __all__ = ["Results", "SANITY_COLUMNS", "Tables", "bootstrap_ci", "compute", "co
 log = logging.getLogger(__name__)
 
 
-def format_leaderboard(board: pd.DataFrame) -> str:
+def format_leaderboard(board: pd.DataFrame, unsupported: pd.DataFrame | None = None) -> str:
     """Markdown: one table per (dataset, model), methods by overall rank, the best per column in bold; columns
-    grouped by family ("family · metric/score"), then each family's mean rank and the overall mean rank."""
+    grouped by family ("family · metric/score"), then each family's mean rank and the overall mean rank.
+    Headline columns (the one score per metric that the ranks count) end in " *", explained under the table;
+    a cell that cannot run (`unsupported`: Results.unsupported) reads "n/a", a method that ran nowhere here
+    gets a row of them, below the ranked ones."""
     overall, per_family = overall_rank(board), family_rank(board)
+    unsupported = pd.DataFrame(columns=["dataset", "model", "method", "metric"]) if unsupported is None else unsupported
+    marked = "headline" in board and bool(board["headline"].any())
     sections = []
     for (dataset, model), table in board.groupby(["dataset", "model"], sort=True):
         ranks = overall[overall["dataset"].eq(dataset) & overall["model"].eq(model)].sort_values(["rank", "method"])
         arrow = np.where(table["higher_is_better"], " (↑)", " (↓)")
-        table = table.assign(column=table["family"] + " · " + table["metric"] + "/" + table["score"] + arrow,
+        star = np.where(table["headline"].astype(bool), " *", "") if marked else ""
+        table = table.assign(column=table["family"] + " · " + table["metric"] + "/" + table["score"] + arrow + star,
                              cell=_cells(table))
+        here = unsupported[unsupported["dataset"].eq(dataset) & unsupported["model"].eq(model)]
+        rows = [*ranks["method"], *sorted(set(here["method"].astype(str)) - set(ranks["method"]))]
         wide = table.pivot(index="method", columns="column", values="cell")
-        wide = wide.reindex(index=ranks["method"], columns=by_family(table)).fillna("–")
+        wide = wide.reindex(index=rows, columns=by_family(table)).fillna("–")
+        metric_of = table.drop_duplicates("column").set_index("column")["metric"]
+        na = set(zip(here["method"], here["metric"]))
+        wide[:] = np.where([[(m, metric_of[c]) in na for c in wide.columns] for m in wide.index], "n/a", wide)
         fam = per_family[per_family["dataset"].eq(dataset) & per_family["model"].eq(model)]
-        fam = fam.pivot(index="method", columns="family", values="mean_rank").reindex(ranks["method"])
+        fam = fam.pivot(index="method", columns="family", values="mean_rank").reindex(rows)
         for f in family_order(table["family"]):
-            wide[f"mean rank ({f})"] = fam[f].map("{:.2f}".format).to_numpy()
-        wide["mean rank"] = ranks["mean_rank"].map("{:.2f}".format).to_numpy()
-        sections.append(f"## {dataset} / {model}\n\n{_markdown(wide)}\n\n{_sample_note(table)}\n")
+            wide[f"mean rank ({f})"] = fam[f].map(_rank_text).to_numpy()
+        wide["mean rank"] = ranks.set_index("method")["mean_rank"].reindex(rows).map(_rank_text).to_numpy()
+        legend = ("\n\nColumns ending in * are each metric's headline score, the one the mean ranks count."
+                  if marked else "")
+        sections.append(f"## {dataset} / {model}\n\n{_markdown(wide)}\n\n{_sample_note(table)}{legend}\n")
     return "\n".join(sections)
+
+
+def _rank_text(v: float) -> str:
+    return "–" if pd.isna(v) else f"{v:.2f}"
 
 
 def format_latex(board: pd.DataFrame) -> str:
@@ -139,7 +156,7 @@ def _write_group(results: Results, notes: list[str], out: Path, *, n_boot: int, 
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)                        # hidden half-written files of a killed report
     t = compute(results, notes, n_boot=n_boot, seed=seed, sanity_threshold=sanity_threshold)
-    markdown = format_leaderboard(t.board)
+    markdown = format_leaderboard(t.board, results.unsupported)
     for note in t.notes:
         log.warning("report: %s", note)
         markdown += f"\nNote: {note}.\n"

@@ -182,6 +182,30 @@ def test_format_leaderboard_bolds_the_best(tree: Path) -> None:
     assert "spearman@" not in text
 
 
+def test_leaderboard_md_marks_headline_columns_and_unsupported_cells(tree: Path) -> None:
+    results = load(tree)
+    board = leaderboard(results, n_boot=20)
+    board = board[board["model"].eq("cnn") & ~(board["method"].eq("beta") & board["metric"].eq("point"))]
+    unsupported = pd.DataFrame({"run_id": "shapes-cnn-1", "dataset": "shapes", "model": ["cnn", "cnn", "cnn", "mlp"],
+                                "method": ["beta", "delta", "delta", "alpha"], "metric": ["point", "flip", "mprt", "flip"],
+                                "reason": ["no mask", "in-place ReLU", "in-place ReLU", "other model"]})
+    lines = format_leaderboard(board, unsupported).splitlines()
+    header = [c.strip().split(" · ")[-1] for c in next(l for l in lines if l.startswith("| method")).strip("|").split("|")]
+    # flip's headline is aopc (its manifest says so), point and mprt have one score each: marked, auc not
+    assert [c for c in header if c.endswith(" *")] == ["flip/aopc (↑) *", "mprt/spearman (↓) *", "point/hit (↑) *"]
+    assert "flip/auc (↓)" in header
+    assert "Columns ending in * are each metric's headline score, the one the mean ranks count." in lines
+    cells = {row[0]: row[1:] for row in ([c.strip() for c in line.strip("|").split("|")] for line in lines
+                                         if line.startswith("| "))}
+    point = header.index("point/hit (↑) *") - 1
+    assert cells["beta"][point] == "n/a" and cells["beta"].count("n/a") == 1          # the unsupported cell only
+    assert cells["alpha"].count("n/a") == 0                                           # mlp's cell: another table
+    # a method unsupported on every metric it was asked for: a row after the ranked ones, n/a where it could
+    # not run, – where it has no cell and no rank
+    assert list(cells)[-1] == "delta" and cells["delta"] == ["n/a", "n/a", "n/a", "–", "–", "–"]
+    assert "n/a" not in format_leaderboard(board)                                     # none without the table
+
+
 def test_write_report_writes_files(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = write_report(tree, n_boot=50)
     assert out == tree / "report"
@@ -299,8 +323,8 @@ def test_every_column_carries_its_family_and_methods_rank_per_family(tree: Path)
                                       "rank localization", "rank other"]
     text = format_leaderboard(cnn)
     header = next(line for line in text.splitlines() if line.startswith("| method"))
-    assert header.split(" | ")[1:4] == ["faithfulness · flip/aopc (↑)", "faithfulness · flip/auc (↓)",
-                                        "localization · point/hit (↑)"]
+    assert header.split(" | ")[1:4] == ["faithfulness · flip/aopc (↑) *", "faithfulness · flip/auc (↓)",
+                                        "localization · point/hit (↑) *"]
     assert header.endswith("| mean rank (faithfulness) | mean rank (localization) | mean rank (other) | mean rank |")
     alpha = next(line for line in text.splitlines() if line.startswith("| alpha"))
     assert alpha.endswith("| 1.00 | 2.00 | 1.00 | 1.33 |")
