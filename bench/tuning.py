@@ -5,12 +5,16 @@ probe() times the model on seeded inputs at batch sizes 1, 2, 4, ... (powers of 
 (torch.inference_mode) and the input gradient of one logit (as the gradient methods take it). A
 direction stops when two sizes running did not beat its best throughput (past MIN_SWEEP), at an
 out-of-memory error (the GPU's bound), at MAX_BATCH or MAX_INPUT_BYTES of inputs, or when its share of
-the time budget would be exceeded (BUDGET_S: a second of CPU time on CPU, of wall time on a GPU; sizes
-up to MIN_BUDGETED are always timed). It picks the largest size within TOLERANCE of the best: timings
-of small batches are noisy (a shared machine read 500-960 images/s at batch 1 for one model) and a
-chunked pass has its own per-chunk overhead, so of sizes that tie the larger is safer. tune() keeps
-the result per key (architecture, input shape, device and threads, precision, channels_last, torch
-version) in memory and in `pass_sizes.json` of the cache folder, so later runs skip the probe.
+the time budget would be exceeded (BUDGET_S: a second of CPU time on CPU, of wall time on a GPU, a
+third for inference and two for gradients, which cost 2-3x as much per image; sizes up to
+MIN_BUDGETED are always timed). It picks the largest size within TOLERANCE of the best: timings of
+small batches are noisy and a chunked pass has its own per-chunk overhead, so of sizes that tie the
+larger is safer. On CPU the probe runs on one thread: on a shared 2-core machine at load 8-9, two
+threads' CPU time (OpenMP threads spin while the other waits for a core) read 5-200 images/s for
+small_cnn, not rising with the batch, and picked 1-4 images; one thread read 240-620 images/s rising
+to 16-32 images on every repeat. tune() keeps the result per key (architecture, input shape, device
+and threads, precision, channels_last, torch version) in memory and in `pass_sizes.json` of the cache
+folder, so later runs skip the probe; a record of another PROBE version is probed again.
 metrics.batching.pass_sizes() hands the sizes to every pass given no explicit chunk size.
 """
 from __future__ import annotations
@@ -33,7 +37,9 @@ from metrics.batching import PassSizes, is_out_of_memory, pass_sizes
 
 log = logging.getLogger(__name__)
 
-BUDGET_S = {"cpu": 1.0, "cuda": 3.0}          # clock() seconds for both directions (half each)
+BUDGET_S = {"cpu": 1.0, "cuda": 3.0}          # clock() seconds for both directions (1/3 forward, 2/3 backward)
+PROBE = 2                                      # the probe's version: cached records of another are probed again
+                                               # (1: two threads on CPU, half the budget per direction)
 MAX_BATCH = {"cpu": 1024, "cuda": 4096}
 MAX_INPUT_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}
 TOLERANCE = 0.1                                # the largest size within 10% of the best (module docstring)
@@ -100,7 +106,7 @@ def _sweep(step_at: Callable[[int], Callable[[], Any]], device: torch.device, ma
 def probe(model: nn.Module, shape: tuple[int, ...], device: torch.device | str, *, precision: str = "float32",
           budget: float | None = None, max_batch: int | None = None) -> dict[str, Any]:
     """Time `model` on inputs (b, *shape) at b = 1, 2, 4, ...: the sizes picked ("forward", "backward"), the
-    throughputs measured (images/s per size) and the probe's seconds. Model, inputs and RNG are unchanged."""
+    throughputs measured (images/s per size) and the probe's seconds. Model, inputs, RNG and threads are unchanged."""
     device = torch.device(device)
     kind = device.type if device.type in BUDGET_S else "cuda"
     budget = BUDGET_S[kind] if budget is None else budget
@@ -129,10 +135,15 @@ def probe(model: nn.Module, shape: tuple[int, ...], device: torch.device | str, 
                 torch.autograd.grad(out, xs)
         return step
 
-    t0 = time.perf_counter()
-    fwd, fwd_rates = _sweep(forward, device, limit, 0.5 * budget)
-    bwd, bwd_rates = _sweep(backward, device, limit, 0.5 * budget)
-    return {"forward": fwd, "backward": bwd, "seconds": round(time.perf_counter() - t0, 3),
+    t0, threads = time.perf_counter(), torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)                                 # CPU time that load does not inflate (docstring)
+    try:
+        fwd, fwd_rates = _sweep(forward, device, limit, budget / 3)
+        bwd, bwd_rates = _sweep(backward, device, limit, 2 * budget / 3)
+    finally:
+        torch.set_num_threads(threads)
+    return {"forward": fwd, "backward": bwd, "seconds": round(time.perf_counter() - t0, 3), "probe": PROBE,
             "throughput": {"forward": {str(b): round(r, 1) for b, r in fwd_rates.items()},
                            "backward": {str(b): round(r, 1) for b, r in bwd_rates.items()}}}
 
@@ -169,8 +180,8 @@ def tune(model: nn.Module, shape: tuple[int, ...], device: torch.device | str, *
     record, source = _MEMO.get(k), "memory"
     if record is None:
         record, source = _read(path).get(k), "cache"
-    if not isinstance(record, dict) or not all(isinstance(record.get(d), int) and record[d] >= 1
-                                               for d in ("forward", "backward")):
+    if not isinstance(record, dict) or record.get("probe") != PROBE or not all(
+            isinstance(record.get(d), int) and record[d] >= 1 for d in ("forward", "backward")):
         record, source = probe(model, shape, device, precision=precision, budget=budget), "probe"
         log.info("pass sizes for %s: %d images per forward pass, %d per gradient pass (probed in %.2f s)", k,
                  record["forward"], record["backward"], record["seconds"])

@@ -136,3 +136,41 @@ def test_the_probe_leaves_model_and_rng_alone(tiny_cnn):
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, tiny_cnn.state_dict()[k]) for k, v in state.items())
     assert all(p.grad is None for p in tiny_cnn.parameters())
+
+
+class Threads(nn.Module):
+    """Notes the torch thread count of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[int] = set()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        self.seen.add(torch.get_num_threads())
+        return x.mean(dim=(1, 2, 3))[:, None] * self.w
+
+
+def test_the_probe_runs_on_one_thread_on_cpu_and_restores_the_count():
+    torch.set_num_threads(2)                                                  # conftest restores it afterwards
+    model = Threads()
+    tuning.probe(model, (1, 2, 2), "cpu", budget=0.05)
+    assert model.seen == {1} and torch.get_num_threads() == 2
+
+
+def test_gradients_get_two_thirds_of_the_budget():
+    # the same cost both ways, rising slowly with the batch (1 ms per call, 2 ms per image): each sweep goes
+    # as far as its budget lets it, 32 images on 0.4 s, 64 on 0.8 s
+    record = tuning.probe(Spinning(lambda b: 0.001 + 0.002 * b), (1, 2, 2), "cpu", budget=1.2)
+    fwd, bwd = (max(map(int, record["throughput"][d])) for d in ("forward", "backward"))
+    assert bwd == 2 * fwd and record["forward"] == fwd and record["backward"] == bwd
+
+
+def test_a_record_of_another_probe_version_is_probed_again(tiny_cnn, tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "_MEMO", {})
+    k = tuning.key(tiny_cnn, (3, 8, 8), "cpu")
+    (tmp_path / tuning.CACHE_FILE).write_text(f'{{"{k}": {{"forward": 42, "backward": 42, "seconds": 7.0}}}}')
+    _, record = tuning.tune(tiny_cnn, (3, 8, 8), "cpu", cache_dir=tmp_path)
+    assert record["source"] == "probe" and record["probe"] == tuning.PROBE
+    monkeypatch.setattr(tuning, "_MEMO", {})
+    assert tuning.tune(tiny_cnn, (3, 8, 8), "cpu", cache_dir=tmp_path)[1]["source"] == "cache"
