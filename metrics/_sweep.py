@@ -89,13 +89,16 @@ def sweeps_shared(max_bytes: int = SWEEP_BYTES) -> Iterator[SweepMemo]:
         memo.nbytes = 0
 
 
-def _digest(*tensors: Tensor) -> str:
-    """A content hash of tensors: dtype, shape and bytes (copied to the CPU where they are elsewhere)."""
+def _digest(*tensors: Any) -> str:
+    """A content hash of tensors: dtype, shape, strides and bytes (copied to the CPU from elsewhere)."""
     h = hashlib.blake2b(digest_size=16)
     for t in tensors:
+        if not isinstance(t, Tensor):                                               # a module's extra state
+            h.update(repr(t).encode())
+            continue
         t = t.detach()
         h.update(f"{t.dtype}{tuple(t.shape)}{tuple(t.stride())}".encode())
-        h.update(t.reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+        h.update(t.reshape(-1).contiguous().view(torch.uint8).cpu().numpy())                # buffer: no copy
     return h.hexdigest()
 
 

@@ -77,10 +77,11 @@ def faithfulness_estimate(
 
     Each group k of pixels (module docstring; default: every pixel alone, the paper's per-feature
     removal) is replaced by `baseline` on its own (not cumulatively), giving x_k; a_k is the
-    signed map's sum over the group. With one pixel per group the drops are the per-pixel sweep
-    (metrics._sweep.pixel_sweep) that non_sensitivity shares within a run. Consumes the signed channel sum (the drop of a linear model
+    signed map's sum over the group. Consumes the signed channel sum (the drop of a linear model
     under gradient x input with a zero baseline is then exactly a_k: rho = 1). Higher is better;
-    NaN where a_k or the drops are constant (e.g. a constant map with one pixel per group).
+    NaN where a_k or the drops are constant (e.g. a constant map with one pixel per group). With
+    one pixel per group the drops come from metrics._sweep.pixel_sweep, shared within a run by every
+    method and by non_sensitivity.
     """
     target = _check_inputs(x, target, attribution)
     _check_options(output, seed)
