@@ -169,3 +169,15 @@ def test_the_runner_computes_each_batchs_sweep_once(tmp_path, caplog, one_thread
     assert manifest["status"] == "complete" and len(manifest["cells"]) == 6
     # 2 batches: one sweep each, reused by the 3 methods x 2 metrics' other 5 calls
     assert "sweeps computed 2 times, reused 10 times" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sweep_agrees_with_cpu_and_is_shared(tiny_cnn, batch):
+    x, target = batch
+    model = copy.deepcopy(tiny_cnn).cuda()
+    with sweeps_shared() as memo:
+        on_gpu = pixel_sweep(model, x.cuda(), target.cuda(), baseline="uniform", seed=3)
+        assert torch.equal(pixel_sweep(model, x.cuda(), target.cuda(), baseline="uniform", seed=3), on_gpu)
+    assert on_gpu.device.type == "cuda" and memo.hits == 1
+    torch.testing.assert_close(on_gpu.cpu(), pixel_sweep(tiny_cnn, x, target, baseline="uniform", seed=3),
+                               rtol=1e-4, atol=1e-5)
