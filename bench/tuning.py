@@ -5,9 +5,10 @@ probe() times the model on seeded inputs at batch sizes 1, 2, 4, ... (powers of 
 (torch.inference_mode) and the input gradient of one logit (as the gradient methods take it). A
 direction stops when two sizes running did not beat its best throughput (past MIN_SWEEP), at an
 out-of-memory error (the GPU's bound), at MAX_BATCH or MAX_INPUT_BYTES of inputs, or when its share of
-the time budget would be exceeded (BUDGET_S: a second of CPU time on CPU, of wall time on a GPU, a
-third for inference and two for gradients, which cost 2-3x as much per image; sizes up to
-MIN_BUDGETED are always timed). It picks the largest size within TOLERANCE of the best: timings of
+the time budget would be exceeded (BUDGET_S: 1.2 s of CPU time on CPU, of wall time on a GPU, 40 %
+for inference and 60 % for gradients, which cost 2-3x as much per image: halves stopped the gradient
+sweeps at 16 images where 32-64 are best, thirds the inference sweeps at 8-32 where 32-128 are; sizes
+up to MIN_BUDGETED are always timed). It picks the largest size within TOLERANCE of the best: timings of
 small batches are noisy and a chunked pass has its own per-chunk overhead, so of sizes that tie the
 larger is safer. On CPU the probe runs on one thread: on a shared 2-core machine at load 8-9, two
 threads' CPU time (OpenMP threads spin while the other waits for a core) read 5-200 images/s for
@@ -37,9 +38,10 @@ from metrics.batching import PassSizes, is_out_of_memory, pass_sizes
 
 log = logging.getLogger(__name__)
 
-BUDGET_S = {"cpu": 1.0, "cuda": 3.0}          # clock() seconds for both directions (1/3 forward, 2/3 backward)
-PROBE = 2                                      # the probe's version: cached records of another are probed again
-                                               # (1: two threads on CPU, half the budget per direction)
+BUDGET_S = {"cpu": 1.2, "cuda": 3.0}          # clock() seconds for both directions (FORWARD_SHARE forward)
+FORWARD_SHARE = 0.4
+PROBE = 3                                      # the probe's version: cached records of another are probed again
+                                               # (1: two threads on CPU, 1 s halved; 2: one thread, 1 s in thirds)
 MAX_BATCH = {"cpu": 1024, "cuda": 4096}
 MAX_INPUT_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}
 TOLERANCE = 0.1                                # the largest size within 10% of the best (module docstring)
@@ -139,8 +141,8 @@ def probe(model: nn.Module, shape: tuple[int, ...], device: torch.device | str, 
     if device.type == "cpu":
         torch.set_num_threads(1)                                 # CPU time that load does not inflate (docstring)
     try:
-        fwd, fwd_rates = _sweep(forward, device, limit, budget / 3)
-        bwd, bwd_rates = _sweep(backward, device, limit, 2 * budget / 3)
+        fwd, fwd_rates = _sweep(forward, device, limit, FORWARD_SHARE * budget)
+        bwd, bwd_rates = _sweep(backward, device, limit, (1 - FORWARD_SHARE) * budget)
     finally:
         torch.set_num_threads(threads)
     return {"forward": fwd, "backward": bwd, "seconds": round(time.perf_counter() - t0, 3), "probe": PROBE,
