@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             a.out / "tuned.csv", index=False)
     if "floor" in a.workloads:                                   # OUT/floor.csv, OUT/floor_passes.csv
         from bench.perf_floor import floor
-        floor(a.out, repeat=a.repeat)
+        floor(a.out, repeat=a.repeat, threads=a.threads)
     df.to_csv(a.out / "perf.csv", index=False)
     timed = df[df.workload != "methods"] if len(df) else df
     if not timed.empty:

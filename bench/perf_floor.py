@@ -34,6 +34,8 @@ _WHERE: ContextVar[tuple[str, str]] = ContextVar("floor_where", default=("(run)"
 _PASSES: list[list[Any]] = []                    # [model, method, metric, batch, backward?] per model call
 _SPANS: list[tuple[str, float, float]] = []      # (model, start, end) of each job, time.time()
 _MODELS: dict[str, dict[str, Any]] = {}          # model name -> its net config, classes and input shape
+_SPENT: dict[str, list[float]] = {}              # "model|method|metric" -> [wall, CPU seconds] under that label
+_MODEL: ContextVar[str] = ContextVar("floor_model", default="")
 
 
 def _count(model: nn.Module, name: str, net: dict[str, Any]) -> None:
@@ -50,11 +52,14 @@ def _count(model: nn.Module, name: str, net: dict[str, Any]) -> None:
 
 @contextmanager
 def _label(method: str, metric: str) -> Iterator[None]:
-    token = _WHERE.set((method, metric))
+    token, w0, c0 = _WHERE.set((method, metric)), time.perf_counter(), time.process_time()
     try:
         yield
     finally:
         _WHERE.reset(token)
+        spent = _SPENT.setdefault(f"{_MODEL.get()}|{method}|{metric}", [0.0, 0.0])
+        spent[0] += time.perf_counter() - w0
+        spent[1] += time.process_time() - c0
 
 
 def _labelled(fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
@@ -83,10 +88,11 @@ def _instrument() -> None:
             yield
 
     def timed_run(cfg: Any, **kwargs: Any) -> dict[str, Any]:
-        t0 = time.time()
+        t0, token = time.time(), _MODEL.set(str(cfg.model.name))
         try:
             return run(cfg, **kwargs)
         finally:
+            _MODEL.reset(token)
             _SPANS.append((str(cfg.model.name), t0, time.time()))
 
     runner.load_model, runner.recording, runner.run = load_model, recording, timed_run
@@ -105,7 +111,7 @@ def child(argv: list[str]) -> None:
         code = cli(argv)
     finally:
         counts = Counter(tuple(p) for p in _PASSES)
-        path.write_text(json.dumps({"passes": [[*k, v] for k, v in counts.items()], "spans": _SPANS, "models": _MODELS,
+        path.write_text(json.dumps({"passes": [[*k, v] for k, v in counts.items()], "spans": _SPANS, "models": _MODELS, "spent": _SPENT,
                                     "end": time.time()}))
     if code:
         raise SystemExit(code)
@@ -164,14 +170,20 @@ def _scoring_seconds(results_dir: Path) -> float:
 
 
 def floor(out: Path, *, overrides: tuple[str, ...] = (), repeat: int = 2, cache_dir: str | None = None,
-          limit: int = 256) -> pd.DataFrame:
+          limit: int = 256, threads: int | None = None) -> pd.DataFrame:
     """Run `python -m bench OVERRIDES` `repeat` times (fresh results folders, cached models), count its
     passes, price them (module docstring); write OUT/floor.csv (per model and in total: wall and CPU
-    seconds of the run and of its scoring phase, floor, ratios) and OUT/floor_passes.csv (every
-    (model, method, metric, kind, batch) with its count and priced seconds, costliest first)."""
+    seconds of the run and of its scoring phase, floor, ratios), OUT/floor_passes.csv (every
+    (model, method, metric, kind, batch) with its count and priced seconds, costliest first) and
+    OUT/floor_labels.csv (_labels: where the run's time beyond the floor goes). `threads`:
+    torch's threads in the run (OMP_NUM_THREADS) and in the timing; one thread's CPU time is what a
+    loaded machine inflates least (two threads spin while one waits for a core)."""
     from hydra.utils import instantiate
 
-    env = {**os.environ, **({"SALIENCY_BENCH_CACHE": str(cache_dir)} if cache_dir else {})}
+    env = {**os.environ, **({"SALIENCY_BENCH_CACHE": str(cache_dir)} if cache_dir else {}),
+           **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    if threads:
+        torch.set_num_threads(threads)
     runs, prices = [], {}
     for r in range(repeat):                                         # interleaved: a run, then the models' sweep
         with tempfile.TemporaryDirectory(prefix="floor-") as results:
@@ -197,6 +209,8 @@ def floor(out: Path, *, overrides: tuple[str, ...] = (), repeat: int = 2, cache_
         passes[f"floor_{clock}_s"] = passes.images * per
     passes = passes.drop(columns="backward").sort_values("floor_wall_s", ascending=False)
     best = min(runs, key=lambda r: r["wall"])
+    labels = _labels(passes, best["data"]["spent"])
+    scoring = passes[passes.method != "(run)"]
     spans = best["data"]["spans"]
     rows = []
     for name, group in passes.groupby("model"):
@@ -207,18 +221,33 @@ def floor(out: Path, *, overrides: tuple[str, ...] = (), repeat: int = 2, cache_
                      **{f"best_{k}_ms_per_image": 1e3 * prices[name][k]["wall"] for k in ("forward", "backward")}})
     f_wall, f_cpu = passes.floor_wall_s.sum(), passes.floor_cpu_s.sum()
     first, last = min(s for _, s, _ in spans), max(e for _, _, e in spans)
-    rows.append({"model": "total", "run_wall_s": best["wall"], "run_walls_s": " ".join(f"{r['wall']:.1f}" for r in runs),
+    rows.append({"model": "total", "threads": torch.get_num_threads(), "run_wall_s": best["wall"], "run_walls_s": " ".join(f"{r['wall']:.1f}" for r in runs),
                  "run_cpu_s": best["cpu"], "startup_s": first - best["t0"], "jobs_wall_s": sum(e - s for _, s, e in spans),
                  "report_s": best["data"]["end"] - last, "scoring_s": best["scoring"], "floor_wall_s": f_wall,
-                 "floor_cpu_s": f_cpu, "ratio_run": best["wall"] / f_wall, "ratio_scoring": best["scoring"] / f_wall,
+                 "floor_cpu_s": f_cpu, "ratio_run": best["wall"] / f_wall,
+                 "ratio_scoring": best["scoring"] / scoring.floor_wall_s.sum(),
                  "ratio_cpu": best["cpu"] / f_cpu, "forward_passes": int(passes[passes.kind == "forward"]["count"].sum()),
                  "backward_passes": int(passes[passes.kind == "backward"]["count"].sum())})
     table = pd.DataFrame(rows).round(4)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "floor.csv", index=False)
     passes.round(4).to_csv(out / "floor_passes.csv", index=False)
-    print(table.to_string(index=False) + "\n\n" + passes.head(15).round(3).to_string(index=False), flush=True)
+    labels.round(4).to_csv(out / "floor_labels.csv", index=False)
+    print("\n\n".join(t.to_string(index=False) for t in (table, passes.head(15).round(3), labels.head(20).round(3))),
+          flush=True)
     return table
+
+
+def _labels(passes: pd.DataFrame, spent: dict[str, list[float]]) -> pd.DataFrame:
+    """Per (model, method, metric) label: the wall and CPU seconds the run spent under it, its floor, the
+    CPU seconds over the floor's and the excess (seconds beyond the floor), largest excess first."""
+    floors = passes.groupby(["model", "method", "metric"])[["floor_wall_s", "floor_cpu_s"]].sum()
+    used = pd.DataFrame([(*k.split("|"), *v) for k, v in spent.items()],
+                        columns=["model", "method", "metric", "wall_s", "cpu_s"]).set_index(["model", "method", "metric"])
+    out = used.join(floors, how="outer").fillna(0.0).reset_index()
+    out["ratio_cpu"] = out.cpu_s / out.floor_cpu_s.where(out.floor_cpu_s > 0)
+    out["excess_cpu_s"] = out.cpu_s - out.floor_cpu_s
+    return out.sort_values("excess_cpu_s", ascending=False)
 
 
 if __name__ == "__main__":

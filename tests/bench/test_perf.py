@@ -118,3 +118,7 @@ def test_floor_counts_the_runs_passes_and_prices_them(tmp_path):
     assert total.run_wall_s > total.scoring_s > 0 and total.ratio_run == pytest.approx(
         total.run_wall_s / total.floor_wall_s, rel=1e-3)
     assert total.forward_passes > 0 and total.backward_passes > 0
+    labels = pd.read_csv(tmp_path / "floor_labels.csv").set_index(["method", "metric"])
+    cell = labels.loc[("saliency", "pixel_flipping")]                               # time spent beside its floor
+    assert cell.cpu_s > 0 and cell.floor_cpu_s == pytest.approx(
+        passes.loc[("saliency", "pixel_flipping", "forward")].floor_cpu_s.sum(), rel=1e-3)
