@@ -167,7 +167,9 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
     if precision != "float32" and device.type == "cpu":
         log.warning("precision=%s on CPU: autocast is meant for GPUs; on a CPU without %s units it is much "
                     "slower (48x for pixel flipping on the suite's reference CPU)", precision, precision)
-    with determinism(bool(cfg.get("deterministic", False))), autocast(device, precision), pass_sizes(sizes):
+    # sweeps_shared: each batch's per-pixel removal sweep computed once for every method (probe included)
+    with determinism(bool(cfg.get("deterministic", False))), autocast(device, precision), pass_sizes(sizes), \
+            sweeps_shared() as sweeps:
         rows_per_sample, unsupported = probe(ctx, methods=methods, metrics=metrics, todo=todo)
         runnable = {m: f for m, f in methods.items() if not todo[m] or any((m, k) not in unsupported for k in todo[m])}
         by_reason: dict[tuple[str, str], list[str]] = {}                  # recorded, not computed (bench/probe.py)
@@ -179,12 +181,11 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
         store.check_space(out_dir, need_bytes=need_bytes(data["n"], data["shape"], rows_per_sample, len(methods),
                                                           bool(cfg.get("cache_maps", False))))
         try:
-            with sweeps_shared() as sweeps:                        # one per-pixel sweep per batch for all methods
-                for method_name, method in methods.items():
-                    if todo[method_name]:
-                        lost += _run_method(ctx, name=method_name, method=method, key=method_keys[method_name],
-                                            metrics={k: metrics[k] for k in todo[method_name]},
-                                            paths={k: paths[method_name, k] for k in todo[method_name]})
+            for method_name, method in methods.items():
+                if todo[method_name]:
+                    lost += _run_method(ctx, name=method_name, method=method, key=method_keys[method_name],
+                                        metrics={k: metrics[k] for k in todo[method_name]},
+                                        paths={k: paths[method_name, k] for k in todo[method_name]})
             if sweeps.hits or sweeps.misses:
                 log.info("%s: per-pixel removal sweeps computed %d times, reused %d times (metrics._sweep)", run_id,
                          sweeps.misses, sweeps.hits)

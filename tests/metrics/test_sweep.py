@@ -167,8 +167,8 @@ def test_the_runner_computes_each_batchs_sweep_once(tmp_path, caplog, one_thread
     with caplog.at_level(logging.INFO, logger="bench.run"):
         manifest = run(cfg, out_dir=tmp_path / "out")
     assert manifest["status"] == "complete" and len(manifest["cells"]) == 6
-    # 2 batches: one sweep each, reused by the 3 methods x 2 metrics' other 5 calls
-    assert "sweeps computed 2 times, reused 10 times" in caplog.text
+    # the two-sample probe and 2 batches: one sweep each, reused by the 3 methods x 2 metrics' other 5 calls
+    assert "sweeps computed 3 times, reused 15 times" in caplog.text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
