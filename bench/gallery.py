@@ -13,6 +13,10 @@ run's dataset and zoo model from the cache (its manifest's resolved `config`), r
   (same layer order, seeds and reduction as the stored scores), each panel annotated with the
   Spearman similarity mprt reports for it.
 
+Each row of the gallery, and the whole map grid of an MPRT grid, is ONE montage image (`tile`: the maps
+side by side, a few transparent pixels apart) in one bare Axes, names and values as text, laid out in
+inches (no layout pass): a figure costs a few artists, not one Axes per map.
+
 Display scale, per map and sample: m / q99(|m|), clipped to [-1, 1] (q99 = 99th percentile of
 |m| over the pixels; the maximum where that is 0; a zero map stays 0), so one hot pixel does
 not blank the rest. Signed maps (a method with any negative value) use a diverging colormap
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
@@ -38,7 +43,7 @@ from bench.keep import (MprtGrid, compute_report_maps, grid_of, method_maps, mpr
                         pick_samples)
 
 __all__ = ["MprtGrid", "Run", "display_scale", "draw", "load_items", "load_run", "main", "method_maps", "mprt_configs",
-           "mprt_grid", "pick_samples", "write_gallery"]
+           "mprt_grid", "pick_samples", "tile", "write_gallery"]
 log = logging.getLogger(__name__)
 
 _SIGNED, _UNSIGNED = "RdBu_r", "magma"
@@ -106,96 +111,125 @@ def display_scale(maps: Tensor) -> Tensor:
     return (maps.double() / scale[:, None, None]).clamp(-1, 1).float()
 
 
-def _image(x: Tensor) -> Tensor:
-    """(C, H, W) model input -> (H, W, C) or (H, W) in [0, 1], min-max over the whole image (any normalisation)."""
-    x = x.detach().double().cpu()
-    span = x.max() - x.min()
-    x = (x - x.min()) / (span if span > 0 else 1)
-    return x[0] if x.shape[0] == 1 else x.permute(1, 2, 0)
+def tile(panels: np.ndarray, gutter: int) -> np.ndarray:
+    """(R, C, H, W, ...) panels -> one (R (H + g) - g, C (W + g) - g, ...) montage, NaN in the g-pixel gutters."""
+    p = np.asarray(panels, dtype=np.float64)
+    R, C, H, W = p.shape[:4]
+    p = np.pad(p, [(0, 0), (0, 0), (0, gutter), (0, gutter)] + [(0, 0)] * (p.ndim - 4), constant_values=np.nan)
+    out = p.swapaxes(1, 2).reshape(R * (H + gutter), C * (W + gutter), *p.shape[4:])
+    return out[: R * (H + gutter) - gutter, : C * (W + gutter) - gutter]
 
 
-def _show_input(ax, kept: dict[str, Any], j: int) -> None:
-    """Sample j of `kept`: the image, its mask outline (where the dataset has masks), id and class as title."""
-    gray = kept["x"].shape[1] == 1
-    ax.imshow(_image(kept["x"][j]).numpy(), cmap="gray" if gray else None, interpolation="nearest")
-    if kept.get("mask") is not None:
-        ax.contour(kept["mask"][j].cpu().numpy().astype(float), levels=[0.5], colors="lime", linewidths=0.8)
+def _inputs(kept: dict[str, Any], index: list[int], gutter: int) -> np.ndarray:
+    """Samples `index` of kept["x"] in one row, as an RGBA montage (H, n (W + g) - g, 4), transparent gutters."""
+    x = kept["x"][index].detach().double().cpu()                                        # (n, C, H, W)
+    low, high = x.flatten(1).amin(1), x.flatten(1).amax(1)
+    span = torch.where(high > low, high - low, 1.0)
+    x = ((x - low[:, None, None, None]) / span[:, None, None, None]).permute(0, 2, 3, 1)  # min-max per image
+    x = x.expand(*x.shape[:3], 3) if x.shape[-1] == 1 else x                            # grey: one channel thrice
+    rgb = tile(x.numpy()[None], gutter)
+    return np.dstack([np.nan_to_num(rgb), np.isfinite(rgb[..., :1])])
+
+
+def _label(kept: dict[str, Any], j: int) -> str:
     t = int(kept["target"][j])
     classes = kept.get("classes")
-    name = classes[t] if classes is not None and t < len(classes) else f"class {t}"
-    ax.set_title(f"#{int(kept['sample_id'][j])} {name}", fontsize=8)
+    return f"#{int(kept['sample_id'][j])} " + (classes[t] if classes is not None and t < len(classes) else f"class {t}")
 
 
-def _bare(ax) -> None:
-    ax.set_xticks([]), ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
+def _outline(ax, kept: dict[str, Any], index: list[int], gutter: int, x0: float = 0.0) -> None:
+    """The masks of samples `index` (where the dataset has masks) outlined on their input tiles, one contour."""
+    if kept.get("mask") is None:
+        return
+    mask = np.nan_to_num(tile(kept["mask"][index].cpu().numpy()[None].astype(float), gutter))   # (H, n W + ...)
+    ax.contour(x0 + np.arange(mask.shape[1]) + 0.5, np.arange(mask.shape[0]) + 0.5, mask, levels=[0.5],
+               colors="lime", linewidths=0.8)
+
+
+def _montage_axes(width: float, height: float, title: list[str], *, left: float, right: float, top: float,
+                  bottom: float, scale: float):
+    """A figure with one bare Axes of `width` x `height` montage pixels at `scale` inches per pixel, margins in
+    inches (the right one widened until the `title` lines fit), y down as in an image: a fixed layout, no
+    layout pass. Returns (figure, axes)."""
+    w, h = width * scale, height * scale
+    right = max(right, figures._text_width(title, 9) + 0.2 - left - w)
+    fw, fh = left + w + right, top + h + bottom
+    fig = figures.new_figure(figsize=(fw, fh))
+    ax = fig.add_axes((left / fw, bottom / fh, w / fw, h / fh))
+    ax.set_axis_off()
+    ax.set_xlim(0, width), ax.set_ylim(height, 0)
+    fig.text(left / fw, 1 - 0.1 / fh, "\n".join(title), fontsize=9, va="top")
+    return fig, ax
 
 
 def _gallery_figure(kept: dict[str, Any], manifest: dict):
-    """Figure of the gallery of `kept` (bench.keep): (1 + methods) x samples panels; returns (figure, axes)."""
+    """The gallery of `kept` (bench.keep): a row of inputs, then one row per method, each row ONE montage image
+    (a tile per sample, `_GUTTER` pixels apart). Returns (figure, {"input" or method: its AxesImage})."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
     maps = kept["maps"]
-    M, N = len(maps), len(kept["x"])
-    fig = figures.new_figure(figsize=(1.4 * N + 1.8, 1.4 * (1 + M) + 0.6))
-    axes = fig.subplots(1 + M, N, squeeze=False)
-    for j in range(N):
-        _show_input(axes[0, j], kept, j)
-    axes[0, 0].set_ylabel("input", rotation=0, ha="right", va="center", fontsize=8)
+    N, (H, W) = len(kept["x"]), kept["x"].shape[-2:]
+    g, index = max(1, W // 16), list(range(len(kept["x"])))
+    step_x, step_y = W + g, H + g
+    names = ["input", *maps]
+    title = [f"{manifest['dataset']} / {manifest['model']}: maps (reduce={kept['reduce']})",
+             "each scaled by its own 99th percentile of |map|"]
+    fig, ax = _montage_axes(N * step_x - g, len(names) * step_y - g, title, left=figures._text_width(names, 8) + 0.2,
+                            right=1.0, top=0.8, bottom=0.1, scale=1.3 / step_x)
+    images = {"input": ax.imshow(_inputs(kept, index, g), extent=(0, N * step_x - g, H, 0), interpolation="nearest")}
+    _outline(ax, kept, index, g)
+    for j in index:
+        ax.text(j * step_x + W / 2, -g, _label(kept, j), ha="center", va="bottom", fontsize=8)
     kinds = set()
     for r, (name, m) in enumerate(maps.items(), start=1):
         signed = bool((m < 0).any())                          # one colormap per row: the method's kind
         kinds.add(signed)
-        shown = display_scale(m).cpu()
-        for j in range(N):
-            axes[r, j].imshow(shown[j].numpy(), cmap=_SIGNED if signed else _UNSIGNED, vmin=-1 if signed else 0,
-                              vmax=1, interpolation="nearest")
-        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    for ax in axes.flat:
-        _bare(ax)
-    height = fig.get_figheight()
-    fig.subplots_adjust(top=1 - 0.5 / height)                      # before the colorbars take their space
-    for signed in sorted(kinds):
-        bar = fig.colorbar(ScalarMappable(Normalize(-1 if signed else 0, 1), _SIGNED if signed else _UNSIGNED),
-                           ax=axes.ravel().tolist(), shrink=0.4, pad=0.03)
+        shown = tile(display_scale(m).cpu().numpy()[None], g)
+        images[name] = ax.imshow(shown, cmap=_SIGNED if signed else _UNSIGNED, vmin=-1 if signed else 0, vmax=1,
+                                 extent=(0, shown.shape[1], r * step_y + H, r * step_y), interpolation="nearest")
+    for r, name in enumerate(names):
+        ax.text(-g, r * step_y + H / 2, name, ha="right", va="center", fontsize=8)
+    box = ax.get_position()
+    for i, signed in enumerate(sorted(kinds)):
+        cax = fig.add_axes((box.x1 + 0.25 / fig.get_figwidth(), box.y1 - (i + 1) * box.height / 2 + 0.05 * box.height,
+                            0.12 / fig.get_figwidth(), 0.35 * box.height))
+        bar = fig.colorbar(ScalarMappable(Normalize(-1 if signed else 0, 1), _SIGNED if signed else _UNSIGNED), cax=cax)
         bar.ax.set_title("signed" if signed else "unsigned", fontsize=8)
-    m = manifest
-    fig.suptitle(f"{m['dataset']} / {m['model']}: maps (reduce={kept['reduce']}), each scaled by its own "
-                 "99th percentile of |map|", fontsize=9, y=1 - 0.1 / height)
-    return fig, axes
+        bar.ax.tick_params(labelsize=7)
+    return fig, images
 
 
 def _grid_figure(kept: dict[str, Any], manifest: dict, grid: MprtGrid, metric: str, j: int = 0):
-    """Figure of the MPRT grid for sample j of `kept`: the input, then methods x (stages + 1) map panels.
-
-    Returns (figure, map axes of shape (methods, stages + 1)).
-    """
-    M, S = len(grid.maps), len(grid.labels)
-    fig = figures.new_figure(figsize=(1.15 * (S + 3) + 0.6, 1.15 * M + 1.0))
-    axes = fig.subplots(M, S + 3, squeeze=False, gridspec_kw={"width_ratios": [1, 1.1] + [1] * (S + 1)})
-    _show_input(axes[0, 0], kept, j)                          # column 0: the input; column 1: method names
-    for ax in [*axes[1:, 0], *axes[:, 1]]:
-        ax.axis("off")
-    for r, (name, m) in enumerate(grid.maps.items()):
-        shown = display_scale(m[:, j].abs()).cpu()                                     # (S + 1, H, W)
-        for s in range(S + 1):
-            ax = axes[r, s + 2]
-            ax.imshow(shown[s].numpy(), cmap=_UNSIGNED, vmin=0, vmax=1, interpolation="nearest")
-            if s:
-                ax.text(0.03, 0.04, f"ρ={float(grid.spearman[name][s - 1, j]):.2f}", transform=ax.transAxes,
-                        fontsize=6, color="white", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "lw": 0})
-        axes[r, 1].text(0.95, 0.5, name, ha="right", va="center", fontsize=8, transform=axes[r, 1].transAxes)
+    """The MPRT grid for sample j of `kept`: the input at the top left, then methods x (original + stages) |maps|
+    as ONE montage image, each tile scaled by itself. Returns (figure, the montage's AxesImage)."""
+    M, S, (H, W) = len(grid.maps), len(grid.labels), kept["x"].shape[-2:]
+    g = max(1, W // 16)
+    step_x, step_y = W + g, H + g
+    scale = 1.15 / step_x
+    names = figures._text_width(grid.maps, 8) / scale                   # the method names' column, in pixels
+    x0 = W + 2 * g + names                                             # the maps start here
+    title = [f"{manifest['dataset']} / {manifest['model']}: {metric} ({grid.order}) stages, left to right",
+             "|map| scaled per panel by its 99th percentile; ρ = Spearman with the original, as mprt scores it"]
+    longest = figures._text_width(["original", *grid.labels], 7)                # stage labels at 30 degrees
+    fig, ax = _montage_axes(x0 + (S + 1) * step_x - g, M * step_y - g, title, left=0.1,
+                            right=max(0.1, 0.87 * longest - 1.15 + 0.1), top=0.65 + longest / 2, bottom=0.1,
+                            scale=scale)
+    ax.imshow(_inputs(kept, [j], g), extent=(0, W, H, 0), interpolation="nearest")
+    _outline(ax, kept, [j], g)
+    ax.text(W / 2, -g, _label(kept, j), ha="center", va="bottom", fontsize=8)
+    maps = torch.stack([display_scale(m[:, j].abs()) for m in grid.maps.values()])       # (M, S + 1, H, W)
+    shown = tile(maps.cpu().numpy(), g)
+    image = ax.imshow(shown, cmap=_UNSIGNED, vmin=0, vmax=1, extent=(x0, x0 + shown.shape[1], shown.shape[0], 0),
+                      interpolation="nearest")
+    for r, name in enumerate(grid.maps):
+        ax.text(x0 - g, r * step_y + H / 2, name, ha="right", va="center", fontsize=8)
+        for s in range(1, S + 1):
+            ax.text(x0 + s * step_x + 0.03 * W, r * step_y + 0.96 * H, f"ρ={float(grid.spearman[name][s - 1, j]):.2f}",
+                    fontsize=6, color="white", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "lw": 0})
     for s, label in enumerate(["original", *grid.labels]):
-        axes[0, s + 2].set_title(label, fontsize=7, rotation=30, ha="left", va="bottom", rotation_mode="anchor")
-    for ax in [axes[0, 0], *axes[:, 2:].flat]:
-        _bare(ax)
-    m = manifest
-    fig.suptitle(f"{m['dataset']} / {m['model']}: {metric} ({grid.order}) stages, left to right (|map| scaled "
-                 "per panel by its 99th percentile; ρ = Spearman with the original, as mprt scores it)",
-                 fontsize=8, y=1.0)
-    return fig, axes[:, 2:]
+        ax.text(x0 + s * step_x, -g, label, fontsize=7, rotation=30, ha="left", va="bottom", rotation_mode="anchor")
+    return fig, image
 
 
 def draw(kept: dict[str, Any], manifest: dict, out: Path, tag: str, *, grid_samples: int = 1,
@@ -205,13 +239,13 @@ def draw(kept: dict[str, Any], manifest: dict, out: Path, tag: str, *, grid_samp
     paths = []
     if kept["maps"]:
         fig, _ = _gallery_figure(kept, manifest)
-        paths.append(figures.save_figure(fig, out / f"gallery_{tag}", pdf=pdf))
+        paths.append(figures.save_figure(fig, out / f"gallery_{tag}", pdf=pdf, tight=False))
     for metric in kept["grids"]:
         grid = grid_of(kept, metric)
         for j in range(min(grid_samples, len(kept["x"])) if grid.maps else 0):
             fig, _ = _grid_figure(kept, manifest, grid, metric, j)
             paths.append(figures.save_figure(fig, out / f"mprt_grid_{tag}_{metric}_{int(kept['sample_id'][j])}",
-                                             pdf=pdf))
+                                             pdf=pdf, tight=False))
     return paths
 
 

@@ -17,7 +17,7 @@ from scipy.stats import spearmanr                                           # no
 
 from bench import figures, zoo                                              # noqa: E402
 from bench.config import CONF
-from bench.gallery import (_grid_figure, display_scale, load_items, load_run, main,  # noqa: E402
+from bench.gallery import (_gallery_figure, _grid_figure, display_scale, load_items, load_run, main,  # noqa: E402
                            mprt_configs, mprt_grid, pick_samples, write_gallery)
 from bench.keep import read_report_maps                                     # noqa: E402
 from bench.report import write_report                                       # noqa: E402
@@ -115,9 +115,16 @@ def test_gallery_and_grid_of_a_stored_run(tiny: SimpleNamespace):
                      **mprt_configs(run_.cfg)["mprt"])
     S = len(SmallCNN.mprt_layers)
     assert grid.labels == list(SmallCNN.mprt_layers)[::-1] and list(grid.maps) == ["saliency", "random"]
-    fig, axes = _grid_figure({**one, "classes": None}, run_.manifest, grid, "mprt")
-    assert axes.shape == (2, S + 1) and all(len(ax.images) == 1 for ax in axes.flat)
-    matplotlib.pyplot.close(fig)
+    _, image = _grid_figure({**one, "classes": None}, run_.manifest, grid, "mprt")
+    g = 64 // 16                                                     # the gutter between tiles, in pixels
+    shown = np.ma.getdata(image.get_array())                        # ONE image: methods x (stages + 1) tiles
+    assert shown.shape == (2 * 64 + g, (S + 1) * 64 + S * g) and image.get_cmap().name == "magma"
+    for r, name in enumerate(grid.maps):                             # each tile: |map| scaled by itself
+        expected = display_scale(grid.maps[name][:, 0].abs()).numpy()                  # (S + 1, H, W)
+        for s_ in range(S + 1):
+            tile_ = shown[r * (64 + g): r * (64 + g) + 64, s_ * (64 + g): s_ * (64 + g) + 64]
+            np.testing.assert_array_equal(tile_, expected[s_])
+    assert np.isnan(shown[64:64 + g]).all() and np.isnan(shown[:, 64:64 + g]).all()     # gutters: transparent
 
     # the last stage is the fully randomized model (emprt's own helper, another code path) ...
     full = _fully_randomized(run_.model, None, (), mprt_configs(run_.cfg)["mprt"]["seed"])   # the seed the run derived
@@ -167,6 +174,33 @@ def test_cli_refuses_missing_runs_and_uncached_models(tiny: SimpleNamespace, tmp
     assert exit_.value.code == 2 and "is not in the cache" in err and "--cache-dir" in err
     # inside a report the same run is logged and left out, and the report goes on
     assert write_gallery(tiny.root, tmp_path / "o", cache_dir=tmp_path / "empty", errors="warn") == []
+
+
+def test_gallery_rows_are_montages_of_the_scaled_maps(tiny: SimpleNamespace):
+    """One image per row: the inputs (min-max per image, mask outlined), then each method's maps, each tile
+    the map scaled by its own 99th percentile, in the method's colormap; transparent gutters between tiles."""
+    path = tiny.root / "shapes" / "small_cnn" / "manifest.json"
+    manifest = load_run(path).manifest
+    kept = read_report_maps(path, manifest)
+    fig, images = _gallery_figure(kept, manifest)
+    assert list(images) == ["input", "saliency", "random"] and len(fig.axes[0].images) == 3
+    N, g = len(kept["x"]), 64 // 16
+    for name in ("saliency", "random"):
+        shown = np.ma.getdata(images[name].get_array())
+        assert shown.shape == (64, N * 64 + (N - 1) * g)
+        expected = display_scale(kept["maps"][name]).numpy()
+        for j in range(N):
+            np.testing.assert_array_equal(shown[:, j * (64 + g): j * (64 + g) + 64], expected[j])
+        assert np.isnan(shown[:, 64:64 + g]).all()
+        assert images[name].get_cmap().name == ("RdBu_r" if (kept["maps"][name] < 0).any() else "magma")
+    rgba = np.asarray(images["input"].get_array())                   # (H, N W + ..., 4)
+    x = kept["x"][1].double()
+    np.testing.assert_allclose(rgba[:, 64 + g: 2 * 64 + g, :3], ((x - x.min()) / (x.max() - x.min())).permute(1, 2, 0))
+    assert (rgba[:, 64 + g: 2 * 64 + g, 3] == 1).all() and (rgba[:, 64:64 + g, 3] == 0).all()
+    assert len(fig.axes[0].collections) == 1                         # the masks: one contour over the row
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts[:N] == [f"#{i} {['disk', 'square', 'triangle', 'cross'][i]}" for i in range(N)]   # id and class
+    assert texts[N:] == ["input", "saliency", "random"]
 
 
 def test_the_run_keeps_the_maps_the_report_draws(tiny: SimpleNamespace):
