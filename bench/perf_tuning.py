@@ -6,7 +6,7 @@ second small CNN of our own at 32 px (OtherCNN), torchvision's resnet18 and mobi
 Per model, interleaved `repeat` times: the best inference and forward+backward throughput over batch
 sizes 1, 2, 4, ... (the limit), pixel flipping (MoRF + LeRF, 16 steps), RISE, IG and SmoothGrad with
 default settings but for the counts given (masks, samples), under the tuned sizes. Images are counted
-with a forward pre-hook; each figure is the best of the repeats. On CPU the clock is the process's CPU
+with a forward pre-hook; each figure is the best of the repeats, `spread` 1 - worst / best. On CPU the clock is the process's CPU
 time (bench.tuning.clock), which other processes' load does not inflate; --threads 1 is advised on a
 shared machine, where 2 threads under load spin-wait (OpenMP) and time nothing but the contention.
 """
@@ -114,7 +114,7 @@ def measure(name: str, *, n: int, repeat: int, device: str = "cpu", masks: int =
         "integrated_gradients": (True, lambda: methods.integrated_gradients(model, x, target)),
         "smoothgrad": (True, lambda: methods.smoothgrad(model, x, target, samples=samples)),
     }
-    best: dict[str, float] = {}
+    seen: dict[str, list[float]] = {w: [] for w in work}
     ref: dict[bool, dict[int, float]] = {False: {}, True: {}}
     for _ in range(repeat):                                          # interleaved: every figure once per round
         for backward in (False, True):
@@ -122,14 +122,16 @@ def measure(name: str, *, n: int, repeat: int, device: str = "cpu", masks: int =
                 ref[backward][b] = max(ref[backward].get(b, 0.0), r)
         with pass_sizes(sizes):
             for w, (_, run) in work.items():
-                best[w] = max(best.get(w, 0.0), _timed(model, run, dev))
+                seen[w].append(_timed(model, run, dev))
+    best = {w: max(v) for w, v in seen.items()}
     rows = []
     for w, (backward, _) in work.items():
         top = max(ref[backward], key=ref[backward].get)
         rows.append({"model": name, "size": size, "n": n, "workload": w, "pass": "backward" if backward else "forward",
                      "best_batch": top, "chosen_batch": sizes.backward if backward else sizes.forward,
                      "images_per_s": round(best[w], 1), "best_images_per_s": round(ref[backward][top], 1),
-                     "ratio": round(best[w] / ref[backward][top], 3), "probe_s": record["seconds"]})
+                     "ratio": round(best[w] / ref[backward][top], 3), "probe_s": record["seconds"],
+                     "spread": round(1 - min(seen[w]) / best[w], 3)})
     return rows
 
 
