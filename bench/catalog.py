@@ -103,9 +103,50 @@ def _resolve(target: str) -> tuple[Any, str]:
 
 
 def _docstring(target: str) -> str:
-    """The target's docstring, or a note why it could not be read."""
+    """The target's docstring, read from its source where it is a plain def or class (importing `methods` for one
+    card costs seconds: captum, zennit, torchvision), else imported; or a note why it could not be read."""
+    if target.startswith(ALLOWED_TARGETS) and (doc := _source_docstring(*target.rpartition(".")[::2])) is not None:
+        return doc
     obj, why = _resolve(target)
     return why if obj is None else inspect.getdoc(obj) or ""
+
+
+def _source_docstring(module: str, name: str, depth: int = 0) -> str | None:
+    """The docstring of def/class `name` in `module`'s source, following `from x import name` re-exports;
+    None where the source does not show it (then the caller imports the target). Nothing is executed."""
+    import ast
+    import importlib.util
+
+    top, *rest = module.split(".")
+    try:
+        spec = importlib.util.find_spec(top)                      # a top-level spec: found, not executed
+    except (ImportError, ValueError):
+        return None
+    path = Path(spec.origin) if spec and spec.origin else None
+    for part in rest:                                              # submodules by file, without importing parents
+        folder = path.parent if path else None
+        path = next((f for f in (folder / part / "__init__.py", folder / f"{part}.py") if f.is_file()), None) \
+            if folder else None
+    if depth > 4 or path is None or path.suffix != ".py":
+        return None
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    for node in reversed(tree.body):                               # the last binding of `name` wins
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id == name or isinstance(t, ast.Attribute) and t.attr == "__doc__"
+               and isinstance(t.value, ast.Name) and t.value.id == name for t in targets):
+            return None                                            # rebound or its __doc__ set: ask the object
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+            return ast.get_docstring(node) or ""
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                if (alias.asname or alias.name) == name:
+                    return _source_docstring(node.module, alias.name, depth + 1)
+                if alias.name == "*" and (doc := _source_docstring(node.module, name, depth + 1)) is not None:
+                    return doc
+    return None
 
 
 def _family(target: str) -> str:

@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bench.config import CONF
 from bench.page import render_page
 from bench.ranking import BELOW_COLUMNS, KENDALL_COLUMNS, METHOD_COLUMNS, Ranking
 from bench.results import UNSUPPORTED_COLUMNS, Results
@@ -102,6 +104,36 @@ def page(tmp_path: Path) -> Path:
     path = tmp_path / "leaderboard.html"
     path.write_text(render_page(tables, [png, tmp_path / "scores_shapes_cnn.png"]), encoding="utf-8")
     return path
+
+
+def test_cards_read_docstrings_from_source_without_importing_methods() -> None:
+    """A card whose YAML names no paper (the constant control) takes its paper from the target's docstring:
+    read from the source (bench.catalog), as the imported object gives it, without importing methods/
+    (captum, zennit, torchvision: seconds) in a report process."""
+    code = ("import sys; import pandas as pd; from bench.page import _cards\n"
+            "board = pd.DataFrame({'method': ['constant'], 'metric': ['pixel_flipping'], 'score': ['auc'],"
+            " 'higher_is_better': [False], 'headline': [True], 'family': ['faithfulness']})\n"
+            "m = {'dataset': 'd', 'model': 'm', 'config': {'method': {'constant': {'_target_': 'methods.constant'}},"
+            " 'metric': {'pixel_flipping': {'_target_': 'metrics.pixel_flipping'}}}}\n"
+            "html = _cards(board, [m])\n"
+            "print(sorted({'methods', 'captum', 'zennit'} & set(sys.modules)), 'one big tie' in html)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=CONF.parent)
+    assert out.stdout.split() == ["[]", "True"]
+    import importlib
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from bench.catalog import _source_docstring
+    read = 0
+    for group in ("method", "metric"):                               # every target the cards may describe
+        for path in sorted((CONF / group).glob("*.yaml")):
+            module, _, name = str(OmegaConf.load(path)[path.stem]["_target_"]).rpartition(".")
+            doc = _source_docstring(module, name)                    # None: the card imports it (e.g. __doc__ set)
+            if doc is not None:
+                read += 1
+                assert doc == (inspect.getdoc(getattr(importlib.import_module(module), name)) or ""), path.stem
+    assert read >= 40
 
 
 def test_page_escapes_every_text_and_needs_no_network(page: Path) -> None:
