@@ -371,3 +371,17 @@ def test_the_report_layers_import_downwards_only() -> None:
     for i, module in enumerate(stack):
         assert not graph[module] & set(stack[i + 1:]), f"bench.{module} imports {graph[module] & set(stack[i + 1:])}"
     assert "keep" in graph["run"] and not graph["keep"] & set(stack[2:]) and "run" not in graph["gallery"]
+
+
+def test_perf_report_times_every_phase_once(tree: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.perf_report import main as perf_main, measure
+
+    phases = measure(tree)
+    assert set(phases) == {"load", "tables", "figures", "gallery", "rest", "total"}
+    assert all(wall >= 0 and cpu >= 0 for wall, cpu in phases.values())
+    # the gallery is timed inside the figures and counted once: the phases add up to the total
+    assert sum(wall for k, (wall, _) in phases.items() if k != "total") == pytest.approx(phases["total"][0])
+    assert not (tree / "report").exists()                               # written to a temporary folder
+    perf_main([str(tree), "--repeat", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("imports: wall ") and out[1].startswith("report 1: load ") and "gallery" in out[1]
