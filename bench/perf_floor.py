@@ -117,7 +117,7 @@ def child(argv: list[str]) -> None:
         raise SystemExit(code)
 
 
-def best_per_image(model: nn.Module, shape: tuple[int, ...], *, limit: int, repeat: int = 2
+def best_per_image(model: nn.Module, shape: tuple[int, ...], *, limit: int, repeat: int = 3
                    ) -> dict[str, dict[str, float]]:
     """Seconds per image at the model's best batch size (powers of two up to `limit`; half that with a
     backward), per kind ("forward", "backward") and clock ("wall", "cpu"), the best of `repeat` calls."""

@@ -90,7 +90,9 @@ def test_tuned_workload_rows_are_ratios_of_the_models_best(monkeypatch):
     rows = perf_tuning.measure("other_cnn", n=2, repeat=1, masks=4, samples=2, limit=4)
     df = pd.DataFrame(rows)
     assert sorted(df.workload) == ["integrated_gradients", "pixel_flipping", "rise", "smoothgrad"]
-    assert ((df.ratio - df.images_per_s / df.best_images_per_s).abs() < 2e-3).all() and (df.ratio > 0).all()
+    # throughputs are rounded to 0.1 images/s: at a few images/s (a loaded machine) that moves the ratio ~1 %
+    assert ((df.ratio / (df.images_per_s / df.best_images_per_s) - 1).abs() < 0.02).all() and (df.ratio > 0).all()
+    assert ((df.spread >= 0) & (df.spread < 1)).all()
     sizes, _ = tuning.tune(perf_tuning.OtherCNN().eval(), (3, 32, 32), "cpu")      # same architecture: same key
     assert set(df[df["pass"] == "forward"].chosen_batch) == {sizes.forward}
     assert set(df[df["pass"] == "backward"].chosen_batch) == {sizes.backward}
