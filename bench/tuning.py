@@ -8,9 +8,11 @@ out-of-memory error (the GPU's bound), at MAX_BATCH or MAX_INPUT_BYTES of inputs
 the time budget would be exceeded (BUDGET_S: 1.2 s of CPU time on CPU, of wall time on a GPU, 40 %
 for inference and 60 % for gradients, which cost 2-3x as much per image: halves stopped the gradient
 sweeps at 16 images where 32-64 are best, thirds the inference sweeps at 8-32 where 32-128 are; sizes
-up to MIN_BUDGETED are always timed). It picks the largest size within TOLERANCE of the best: timings of
-small batches are noisy and a chunked pass has its own per-chunk overhead, so of sizes that tie the
-larger is safer. On CPU the probe runs on one thread: on a shared 2-core machine at load 8-9, two
+up to MIN_BUDGETED are always timed). It picks the largest size within TOLERANCE of the best after a
+3-point median over neighbouring sizes (the lower of two at the ends): a shared machine's timings
+have one-size outliers (repeats spread by 1-45 %, median 15 %), and the raw best picked 8 images
+where 32-128 were best (pixel flipping at 0.69-0.71 of the model's best); of sizes that tie, the larger
+is safer, a chunked pass having its own per-chunk overhead. On CPU the probe runs on one thread: on a shared 2-core machine at load 8-9, two
 threads' CPU time (OpenMP threads spin while the other waits for a core) read 5-200 images/s for
 small_cnn, not rising with the batch, and picked 1-4 images; one thread read 240-620 images/s rising
 to 16-32 images on every repeat. tune() keeps the result per key (architecture, input shape, device
@@ -40,8 +42,9 @@ log = logging.getLogger(__name__)
 
 BUDGET_S = {"cpu": 1.2, "cuda": 3.0}          # clock() seconds for both directions (FORWARD_SHARE forward)
 FORWARD_SHARE = 0.4
-PROBE = 3                                      # the probe's version: cached records of another are probed again
-                                               # (1: two threads on CPU, 1 s halved; 2: one thread, 1 s in thirds)
+PROBE = 4                                      # the probe's version: cached records of another are probed again
+                                               # (1: two threads on CPU, 1 s halved; 2: one thread, 1 s in thirds;
+                                               # 3: 1.2 s, the raw best)
 MAX_BATCH = {"cpu": 1024, "cuda": 4096}
 MAX_INPUT_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}
 TOLERANCE = 0.1                                # the largest size within 10% of the best (module docstring)
@@ -101,8 +104,11 @@ def _sweep(step_at: Callable[[int], Callable[[], Any]], device: torch.device, ma
         stale = 0 if not rates or rate > max(rates.values()) else stale + 1
         rates[batch] = rate
         batch *= 2
-    best = max(rates.values())
-    return max(b for b, r in rates.items() if r >= (1 - TOLERANCE) * best), rates
+    sizes = sorted(rates)
+    near = [[rates[s] for s in sizes[max(0, i - 1):i + 2]] for i in range(len(sizes))]
+    smooth = {b: sorted(r)[1] if len(r) == 3 else min(r) for b, r in zip(sizes, near)}
+    best = max(smooth.values())
+    return max(b for b, r in smooth.items() if r >= (1 - TOLERANCE) * best), rates
 
 
 def probe(model: nn.Module, shape: tuple[int, ...], device: torch.device | str, *, precision: str = "float32",

@@ -104,6 +104,15 @@ def test_the_probe_picks_the_fastest_size_and_stops_when_it_falls():
     assert list(record["throughput"]["forward"]) == ["1", "2", "4", "8", "16", "32"]   # two sizes past the best
 
 
+def test_a_one_size_outlier_does_not_decide():
+    # 500 images/s at every size but 8, which reads 1000/s once (a quiet moment on a shared machine): the
+    # raw best would pick 8; the median over neighbours sees a flat curve and picks the largest timed size
+    model = Spinning(lambda b: 0.001 * b if b == 8 else 0.002 * b)
+    record = tuning.probe(model, (1, 2, 2), "cpu", budget=20)
+    assert record["throughput"]["forward"]["8"] > 1.5 * record["throughput"]["forward"]["16"]
+    assert record["forward"] == record["backward"] == max(map(int, record["throughput"]["forward"])) == 32
+
+
 def test_out_of_memory_ends_the_sweep_other_errors_are_raised():
     record = tuning.probe(Spinning(lambda b: 0.004, fail_at=16), (1, 2, 2), "cpu", budget=20)
     assert record["forward"] == record["backward"] == 8                      # rate grows with b until OOM
