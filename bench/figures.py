@@ -20,6 +20,7 @@ from bench.files import write_atomic
 from bench.tables import COLUMN_KEYS, OTHER, by_family, overall_rank
 
 DPI = 100                  # PNG resolution: a 7 in wide figure is 700 px, full width on the page
+PNG_LEVEL = 3              # zlib level: a default run's figures encode in half the time of 6, 4% larger
 # what a curve's axes show, by the metric's function (its `_target_`); "{curve}" is the stored curve's name
 CURVE_AXES = {
     "pixel_flipping": ("fraction of pixels removed", "model output (target class)"),
@@ -279,6 +280,7 @@ def save_figure(fig, stem: Path, *, pdf: bool = False, tight: bool = True) -> Pa
     every text) and reused for both files; the figures of this module are laid out in inches (`_grid`) and
     saved as they are."""
     bbox = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.1) if tight else None
-    for suffix, dpi in ((".png", DPI), (".pdf", None))[:2 if pdf else 1]:
-        write_atomic(stem.with_name(stem.name + suffix), partial(fig.savefig, dpi=dpi, bbox_inches=bbox))
+    formats = [(".png", DPI, {"pil_kwargs": {"compress_level": PNG_LEVEL}}), (".pdf", None, {})]
+    for suffix, dpi, extra in formats[:2 if pdf else 1]:
+        write_atomic(stem.with_name(stem.name + suffix), partial(fig.savefig, dpi=dpi, bbox_inches=bbox, **extra))
     return stem.with_name(stem.name + ".png")

@@ -158,7 +158,7 @@ def _class_means(results: Results, *, n_boot: int, seed: int) -> tuple[pd.DataFr
               for name, node in ((m.get("config") or {}).get("metric") or {}).items()
               for score in CLASS_MEAN_SCORES.get(str((node or {}).get("_target_")), ())}
     s = results.scores
-    rows = s[[k in wanted for k in zip(s["run_id"], s["metric"], s["score"])]]
+    rows = s[pd.MultiIndex.from_arrays([s["run_id"], s["metric"], s["score"]]).isin(list(wanted))] if wanted else s[:0]
     rows = rows.merge(results.samples, on=["run_id", "sample_id"], how="inner")
     if rows.empty:
         return pd.DataFrame(columns=BOARD_KEYS + STATS), pd.DataFrame(columns=META_COLUMNS)
