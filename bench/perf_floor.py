@@ -30,6 +30,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from bench.tuning import pass_step
+
 _WHERE: ContextVar[tuple[str, str]] = ContextVar("floor_where", default=("(run)", "(other)"))
 _PASSES: list[list[Any]] = []                    # [model, method, metric, batch, backward?] per model call
 _SPANS: list[tuple[str, float, float]] = []      # (model, start, end) of each job, time.time()
@@ -127,15 +129,10 @@ def best_per_image(model: nn.Module, shape: tuple[int, ...], *, limit: int, repe
     for kind in best:
         top = limit // 2 if kind == "backward" else limit
         for b in (2 ** i for i in range(top.bit_length()) if 2 ** i <= top):
-            xb = x[:b]
+            step = pass_step(model, x[:b], backward=kind == "backward", device=x.device)
             for _ in range(repeat):
                 w0, c0 = time.perf_counter(), time.process_time()
-                if kind == "backward":
-                    xs = xb.detach().requires_grad_()
-                    torch.autograd.grad(model(xs)[:, 0].sum(), xs)
-                else:
-                    with torch.inference_mode():
-                        model(xb)
+                step()
                 wall, cpu = (time.perf_counter() - w0) / b, (time.process_time() - c0) / b
                 if wall < best[kind]["wall"]:
                     best[kind].update(wall=wall, batch=b)

@@ -79,15 +79,7 @@ def _reference(model: nn.Module, shape: tuple[int, ...], device: torch.device, l
     x = torch.randn(limit, *shape, generator=torch.Generator().manual_seed(1)).to(device)
     rates = {}
     for b in (2 ** i for i in range(limit.bit_length()) if 2 ** i <= limit):
-        xb = x[:b]
-
-        def step() -> None:
-            if backward:
-                xs = xb.detach().requires_grad_()
-                torch.autograd.grad(model(xs)[:, 0].sum(), xs)
-            else:
-                with torch.inference_mode():
-                    model(xb)
+        step = tuning.pass_step(model, x[:b], backward=backward, device=device)
         rates[b] = max(_timed(model, step, device) for _ in range(2))
     return rates
 

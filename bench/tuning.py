@@ -111,6 +111,22 @@ def _sweep(step_at: Callable[[int], Callable[[], Any]], device: torch.device, ma
     return max(b for b, r in smooth.items() if r >= (1 - TOLERANCE) * best), rates
 
 
+def pass_step(model: nn.Module, x: Tensor, *, backward: bool, device: torch.device,
+              precision: str = "float32") -> Callable[[], None]:
+    """One pass of the batch x through `model`, as a callable: inference (torch.inference_mode), or with
+    `backward` the input gradient of the first output of each item (as the gradient methods take it),
+    under the `precision` autocast. The probe and the benchmarks (bench.perf_tuning, bench.perf_floor) time it."""
+    def step() -> None:
+        if backward:
+            with torch.enable_grad(), autocast(device, precision):
+                xs = x.detach().requires_grad_()
+                torch.autograd.grad(model(xs).reshape(len(x), -1)[:, 0].sum(), xs)
+        else:
+            with torch.inference_mode(), autocast(device, precision):
+                model(x)
+    return step
+
+
 def probe(model: nn.Module, shape: tuple[int, ...], device: torch.device | str, *, precision: str = "float32",
           budget: float | None = None, max_batch: int | None = None) -> dict[str, Any]:
     """Time `model` on inputs (b, *shape) at b = 1, 2, 4, ...: the sizes picked ("forward", "backward"), the
@@ -126,22 +142,10 @@ def probe(model: nn.Module, shape: tuple[int, ...], device: torch.device | str, 
         return bank.repeat((b + 7) // 8, *[1] * len(shape))[:b]
 
     def forward(b: int) -> Callable[[], Any]:
-        x = inputs(b)
-
-        def step() -> None:
-            with torch.inference_mode(), autocast(device, precision):
-                model(x)
-        return step
+        return pass_step(model, inputs(b), backward=False, device=device, precision=precision)
 
     def backward(b: int) -> Callable[[], Any]:
-        x = inputs(b)
-
-        def step() -> None:
-            with torch.enable_grad(), autocast(device, precision):
-                xs = x.detach().requires_grad_()
-                out = model(xs).reshape(b, -1)[:, 0].sum()
-                torch.autograd.grad(out, xs)
-        return step
+        return pass_step(model, inputs(b), backward=True, device=device, precision=precision)
 
     t0, threads = time.perf_counter(), torch.get_num_threads()
     if device.type == "cpu":
