@@ -2,7 +2,7 @@
 
 Scores methods x {faithfulness_estimate, non_sensitivity} with their YAML defaults (one pixel per group,
 patch=1) as bench.run does (methods outer, batches inner, each metric on each map), once plainly and
-once inside metrics._sweep.sweeps_shared(), alternating A B A B in one process so that a loaded machine
+once inside metrics.sweep.sweeps_shared(), alternating A B A B in one process so that a loaded machine
 slows both alike. Model: bench.perf's small_cnn (seeded random weights: timing needs no training) at
 --size px. Checks that both give bit-identical scores; prints and writes OUT/perf_sweep.csv (wall and
 CPU seconds per sample, forward passes per sample).
@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from metrics._sweep import sweeps_shared
+from metrics.sweep import sweeps_shared
 
 
 class _Passes:

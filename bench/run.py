@@ -52,7 +52,7 @@ from bench.tuning import tune
 from bench.zoo import cache_key, load_model
 from metrics import MetricResult, consumed
 from metrics.batching import CHUNK_BYTES, pass_sizes
-from metrics._sweep import sweeps_shared
+from metrics.sweep import sweeps_shared
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def run(cfg: DictConfig, *, out_dir: str | Path, tag: str | None = None, overrid
                                         metrics={k: metrics[k] for k in todo[method_name]},
                                         paths={k: paths[method_name, k] for k in todo[method_name]})
             if sweeps.hits or sweeps.misses:
-                log.info("%s: per-pixel removal sweeps computed %d times, reused %d times (metrics._sweep)", run_id,
+                log.info("%s: per-pixel removal sweeps computed %d times, reused %d times (metrics.sweep)", run_id,
                          sweeps.misses, sweeps.hits)
         except KeyboardInterrupt:
             interrupted = True

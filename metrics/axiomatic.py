@@ -20,7 +20,7 @@ from metrics._map import consumes
 from metrics._perturb import _check_inputs
 from metrics._result import MetricResult
 from metrics._similarity import SIMILARITIES, Constant, similarities
-from metrics._sweep import pixel_sweep
+from metrics.sweep import pixel_sweep
 from metrics.baselines import Baseline, baseline_fill, target_output
 from metrics.batching import chunked
 
@@ -100,7 +100,7 @@ def non_sensitivity(
     `tolerance`, |f_t(x) - f_t(x with the unit replaced)| <= tolerance. violations = |Z_a xor Z_f|,
     the number of units in one set and not the other, as Quantus 0.6 counts them (in [0, units];
     lower is better; 0 for a map that is zero exactly where the model is insensitive). One forward
-    pass per (sample, unit), all in chunks of `chunk_size` (patch=1: metrics._sweep.pixel_sweep, shared
+    pass per (sample, unit), all in chunks of `chunk_size` (patch=1: metrics.sweep.pixel_sweep, shared
     within a run with faithfulness_estimate); `seed` draws the "uniform" baseline.
     Consumes the run's reduced map, the pixels a user reads as unattributed (under abs_sum: all channels
     zero); Quantus thresholds its a_batch, the channel-reduced map in its image examples, the same way.

@@ -22,7 +22,7 @@ from metrics._map import consumes
 from metrics._perturb import _check_inputs, _perturbation_curves, _removed_at, _static_fill
 from metrics._result import Curve, MetricResult
 from metrics._similarity import _pearson, spearman
-from metrics._sweep import pixel_sweep
+from metrics.sweep import pixel_sweep
 from metrics.baselines import Baseline, baseline_fill, target_output
 from metrics.batching import chunked
 from metrics.faithfulness import _check_options
@@ -80,7 +80,7 @@ def faithfulness_estimate(
     signed map's sum over the group. Consumes the signed channel sum (the drop of a linear model
     under gradient x input with a zero baseline is then exactly a_k: rho = 1). Higher is better;
     NaN where a_k or the drops are constant (e.g. a constant map with one pixel per group). With
-    one pixel per group the drops come from metrics._sweep.pixel_sweep, shared within a run by every
+    one pixel per group the drops come from metrics.sweep.pixel_sweep, shared within a run by every
     method and by non_sensitivity.
     """
     target = _check_inputs(x, target, attribution)

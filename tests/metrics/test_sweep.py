@@ -1,4 +1,4 @@
-"""The shared one-pixel removal sweep (metrics._sweep): its values, and reuse only inside sweeps_shared()."""
+"""The shared one-pixel removal sweep (metrics.sweep): its values, and reuse only inside sweeps_shared()."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from bench.config import CONF
 from metrics import faithfulness_estimate, non_sensitivity
-from metrics._sweep import pixel_sweep, sweeps_shared
+from metrics.sweep import pixel_sweep, sweeps_shared
 
 
 class Counted:
