@@ -23,6 +23,7 @@ TorchRay's centre baseline: a hit when the object covers pixel (H/2, W/2)).
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,13 @@ from torch import Tensor, nn
 
 from methods._common import attribution_method
 from metrics.checks import check_float
+
+
+def _model_free(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Declare a control's map a function of x alone, neither of the model nor of the class (read by
+    metrics._stages.model_free: MPRT computes it once for all stages)."""
+    fn.model_free = True
+    return fn
 
 
 def _fingerprint(model: nn.Module | None) -> bytes:
@@ -67,6 +75,7 @@ def random_map(model: nn.Module, x: Tensor, target: Tensor, *, seed: int = 0) ->
     return noise.to(x.device).expand(B, C, H, W).contiguous()
 
 
+@_model_free
 @attribution_method
 def edge(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     """Sobel edge magnitude of the channel-mean image, the model-free control of Adebayo et al. 2018."""
@@ -78,6 +87,7 @@ def edge(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     return g.norm(dim=1, keepdim=True).expand(B, C, H, W).contiguous()
 
 
+@_model_free
 @attribution_method
 def centre(model: nn.Module, x: Tensor, target: Tensor, *, sigma: float = 0.25) -> Tensor:
     """Centre prior (Judd et al. 2009) peaking where TorchRay's centre baseline points (Zhang et al. 2018).
@@ -96,6 +106,7 @@ def centre(model: nn.Module, x: Tensor, target: Tensor, *, sigma: float = 0.25) 
     return torch.exp(-d2 / (2 * sigma ** 2)).to(x.dtype).expand(B, C, H, W)
 
 
+@_model_free
 @attribution_method
 def constant(model: nn.Module, x: Tensor, target: Tensor, *, value: float = 1.0) -> Tensor:
     """Constant map: every pixel equal, so every ranking is one big tie (tests each metric's tie rule)."""

@@ -4,7 +4,7 @@ all take their randomized models from `mprt_stages`."""
 from __future__ import annotations
 
 import copy
-from typing import Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +22,17 @@ def randomization_layers(model: nn.Module) -> list[str]:
     if declared is not None:
         return list(declared)
     return [name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+
+
+def model_free(method: Any) -> bool:
+    """Whether `method` declares its map a function of the input alone, neither of the model's weights nor
+    of the class (`model_free = True` on it or on the function under a functools.partial or wrapper's
+    `func`: methods.edge, centre, constant): MPRT then computes one map and one comparison for every stage."""
+    while method is not None:
+        if getattr(method, "model_free", False) is True:
+            return True
+        method = getattr(method, "func", None)
+    return False
 
 
 def _randomize(layer: nn.Module, seed: int, init: Literal["default", "normal"], std: float) -> None:

@@ -20,7 +20,7 @@ from metrics._map import consumes
 from metrics._result import Curve, MetricResult
 from metrics._similarity import (SIMILARITIES, Constant, Correlation, Window, degenerate, hog, hog_similarity,
                                  similarities, spearman, ssim, top_k_overlap)
-from metrics._stages import Order, _fully_randomized, mprt_stages, randomization_layers
+from metrics._stages import Order, _fully_randomized, _stages, model_free, mprt_stages, randomization_layers
 
 __all__ = ["mprt", "mprt_stages", "emprt", "smprt", "random_logit", "data_randomization",
            "randomization_layers", "similarities", "degenerate", "spearman", "ssim", "hog", "hog_similarity",
@@ -154,7 +154,7 @@ def mprt(
     stage; one mean curve per measure. Lower is better. Also the context score `degenerate` (`degenerate@<layer>`
     per stage), 1 where either map is constant (`similarities` then scores 0 by convention, not by measurement;
     never ranked; the sanity table's "degenerate" verdict). `model` and the global RNG are never changed.
-    Cost: repeats x layers method calls.
+    Cost: repeats x layers method calls; one for a method declared `model_free` (metrics._stages.model_free).
     """
     _check_repeats(repeats)
     _check_explain(explain)
@@ -166,16 +166,16 @@ def mprt(
     original = _raw_original(model, x, target, method, attribution, explain)
     similarities(original[:1], original[:1], **options)                            # similarity options checked
     reference: dict = {}                                                          # original's side, kept
+    stage_map = lambda m: method(m, x, _explained(m, x, target, explain))          # noqa: E731 (B, C, H, W)
+    # a map of x alone (metrics._stages.model_free): computed and compared once, the same at every stage
+    fixed = _compared(original, stage_map(model), reference, options) if model_free(method) else None
     draws, names = [], []
     for r in range(repeats):
-        names, per_stage = [], []
-        for name, randomized in mprt_stages(model, order=order, layers=layers, exclude=exclude,
-                                            seed=_draw_seed(seed, r), layer_seed=layer_seed, init=init,
-                                            init_std=init_std):
-            stage = method(randomized, x, _explained(randomized, x, target, explain))    # (B, C, H, W)
-            names.append(name)
-            per_stage.append(_compared(original, stage, reference, options))
-        draws.append(per_stage)
+        names = [name for _, name in _stages(model, layers, exclude, order)]
+        stages = mprt_stages(model, order=order, layers=layers, exclude=exclude, seed=_draw_seed(seed, r),
+                             layer_seed=layer_seed, init=init, init_std=init_std)
+        draws.append([fixed] * len(names) if fixed is not None else
+                     [_compared(original, stage_map(randomized), reference, options) for _, randomized in stages])
     return _result(draws, names, x)
 
 
