@@ -10,6 +10,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from bench.files import inside, read_manifests
 from bench.store import CURVE_COLUMNS, FAILURE_COLUMNS, SCORE_COLUMNS
@@ -37,17 +40,19 @@ class Results:
 
 
 def load(root: str | Path) -> Results:
-    """Read every run below `root`: each manifest.json and exactly the cells it lists."""
+    """Read every run below `root`: each manifest.json and exactly the cells it lists (one Arrow table per file,
+    converted to pandas once)."""
     manifests, paths, scores, curves, meta, failures, samples, unsupported = [], [], [], [], [], [], [], []
     for path, manifest in read_manifests(root):
         manifests.append(manifest)
         paths.append(path)
+        run_id = manifest["run_id"]
         if manifest.get("samples"):
-            samples.append(_read_cell(path, manifest["samples"]).assign(run_id=manifest["run_id"])[SAMPLE_COLUMNS])
+            samples.append(_read_cell(path, manifest["samples"], run_id))
         for cell in manifest["cells"]:                   # the manifest says whose a cell is (it may be a copy)
-            scores.append(_read_cell(path, cell.get("scores")).assign(run_id=manifest["run_id"]))
+            scores.append(_read_cell(path, cell.get("scores"), run_id))
             if cell.get("curves"):
-                curves.append(_read_cell(path, cell["curves"]).assign(run_id=manifest["run_id"]))
+                curves.append(_read_cell(path, cell["curves"], run_id))
         meta += manifest.get("score_meta", [])
         failures += _failure_rows(manifest)
         run = {key: manifest[key] for key in ("run_id", "dataset", "model")}
@@ -56,7 +61,8 @@ def load(root: str | Path) -> Results:
     return Results(scores=_table(scores, SCORE_COLUMNS), curves=_table(curves, CURVE_COLUMNS),
                    meta=_directions(pd.DataFrame(meta, columns=META_COLUMNS)),
                    failures=pd.DataFrame(failures, columns=FAILURE_COLUMNS), manifests=manifests, paths=paths,
-                   samples=pd.concat(samples, ignore_index=True) if samples else pd.DataFrame(columns=SAMPLE_COLUMNS),
+                   samples=_table(samples, SAMPLE_COLUMNS, keys=False) if samples
+                   else pd.DataFrame(columns=SAMPLE_COLUMNS),
                    unsupported=pd.DataFrame(unsupported, columns=UNSUPPORTED_COLUMNS))
 
 
@@ -108,23 +114,33 @@ def _rows_of(table: pd.DataFrame, runs: set[str]) -> pd.DataFrame:
     return table[table["run_id"].astype(str).isin(runs)].reset_index(drop=True)
 
 
-def _read_cell(manifest: Path, relative: str | None) -> pd.DataFrame:
-    """Read one Parquet file listed in a manifest, relative to the manifest's folder."""
+def _read_cell(manifest: Path, relative: str | None, run_id: str) -> pa.Table:
+    """One Parquet file listed in a manifest (relative to its folder), its run_id column set to `run_id`."""
     path = inside(manifest, relative, "cell") if relative else None
     if path is None or not path.is_file():
         raise ValueError(f"{manifest} lists the cell file {relative!r}, which is missing; re-run that run")
-    return pd.read_parquet(path)
+    table = pq.read_table(path)
+    run = pa.array([run_id] * table.num_rows, pa.string())
+    names = table.column_names
+    return table.set_column(names.index("run_id"), "run_id", run) if "run_id" in names else table.append_column(
+        "run_id", run)
 
 
-def _table(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
-    """Concatenate cells into one table with plain string keys (categories differ between files)."""
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
-    if missing := sorted(set(columns) - set(df.columns)):
+def _table(tables: list[pa.Table], columns: list[str], *, keys: bool = True) -> pd.DataFrame:
+    """Concatenate cells into one table with plain string keys (categories differ between files; "" for a
+    missing key); `keys=False` keeps every column's type. One conversion to pandas for all the cells."""
+    if not tables:
+        return pd.DataFrame(columns=columns)
+    if missing := sorted(set(columns) - set.intersection(*(set(t.column_names) for t in tables))):
         raise ValueError(f"result cells lack columns {missing}; re-run them with the current runner")
-    df = df[columns].copy()
-    for c in set(columns) - _NUMERIC:
-        df[c] = df[c].astype(object).fillna("").astype(str)
-    return df
+    strings = [c for c in columns if keys and c not in _NUMERIC]
+    tables = [t.select(columns).replace_schema_metadata(None) for t in tables]   # no pandas metadata: plain types
+    tables = [t.cast(pa.schema([pa.field(f.name, pa.string()) if f.name in strings else f for f in t.schema]))
+              for t in tables]
+    table = pa.concat_tables(tables, promote_options="permissive")
+    for c in strings:
+        table = table.set_column(table.column_names.index(c), c, pc.fill_null(table[c], ""))
+    return table.to_pandas()
 
 
 def _directions(meta: pd.DataFrame) -> pd.DataFrame:
