@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metrics._rank import average_rank as _average_rank
+
 __all__ = ["similarities", "degenerate", "spearman", "ssim", "hog", "hog_similarity", "top_k_overlap", "SIMILARITIES"]
 
 SIMILARITIES: tuple[str, ...] = ("spearman", "spearman_signed", "ssim", "hog", "top_k")
@@ -37,20 +39,6 @@ _GAUSS_SIGMA, _GAUSS_TRUNCATE = 1.5, 3.5            # skimage's gaussian_weights
 
 
 # ---------------------------------------------------------------- correlations
-
-def _average_rank(v: Tensor) -> Tensor:
-    """Ranks 0..n-1 along dim 1, tied values sharing their average rank (as scipy.stats.rankdata)."""
-    B, n = v.shape
-    sorted_v, order = v.sort(dim=1, stable=True)                                   # (B, n)
-    new_group = torch.ones_like(sorted_v, dtype=torch.bool)
-    new_group[:, 1:] = sorted_v[:, 1:] != sorted_v[:, :-1]
-    group = new_group.cumsum(dim=1) - 1 + torch.arange(B, device=v.device)[:, None] * n   # (B, n) global id
-    position = torch.arange(n, device=v.device, dtype=torch.float64).expand(B, n).reshape(-1)
-    total = torch.zeros(B * n, device=v.device, dtype=torch.float64).index_add_(0, group.reshape(-1), position)
-    count = torch.zeros(B * n, device=v.device, dtype=torch.float64).index_add_(0, group.reshape(-1), torch.ones_like(position))
-    mean_rank = (total / count.clamp(min=1))[group]                                # (B, n) in sorted order
-    return torch.empty_like(mean_rank).scatter_(1, order, mean_rank)
-
 
 def _pearson(a: Tensor, b: Tensor) -> Tensor:
     """Pearson correlation per row of (B, n) tensors in float64; NaN where a row is constant."""
@@ -82,8 +70,10 @@ def _window_size(window: str, win_size: int) -> int:
 def _local_mean(t: Tensor, window: str, win: int) -> Tensor:
     """Weighted mean over every win x win window inside (B, 1, H, W): uniform, or a normalised Gaussian
     (sigma 1.5, separable, as scipy's gaussian_filter with truncate 3.5 away from the border)."""
-    if window == "uniform":
-        return F.avg_pool2d(t, win, stride=1)
+    if window == "uniform":                          # box sums of shifted slices: 2 win adds, not win^2 per pixel
+        H, W = t.shape[-2] - win + 1, t.shape[-1] - win + 1
+        rows = sum((t[..., i:i + H, :] for i in range(1, win)), t[..., :H, :])
+        return sum((rows[..., j:j + W] for j in range(1, win)), rows[..., :W]) / win ** 2
     r = torch.arange(win, dtype=t.dtype, device=t.device) - win // 2
     g = torch.exp(-r.square() / (2 * _GAUSS_SIGMA ** 2))
     g = g / g.sum()
@@ -146,11 +136,16 @@ def hog(a: Tensor, *, orientations: int = 9, cell: int = 8, block: int = 3) -> T
     g_row, g_col = torch.zeros_like(a), torch.zeros_like(a)
     g_row[:, 1:-1] = a[:, 2:] - a[:, :-2]
     g_col[:, :, 1:-1] = a[:, :, 2:] - a[:, :, :-2]
-    magnitude = torch.hypot(g_row, g_col)                                        # (B, H, W)
+    h, w = rows * cell, cols * cell                                              # the cells' pixels
+    g_row, g_col = g_row[:, :h, :w], g_col[:, :h, :w]
+    magnitude = torch.hypot(g_row, g_col)                                        # (B, h, w)
     angle = torch.rad2deg(torch.atan2(g_row, g_col)) % 180
     bin_ = (angle / (180 / orientations)).floor().long().clamp(max=orientations - 1)
-    votes = F.one_hot(bin_, orientations).permute(0, 3, 1, 2) * magnitude[:, None]   # (B, O, H, W)
-    hist = F.avg_pool2d(votes[:, :, :rows * cell, :cols * cell], cell)          # (B, O, rows, cols)
+    # each pixel's magnitude added to its (sample, bin, cell) in pixel order, then the cell's mean
+    r, c = (torch.arange(n, device=a.device) // cell for n in (h, w))
+    index = ((torch.arange(B, device=a.device)[:, None, None] * orientations + bin_) * rows + r[:, None]) * cols + c
+    hist = a.new_zeros(B * orientations * rows * cols).index_add_(0, index.flatten(), magnitude.flatten())
+    hist = hist.view(B, orientations, rows, cols) / cell ** 2                    # (B, O, rows, cols)
     blocks = F.unfold(hist, block)                                               # (B, O*block*block, L)
     eps2 = 1e-10
     blocks = blocks / (blocks.square().sum(dim=1, keepdim=True) + eps2).sqrt()
