@@ -1,24 +1,23 @@
 """Pass sizes tuned to the model (issue 22): the images per inference pass and per gradient pass at which
-the model runs fastest, for one input shape, device, precision and memory format.
+the model runs fastest, for one input shape, device, thread count, precision and memory format.
 
 probe() times the model on seeded inputs at batch sizes 1, 2, 4, ... (powers of two): inference
-(torch.inference_mode) and the input gradient of one logit (as the gradient methods take it). A
-direction stops when two sizes running did not beat its best throughput (past MIN_SWEEP), at an
-out-of-memory error (the GPU's bound), at MAX_BATCH or MAX_INPUT_BYTES of inputs, or when its share of
-the time budget would be exceeded (BUDGET_S: 1.2 s of CPU time on CPU, of wall time on a GPU, 40 %
-for inference and 60 % for gradients, which cost 2-3x as much per image: halves stopped the gradient
-sweeps at 16 images where 32-64 are best, thirds the inference sweeps at 8-32 where 32-128 are; sizes
-up to MIN_BUDGETED are always timed). It picks the largest size within TOLERANCE of the best after a
-3-point median over neighbouring sizes (the lower of two at the ends): a shared machine's timings
-have one-size outliers (repeats spread by 1-45 %, median 15 %), and the raw best picked 8 images
-where 32-128 were best (pixel flipping at 0.69-0.71 of the model's best); of sizes that tie, the larger
-is safer, a chunked pass having its own per-chunk overhead. On CPU the probe runs on one thread: on a shared 2-core machine at load 8-9, two
-threads' CPU time (OpenMP threads spin while the other waits for a core) read 5-200 images/s for
-small_cnn, not rising with the batch, and picked 1-4 images; one thread read 240-620 images/s rising
-to 16-32 images on every repeat. tune() keeps the result per key (architecture, input shape, device
-and threads, precision, channels_last, torch version) in memory and in `pass_sizes.json` of the cache
-folder, so later runs skip the probe; a record of another PROBE version is probed again.
-metrics.batching.pass_sizes() hands the sizes to every pass given no explicit chunk size.
+(torch.inference_mode) and the input gradient of one logit (as the gradient methods take it), on the
+run's own thread count (torch.get_num_threads()) and the wall clock, the time a run waits for. First a
+sweep times each size once: a direction stops when two sizes running did not beat its best throughput
+(past MIN_SWEEP), at an out-of-memory error (the GPU's bound), at MAX_BATCH or MAX_INPUT_BYTES of inputs,
+or at SWEEP_SHARE of its budget (sizes up to MIN_BUDGETED are always timed). Then rounds time the sizes
+within half the best throughput again, interleaved, while the budget lasts, and each size keeps its
+fastest call: another process's load only ever adds time, so the minimum is the model's own cost
+(the CPU time read before instead counts OpenMP threads spinning while the other waits for a core:
+two threads at load 8-9 read 5-200 images/s for small_cnn and picked 1-4 images). BUDGET_S: 1.2 s on
+CPU, 3 s on a GPU, 40 % for inference and 60 % for gradients, which cost 2-3x as much per image. It
+picks the largest size within TOLERANCE of the best: the curves are flat from 16-32 images on, and of
+sizes that tie the larger is safer, a chunked pass having its own per-chunk overhead. tune() keeps the
+result per key (architecture, input shape, device and threads, precision, channels_last, torch
+version) in memory and in `pass_sizes.json` of the cache folder, so later runs skip the probe; a record
+of another PROBE version is probed again. metrics.batching.pass_sizes() hands the sizes to every pass
+given no explicit chunk size.
 """
 from __future__ import annotations
 
@@ -40,18 +39,21 @@ from metrics.batching import PassSizes, is_out_of_memory, pass_sizes
 
 log = logging.getLogger(__name__)
 
-BUDGET_S = {"cpu": 1.2, "cuda": 3.0}          # clock() seconds for both directions (FORWARD_SHARE forward)
+BUDGET_S = {"cpu": 1.2, "cuda": 3.0}          # wall seconds for both directions (FORWARD_SHARE forward)
 FORWARD_SHARE = 0.4
-PROBE = 4                                      # the probe's version: cached records of another are probed again
-                                               # (1: two threads on CPU, 1 s halved; 2: one thread, 1 s in thirds;
-                                               # 3: 1.2 s, the raw best)
+SWEEP_SHARE = 0.6                              # of a direction's budget for the first sweep; rounds the rest
+PROBE = 5                                      # the probe's version: cached records of another are probed again
+                                               # (1: two threads, CPU time, 1 s halved; 2: one thread, 1 s in
+                                               # thirds; 3: 1.2 s, the raw best; 4: a 3-point median)
 MAX_BATCH = {"cpu": 1024, "cuda": 4096}
 MAX_INPUT_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}
 TOLERANCE = 0.1                                # the largest size within 10% of the best (module docstring)
+CONTENDER = 0.5                                # rounds retime the sizes within half the best throughput
+MAX_ROUNDS = 8                                 # timings per size at most (the sweep's and the rounds')
 MIN_SWEEP = 32                                 # sizes swept before a fall may stop it (budget permitting)
 MIN_BUDGETED = 4                               # sizes swept whatever the budget: resnet18 at 224 px on CPU
                                                # stopped at 1 (0.74 of its best in pixel flipping); ~4 s once
-MIN_TIME = 0.02                                # seconds of calls per size (at least two calls)
+MIN_TIME = 0.02                                # seconds of calls per timing (at least two calls)
 CACHE_FILE = "pass_sizes.json"
 _MEMO: dict[str, dict[str, Any]] = {}
 
@@ -61,54 +63,55 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def clock(device: torch.device) -> Callable[[], float]:
-    """The probe's clock: on CPU the process's CPU time (all threads), which other processes' load does not
-    inflate as it does wall time (2 cores at load 12: 25x at batch 1); on a GPU wall time."""
-    return time.perf_counter if device.type == "cuda" else time.process_time
-
-
-def _rate(step: Callable[[], Any], batch: int, device: torch.device) -> tuple[float, float]:
-    """Images/s of the fastest of >= 2 calls of step() (repeated for MIN_TIME), and that call's seconds."""
+def _fastest(step: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of the fastest of >= 2 calls of step() (repeated for MIN_TIME), on the wall clock."""
     times: list[float] = []
-    now = clock(device)
     while len(times) < 2 or sum(times) < MIN_TIME:
         _sync(device)
-        t0 = now()
+        t0 = time.perf_counter()
         step()
         _sync(device)
-        times.append(max(now() - t0, 1e-6))
-    return batch / min(times), min(times)
+        times.append(max(time.perf_counter() - t0, 1e-6))
+    return min(times)
 
 
 def _sweep(step_at: Callable[[int], Callable[[], Any]], device: torch.device, max_batch: int,
-           budget: float) -> tuple[int, dict[int, float]]:
-    """Throughput (images/s) per power-of-two batch size and the size picked (module docstring); `budget`
-    in clock() seconds."""
-    rates: dict[int, float] = {}
-    now = clock(device)
-    started, batch, last, stale = now(), 1, 0.0, 0
+           budget: float) -> tuple[int, dict[int, float], int]:
+    """The size picked, the throughput (images/s, from the fastest call) per power-of-two batch size, and
+    the rounds timed (module docstring); `budget` in wall seconds."""
+    fastest: dict[int, float] = {}                              # size -> seconds of its fastest call
+    started, batch, last, stale = time.perf_counter(), 1, 0.0, 0
     while batch <= max_batch and (stale < 2 or batch <= MIN_SWEEP):
-        if batch > MIN_BUDGETED and now() - started + 2 * last > budget:     # the next size costs ~2x the last
+        spent = time.perf_counter() - started
+        if batch > MIN_BUDGETED and spent + 2 * last > SWEEP_SHARE * budget:   # the next size costs ~2x the last
             break
-        t0 = now()
         try:
-            rate, _ = _rate(step_at(batch), batch, device)
+            seconds = _fastest(step_at(batch), device)
         except Exception as e:                                      # noqa: BLE001 - only OOM is handled
-            if not is_out_of_memory(e) or not rates:
+            if not is_out_of_memory(e) or not fastest:
                 raise
             del e
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             break
-        last = now() - t0
-        stale = 0 if not rates or rate > max(rates.values()) else stale + 1
-        rates[batch] = rate
+        last = time.perf_counter() - started - spent
+        best = max((b / t for b, t in fastest.items()), default=0.0)
+        stale = 0 if batch / seconds > best else stale + 1
+        fastest[batch] = seconds
         batch *= 2
-    sizes = sorted(rates)
-    near = [[rates[s] for s in sizes[max(0, i - 1):i + 2]] for i in range(len(sizes))]
-    smooth = {b: sorted(r)[1] if len(r) == 3 else min(r) for b, r in zip(sizes, near)}
-    best = max(smooth.values())
-    return max(b for b, r in smooth.items() if r >= (1 - TOLERANCE) * best), rates
+    rounds = 1
+    while rounds < MAX_ROUNDS:                                      # interleaved: each contender once per round
+        best = max(b / t for b, t in fastest.items())
+        again = [b for b, t in fastest.items() if b / t >= CONTENDER * best]
+        cost = sum(max(2 * fastest[b], MIN_TIME) for b in again)    # a round's calls, at their best
+        if time.perf_counter() - started + cost > budget:
+            break
+        for b in again:
+            fastest[b] = min(fastest[b], _fastest(step_at(b), device))
+        rounds += 1
+    rates = {b: b / t for b, t in fastest.items()}
+    best = max(rates.values())
+    return max(b for b, r in rates.items() if r >= (1 - TOLERANCE) * best), rates, rounds
 
 
 def pass_step(model: nn.Module, x: Tensor, *, backward: bool, device: torch.device,
@@ -129,8 +132,9 @@ def pass_step(model: nn.Module, x: Tensor, *, backward: bool, device: torch.devi
 
 def probe(model: nn.Module, shape: tuple[int, ...], device: torch.device | str, *, precision: str = "float32",
           budget: float | None = None, max_batch: int | None = None) -> dict[str, Any]:
-    """Time `model` on inputs (b, *shape) at b = 1, 2, 4, ...: the sizes picked ("forward", "backward"), the
-    throughputs measured (images/s per size) and the probe's seconds. Model, inputs, RNG and threads are unchanged."""
+    """Time `model` on inputs (b, *shape) at b = 1, 2, 4, ... on the current thread count: the sizes picked
+    ("forward", "backward"), the throughputs (images/s per size, fastest call), the rounds timed per direction
+    and the probe's seconds. Model, inputs, RNG and threads are unchanged."""
     device = torch.device(device)
     kind = device.type if device.type in BUDGET_S else "cuda"
     budget = BUDGET_S[kind] if budget is None else budget
@@ -147,15 +151,11 @@ def probe(model: nn.Module, shape: tuple[int, ...], device: torch.device | str, 
     def backward(b: int) -> Callable[[], Any]:
         return pass_step(model, inputs(b), backward=True, device=device, precision=precision)
 
-    t0, threads = time.perf_counter(), torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)                                 # CPU time that load does not inflate (docstring)
-    try:
-        fwd, fwd_rates = _sweep(forward, device, limit, FORWARD_SHARE * budget)
-        bwd, bwd_rates = _sweep(backward, device, limit, (1 - FORWARD_SHARE) * budget)
-    finally:
-        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    fwd, fwd_rates, fwd_rounds = _sweep(forward, device, limit, FORWARD_SHARE * budget)
+    bwd, bwd_rates, bwd_rounds = _sweep(backward, device, limit, (1 - FORWARD_SHARE) * budget)
     return {"forward": fwd, "backward": bwd, "seconds": round(time.perf_counter() - t0, 3), "probe": PROBE,
+            "threads": torch.get_num_threads(), "rounds": {"forward": fwd_rounds, "backward": bwd_rounds},
             "throughput": {"forward": {str(b): round(r, 1) for b, r in fwd_rates.items()},
                            "backward": {str(b): round(r, 1) for b, r in bwd_rates.items()}}}
 
