@@ -49,9 +49,11 @@ def curve_axes(manifests: list[dict]) -> dict[str, tuple[str, str]]:
 
 def plot_curves(band: pd.DataFrame, out_dir: str | Path, *, axes: dict[str, tuple[str, str]] | None = None,
                 controls: set[str] = frozenset(), board: pd.DataFrame | None = None, pdf: bool = False) -> list[Path]:
-    """One figure per (metric, curve) of `band` (bench.tables.curve_bands): mean y vs x per method with its 95%
-    bootstrap band, one panel per (dataset, model). A metric with both a "morf" and a "lerf" curve gets one
-    figure `curves_<metric>_morf_lerf`, MoRF panels above LeRF panels. x_label values (the layer randomized at
+    """One figure per metric of `band` (bench.tables.curve_bands): mean y vs x per method with its 95% bootstrap
+    band, one panel per (dataset, model) and a row of panels per curve: `curves_<metric>_<curve>` for a metric
+    with one curve, `curves_<metric>` with a row per curve for several (mprt's five similarity measures). A metric
+    with both a "morf" and a "lerf" curve gets the figure `curves_<metric>_morf_lerf`, MoRF panels above LeRF
+    panels, and its other curves their own. x_label values (the layer randomized at
     an MPRT stage) become the x tick labels; `axes` (`curve_axes`) names what the axes show. Where `board` marks
     headline columns, a curve named as one of its metric's scores is drawn only for a headline score (mprt's
     spearman, not its four other measures); other curves (pixel flipping's) always."""
@@ -64,9 +66,9 @@ def plot_curves(band: pd.DataFrame, out_dir: str | Path, *, axes: dict[str, tupl
     for metric, by_metric in band.groupby("metric", sort=True):
         names = sorted(c for c in by_metric["curve"].unique() if (metric, c) not in skip)
         paired = {"morf", "lerf"} <= set(names)
-        figures = [(c, [c]) for c in names if not (paired and c in _ORDERS)]
-        if paired:
-            figures.insert(0, ("morf_lerf", list(_ORDERS)))
+        rest = [c for c in names if not (paired and c in _ORDERS)]
+        figures = ([("morf_lerf", list(_ORDERS))] if paired else []) + (
+            [(rest[0], rest)] if len(rest) == 1 else [("", rest)] if rest else [])   # one figure, a row per curve
         xlabel, ylabel = (axes or {}).get(metric, ("step", "{curve}"))
         for name, curves in figures:
             data = by_metric[by_metric["curve"].isin(curves)]
@@ -91,8 +93,9 @@ def plot_curves(band: pd.DataFrame, out_dir: str | Path, *, axes: dict[str, tupl
                     ticks = facet.drop_duplicates("x")
                     if ticks["x_label"].ne("").any():
                         ax.set_xticks(ticks["x"], ticks["x_label"], rotation=45, ha="right", fontsize=7)
-                    ax.set_title(f"{dataset} / {model}" + (f": {_ORDERS[curve]}" if name == "morf_lerf" else ""),
-                                 fontsize=9)
+                    row = _ORDERS[curve] if name == "morf_lerf" else curve if len(curves) > 1 else ""
+                    ax.set_title(f"{dataset} / {model}" + (f": {row}" if row else ""),
+                                 fontsize=9, y=1)
                     ax.set_xlabel(xlabel, fontsize=8)
                     if i % ncols == 0:
                         ax.set_ylabel(ylabel.format(curve=curve), fontsize=8)
@@ -104,9 +107,10 @@ def plot_curves(band: pd.DataFrame, out_dir: str | Path, *, axes: dict[str, tupl
                                frameon=False, title="dashed: control" if set(drawn) & set(controls) else None,
                        title_fontsize=7)
             what = {"morf_lerf": ": most relevant first (MoRF) and least relevant first (LeRF)", "curve": ""}
-            fig.suptitle(f"{metric}{what.get(name, ': ' + name)} (mean, 95% bootstrap CI over samples)", fontsize=10,
-                         y=1 - 0.15 / fig.get_figheight())
-            paths.append(save_figure(fig, out_dir / f"curves_{metric}_{name}", pdf=pdf, tight=False))
+            fig.suptitle(f"{metric}{what.get(name, ': ' + ', '.join(curves))} (mean, 95% bootstrap CI over samples)",
+                         fontsize=10, y=1 - 0.15 / fig.get_figheight())
+            paths.append(save_figure(fig, out_dir / "_".join(["curves", metric] + ([name] if name else [])), pdf=pdf,
+                                     tight=False))
     return paths
 
 
@@ -182,7 +186,7 @@ def plot_summary(board: pd.DataFrame, agreement: pd.DataFrame, out_dir: str | Pa
             t = table[table["column"].eq(column)].set_index("method").reindex(order)
             ax.errorbar(t["mean"], y, xerr=[t["mean"] - t["ci_low"], t["ci_high"] - t["mean"]], fmt="o", ms=4,
                         capsize=3)
-            ax.set_title(f"{family[column]}: {column}", fontsize=8)
+            ax.set_title(f"{family[column]}: {column}", fontsize=8, y=1)
             ax.tick_params(labelsize=7)
         axes[0, 0].set_yticks(y, order)
         axes[0, 0].invert_yaxis()
@@ -221,8 +225,12 @@ def _heatmap(wide: pd.DataFrame, cmap: str, fmt: str, limits: tuple[float, float
                     color="black" if rgb[i, j] > 0.5 else "white")
     ax.set_xticks(range(wide.shape[1]), wide.columns, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(wide.shape[0]), wide.index, fontsize=7)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, y=1)
     return save_figure(fig, stem, pdf=pdf, tight=False)
+
+
+# Titles above axes without top tick labels are set at y=1 (where matplotlib would place them): a fixed position
+# saves the layout pass over every tick label that its automatic placement makes at each draw.
 
 
 def _grid(nrows: int, ncols: int, *, panel: tuple[float, float], left: float, right: float, top: float,
