@@ -2,7 +2,8 @@
 
 ``python -m bench.perf_report RESULTS_DIR [--repeat N] [--pdf] [--profile FILE]`` writes the report as the run's
 callback does (`write_report(..., gallery=True)`, PNG only unless --pdf) into a temporary folder and prints, per
-repeat, wall and CPU seconds of: the report's imports (first repeat only: bench.report, matplotlib, bench.figures),
+repeat, wall and CPU seconds of: the report's imports (first repeat only: bench.report, matplotlib, bench.figures,
+after bench.run's, which a run has made before its callback runs),
 load (bench.results.load), tables (bench.tables.compute), figures (the figures of the tables), gallery (the
 gallery and MPRT grids of every run, from the maps it kept), and the rest (Markdown, LaTeX, CSV, Parquet, page). CPU seconds (`time.process_time`) stand for a quiet machine's wall
 time on a loaded one: the report runs on one thread. `--profile FILE` also saves a cProfile of the last repeat.
@@ -77,13 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.repeat < 1 or not Path(args.results_dir).is_dir():
         parser.exit(2, "error: need an existing RESULTS_DIR and --repeat >= 1\n")
+    w0, _ = _clock()
+    import bench.run  # noqa: F401 - what a run has imported when its callback writes the report (torch, ...)
     w, c = _clock()
     import matplotlib
     matplotlib.use("Agg")
     import bench.figures  # noqa: F401 - what the report imports when it draws
     import bench.report  # noqa: F401
     w2, c2 = _clock()
-    print(f"imports: wall {w2 - w:.2f} s, cpu {c2 - c:.2f} s")
+    print(f"imports: wall {w2 - w:.2f} s, cpu {c2 - c:.2f} s (the report's own, after the run's: {w - w0:.1f} s)")
     for i in range(args.repeat):
         phases = measure(args.results_dir, pdf=args.pdf, profile=args.profile if i == args.repeat - 1 else None)
         print(f"report {i + 1}: " + ", ".join(f"{k} {wall:.2f}/{cpu:.2f}" for k, (wall, cpu) in phases.items())
