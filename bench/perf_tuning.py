@@ -124,6 +124,8 @@ def measure(name: str, *, n: int, repeat: int, device: str = "cpu", masks: int =
                      "best_batch": top, "chosen_batch": sizes.backward if backward else sizes.forward,
                      "images_per_s": round(best[w], 1), "best_images_per_s": round(ref[backward][top], 1),
                      "ratio": round(best[w] / ref[backward][top], 3), "probe_s": record["seconds"],
+                     "threads": record["threads"],
+                     "probe_threads": record["timed_threads"]["backward" if backward else "forward"],
                      "spread": round(1 - min(seen[w]) / best[w], 3)})
     return rows
 

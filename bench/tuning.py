@@ -1,29 +1,36 @@
-"""Pass sizes tuned to the model (issue 22): the images per inference pass and per gradient pass at which
-the model runs fastest, for one input shape, device, thread count, precision and memory format.
+"""Pass sizes tuned to the model (issue 22): the images per inference pass and per gradient pass at which the
+model runs fastest, for one input shape, device, thread count, precision and memory format.
 
 probe() times the model on seeded inputs at batch sizes 1, 2, 4, ... (powers of two): inference
-(torch.inference_mode) and the input gradient of one logit (as the gradient methods take it), on the
-run's own thread count (torch.get_num_threads()) and the wall clock, the time a run waits for. First a
-sweep times each size once: a direction stops when two sizes running did not beat its best throughput
-(past MIN_SWEEP), at an out-of-memory error (the GPU's bound), at MAX_BATCH or MAX_INPUT_BYTES of inputs,
-or at SWEEP_SHARE of its budget (sizes up to MIN_BUDGETED are always timed). Then rounds time the sizes
-within half the best throughput again, interleaved, while the budget lasts, and each size keeps its
-fastest call: another process's load only ever adds time, so the minimum is the model's own cost
-(the CPU time read before instead counts OpenMP threads spinning while the other waits for a core:
-two threads at load 8-9 read 5-200 images/s for small_cnn and picked 1-4 images). BUDGET_S: 1.2 s on
-CPU, 3 s on a GPU, 40 % for inference and 60 % for gradients, which cost 2-3x as much per image. It
-picks the largest size within TOLERANCE of the best: the curves are flat from 16-32 images on, and of
-sizes that tie the larger is safer, a chunked pass having its own per-chunk overhead. tune() keeps the
-result per key (architecture, input shape, device and threads, precision, channels_last, torch
-version) in memory and in `pass_sizes.json` of the cache folder, so later runs skip the probe; a record
-of another PROBE version is probed again. metrics.batching.pass_sizes() hands the sizes to every pass
-given no explicit chunk size.
+(torch.inference_mode) and the input gradient of one logit (as the gradient methods take it), on the run's
+own thread count (torch.get_num_threads()). A sweep times each size once: a direction stops when two sizes
+running did not beat its best throughput (past MIN_SWEEP), at an out-of-memory error (the GPU's bound), at
+MAX_BATCH or MAX_INPUT_BYTES of inputs, or at SWEEP_SHARE of its budget (sizes up to MIN_BUDGETED are always
+timed). Then rounds time the sizes within half the best throughput again, interleaved, while the budget
+lasts, and each size keeps its fastest clean call: another process's load only adds time, so the minimum is
+the model's own cost. The clock (_fastest): on several CPU threads the wall clock, a call being clean when
+the process's threads waited for a core (Linux's schedstat) under CLEAN_WAIT of it; on one thread its CPU
+time; on a GPU the wall clock. Two OpenMP threads on a loaded machine wait at every barrier for the one
+without a core (2 cores at load 2.5: other_cnn's 16 images took 135 ms, nearly all of it waiting, against
+10 ms on one thread), and their CPU time counts the spinning (at load 8-9 it read 5-200 images/s for
+small_cnn): where a size of the sweep has no clean call, or any has none after the rounds, the direction is
+timed on one thread instead and the record, marked `contended`, is kept for the process only, so that a
+quieter run times its own threads. It picks the largest size within TOLERANCE of the best after a 3-point
+median over neighbouring sizes (the lower of two at the ends; the raw best once picked 8 images where
+32-128 were best): of sizes that tie (the curves are flat from 16-32 images on) the larger is safer, a
+chunked pass having its own per-chunk overhead. BUDGET_S: 1.2 s on CPU, 3 s on a GPU (of the probe's clock),
+40 % for inference and 60 % for gradients, which cost 2-3x as much per image. tune() keeps the result per key
+(architecture, input shape, device and threads, precision, channels_last, torch version) in memory and in
+`pass_sizes.json` of the cache folder, so later runs skip the probe; a record of another PROBE version is
+probed again. metrics.batching.pass_sizes() hands the sizes to every pass given no explicit chunk size.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
+import os
 import platform
 import time
 from contextlib import contextmanager
@@ -39,7 +46,7 @@ from metrics.batching import PassSizes, is_out_of_memory, pass_sizes
 
 log = logging.getLogger(__name__)
 
-BUDGET_S = {"cpu": 1.2, "cuda": 3.0}          # wall seconds for both directions (FORWARD_SHARE forward)
+BUDGET_S = {"cpu": 1.2, "cuda": 3.0}          # _clock() seconds for both directions (FORWARD_SHARE forward)
 FORWARD_SHARE = 0.4
 SWEEP_SHARE = 0.6                              # of a direction's budget for the first sweep; rounds the rest
 PROBE = 5                                      # the probe's version: cached records of another are probed again
@@ -48,6 +55,7 @@ PROBE = 5                                      # the probe's version: cached rec
 MAX_BATCH = {"cpu": 1024, "cuda": 4096}
 MAX_INPUT_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}
 TOLERANCE = 0.1                                # the largest size within 10% of the best (module docstring)
+CLEAN_WAIT = 0.1                               # a call whose threads waited for a core longer is contended
 CONTENDER = 0.5                                # rounds retime the sizes within half the best throughput
 MAX_ROUNDS = 8                                 # timings per size at most (the sweep's and the rounds')
 MIN_SWEEP = 32                                 # sizes swept before a fall may stop it (budget permitting)
@@ -63,55 +71,100 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _fastest(step: Callable[[], Any], device: torch.device) -> float:
-    """Seconds of the fastest of >= 2 calls of step() (repeated for MIN_TIME), on the wall clock."""
-    times: list[float] = []
-    while len(times) < 2 or sum(times) < MIN_TIME:
+def _waited() -> float:
+    """Seconds this process's threads have spent runnable but waiting for a core (Linux's per-thread
+    schedstat); 0.0 where the kernel does not say."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0
+    total = 0
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):               # a thread gone meanwhile, or no schedstat
+            pass
+    return total * 1e-9
+
+
+def _clock(device: torch.device) -> Callable[[], float]:
+    """The probe's clock (_fastest): the calling thread's CPU time on one CPU thread, else the wall clock."""
+    return time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
+def _fastest(step: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """Seconds of the fastest clean call (inf if none) and of the fastest call, of >= 2 calls of step()
+    (repeated for MIN_TIME). On several CPU threads the wall clock, and a call is clean when the threads
+    waited for a core for at most CLEAN_WAIT of it; on one thread its CPU time (all of the work, none of
+    the wait), all clean; on a GPU the wall clock, all clean."""
+    clean, fastest, total, calls = math.inf, math.inf, 0.0, 0
+    several, now = device.type == "cpu" and torch.get_num_threads() > 1, _clock(device)
+    while calls < 2 or total < MIN_TIME:
         _sync(device)
-        t0 = time.perf_counter()
+        w0 = _waited() if several else 0.0
+        t0 = now()
         step()
         _sync(device)
-        times.append(max(time.perf_counter() - t0, 1e-6))
-    return min(times)
+        seconds = max(now() - t0, 1e-6)
+        waited = _waited() - w0 if several else 0.0
+        fastest, total, calls = min(fastest, seconds), total + seconds, calls + 1
+        if waited <= CLEAN_WAIT * seconds:
+            clean = min(clean, seconds)
+    return clean, fastest
 
 
 def _sweep(step_at: Callable[[int], Callable[[], Any]], device: torch.device, max_batch: int,
-           budget: float) -> tuple[int, dict[int, float], int]:
-    """The size picked, the throughput (images/s, from the fastest call) per power-of-two batch size, and
-    the rounds timed (module docstring); `budget` in wall seconds."""
-    fastest: dict[int, float] = {}                              # size -> seconds of its fastest call
-    started, batch, last, stale = time.perf_counter(), 1, 0.0, 0
+           budget: float, *, give_up: bool = False) -> tuple[int, dict[int, float], int, int] | None:
+    """The size picked, the throughput (images/s, from the fastest clean call, else the fastest) per
+    power-of-two batch size, the rounds timed and the sizes with a clean call (module docstring);
+    `budget` in seconds of _clock(). With `give_up`, None as soon as a size has no clean call."""
+    timed: dict[int, tuple[float, float]] = {}                  # size -> _fastest()
+
+    def rate(b: int) -> float:
+        clean, fastest = timed[b]
+        return b / (clean if clean < math.inf else fastest)
+
+    now = _clock(device)
+    started, batch, last, stale = now(), 1, 0.0, 0
     while batch <= max_batch and (stale < 2 or batch <= MIN_SWEEP):
-        spent = time.perf_counter() - started
+        spent = now() - started
         if batch > MIN_BUDGETED and spent + 2 * last > SWEEP_SHARE * budget:   # the next size costs ~2x the last
             break
         try:
             seconds = _fastest(step_at(batch), device)
+            if give_up and seconds[0] == math.inf:                  # no clean call: contended
+                return None
         except Exception as e:                                      # noqa: BLE001 - only OOM is handled
-            if not is_out_of_memory(e) or not fastest:
+            if not is_out_of_memory(e) or not timed:
                 raise
             del e
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             break
-        last = time.perf_counter() - started - spent
-        best = max((b / t for b, t in fastest.items()), default=0.0)
-        stale = 0 if batch / seconds > best else stale + 1
-        fastest[batch] = seconds
+        last = now() - started - spent
+        best = max(map(rate, timed), default=0.0)
+        timed[batch] = seconds
+        stale = 0 if rate(batch) > best else stale + 1
         batch *= 2
     rounds = 1
     while rounds < MAX_ROUNDS:                                      # interleaved: each contender once per round
-        best = max(b / t for b, t in fastest.items())
-        again = [b for b, t in fastest.items() if b / t >= CONTENDER * best]
-        cost = sum(max(2 * fastest[b], MIN_TIME) for b in again)    # a round's calls, at their best
-        if time.perf_counter() - started + cost > budget:
+        best = max(map(rate, timed))
+        again = [b for b in timed if rate(b) >= CONTENDER * best]
+        cost = sum(max(2 * b / rate(b), MIN_TIME) for b in again)  # a round's calls, at their best
+        if now() - started + cost > budget:
             break
         for b in again:
-            fastest[b] = min(fastest[b], _fastest(step_at(b), device))
+            clean, fastest = _fastest(step_at(b), device)
+            timed[b] = min(timed[b][0], clean), min(timed[b][1], fastest)
         rounds += 1
-    rates = {b: b / t for b, t in fastest.items()}
-    best = max(rates.values())
-    return max(b for b, r in rates.items() if r >= (1 - TOLERANCE) * best), rates, rounds
+    rates = {b: rate(b) for b in timed}
+    sizes = sorted(rates)
+    near = [[rates[s] for s in sizes[max(0, i - 1):i + 2]] for i in range(len(sizes))]
+    smooth = {b: sorted(r)[1] if len(r) == 3 else min(r) for b, r in zip(sizes, near)}
+    best = max(smooth.values())
+    pick = max(b for b, r in smooth.items() if r >= (1 - TOLERANCE) * best)
+    return pick, rates, rounds, sum(clean < math.inf for clean, _ in timed.values())
 
 
 def pass_step(model: nn.Module, x: Tensor, *, backward: bool, device: torch.device,
@@ -151,13 +204,26 @@ def probe(model: nn.Module, shape: tuple[int, ...], device: torch.device | str, 
     def backward(b: int) -> Callable[[], Any]:
         return pass_step(model, inputs(b), backward=True, device=device, precision=precision)
 
-    t0 = time.perf_counter()
-    fwd, fwd_rates, fwd_rounds = _sweep(forward, device, limit, FORWARD_SHARE * budget)
-    bwd, bwd_rates, bwd_rounds = _sweep(backward, device, limit, (1 - FORWARD_SHARE) * budget)
-    return {"forward": fwd, "backward": bwd, "seconds": round(time.perf_counter() - t0, 3), "probe": PROBE,
-            "threads": torch.get_num_threads(), "rounds": {"forward": fwd_rounds, "backward": bwd_rounds},
-            "throughput": {"forward": {str(b): round(r, 1) for b, r in fwd_rates.items()},
-                           "backward": {str(b): round(r, 1) for b, r in bwd_rates.items()}}}
+    t0, threads, out = time.perf_counter(), torch.get_num_threads(), {}
+    for name, step_at, share in (("forward", forward, FORWARD_SHARE), ("backward", backward, 1 - FORWARD_SHARE)):
+        several = device.type == "cpu" and threads > 1
+        swept = _sweep(step_at, device, limit, share * budget, give_up=several)
+        timed_threads = threads
+        if swept is not None:
+            pick, rates, rounds, clean = swept
+        if several and (swept is None or clean < len(rates)):      # contended (module docstring)
+            torch.set_num_threads(1)
+            try:
+                pick, rates, rounds, clean = _sweep(step_at, device, limit, share * budget)
+            finally:
+                torch.set_num_threads(threads)
+            timed_threads = 1
+        out[name] = pick, rates, rounds, clean, timed_threads
+    return {"forward": out["forward"][0], "backward": out["backward"][0],
+            "seconds": round(time.perf_counter() - t0, 3), "probe": PROBE, "threads": threads,
+            "contended": any(o[4] != threads for o in out.values()),
+            **{k: {d: o[i] for d, o in out.items()} for i, k in ((2, "rounds"), (3, "clean"), (4, "timed_threads"))},
+            "throughput": {d: {str(b): round(r, 1) for b, r in o[1].items()} for d, o in out.items()}}
 
 
 def key(model: nn.Module, shape: tuple[int, ...], device: torch.device | str, *, precision: str = "float32",
@@ -197,7 +263,10 @@ def tune(model: nn.Module, shape: tuple[int, ...], device: torch.device | str, *
         record, source = probe(model, shape, device, precision=precision, budget=budget), "probe"
         log.info("pass sizes for %s: %d images per forward pass, %d per gradient pass (probed in %.2f s)", k,
                  record["forward"], record["backward"], record["seconds"])
-        if path is not None:
+        if record["contended"]:                                  # not cached: a quieter run times its threads
+            log.info("pass sizes for %s timed on one thread: the machine is loaded (other processes held the "
+                     "cores the run's %d threads need); a later run probes again", k, record["threads"])
+        elif path is not None:
             try:                                                 # a lost concurrent update only costs a probe
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_json({**_read(path), k: record}, path)

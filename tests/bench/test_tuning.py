@@ -78,10 +78,11 @@ def test_sizes_apply_only_to_their_shape_and_device():
         PassSizes((3, 8, 8), "cpu", forward=0, backward=1)
 
 
-class Sleeping(nn.Module):
-    """Takes cost(b) wall seconds per forward of b images (sleeping: the probe's clock is the wall clock, and
-    a sleep burns no CPU on a shared machine); with `fail_at`, batches of that size or more raise CUDA's
-    out-of-memory message; with `contended`, the first calls at that size take `contended[1]` times as long."""
+class Costly(nn.Module):
+    """Costs cost(b) seconds of the probe's clock per forward of b images: on one thread it spins for that
+    much CPU time, on several it sleeps that long (the wall clock; no CPU burnt on a shared machine). With
+    `fail_at`, batches of that size or more raise CUDA's out-of-memory message; with `contended`
+    (size, factor, calls), the first calls at that size take `factor` times as long (a busy moment)."""
 
     def __init__(self, cost, fail_at: int | None = None, contended: tuple[int, float, int] | None = None):
         super().__init__()
@@ -95,21 +96,35 @@ class Sleeping(nn.Module):
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         self.calls[b] = self.calls.get(b, 0) + 1
         slow = self.contended is not None and b == self.contended[0] and self.calls[b] <= self.contended[2]
-        time.sleep(self.cost(b) * (self.contended[1] if slow else 1.0))
+        seconds = self.cost(b) * (self.contended[1] if slow else 1.0)
+        if torch.get_num_threads() > 1:
+            time.sleep(seconds)
+        else:
+            t0 = time.thread_time()
+            while time.thread_time() - t0 < seconds:
+                pass
         return x.mean(dim=(1, 2, 3))[:, None] * self.w                  # (b, 2)
 
 
-def test_the_probe_picks_the_fastest_size_and_stops_when_it_falls():
+@pytest.fixture
+def quiet(monkeypatch):
+    """Two threads on a quiet machine: no thread of the process ever waits for a core."""
+    monkeypatch.setattr(tuning, "_waited", lambda: 0.0)
+    torch.set_num_threads(2)                                                  # conftest restores the count
+
+
+def test_the_probe_picks_the_fastest_size_and_stops_when_it_falls(quiet):
     # seconds per call: 4 ms + 1 ms per image up to 8 images (8 images: 667/s, the best), 4 ms per image beyond
-    model = Sleeping(lambda b: 0.004 + 0.001 * b if b <= 8 else 0.004 * b)
+    model = Costly(lambda b: 0.004 + 0.001 * b if b <= 8 else 0.004 * b)
     record = tuning.probe(model, (1, 2, 2), "cpu", budget=20)
     assert record["forward"] == record["backward"] == 8
     assert list(record["throughput"]["forward"]) == ["1", "2", "4", "8", "16", "32"]   # two sizes past the best
     assert record["rounds"]["forward"] == tuning.MAX_ROUNDS                   # the budget allows every round
+    assert record["threads"] == 2 and record["timed_threads"] == {"forward": 2, "backward": 2}
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_probe_times_the_runs_own_thread_count(threads):
+def test_the_probe_times_the_runs_own_thread_count(threads, quiet):
     # a model whose best size depends on its threads (as small_cnn's: one thread 16-32, two 64-128 images):
     # one thread: 2 ms + 1 ms per image to 8, then 3 ms per image (8: 800/s); two: 2 ms + 0.25 ms per image
     # to 32, then 1 ms per image (32: 3200/s; 16: 2667/s, not within 10 %)
@@ -117,31 +132,57 @@ def test_the_probe_times_the_runs_own_thread_count(threads):
         if torch.get_num_threads() == 1:
             return 0.002 + 0.001 * b if b <= 8 else 0.003 * b
         return 0.002 + 0.00025 * b if b <= 32 else 0.001 * b
-    torch.set_num_threads(threads)                                            # conftest restores it afterwards
-    record = tuning.probe(Sleeping(cost), (1, 2, 2), "cpu", budget=20)
+    torch.set_num_threads(threads)
+    record = tuning.probe(Costly(cost), (1, 2, 2), "cpu", budget=20)
     assert record["forward"] == record["backward"] == {1: 8, 2: 32}[threads]
-    assert record["threads"] == threads == torch.get_num_threads()
+    assert record["threads"] == threads == torch.get_num_threads() and not record["contended"]
 
 
-def test_contention_on_the_first_timings_does_not_decide():
+def test_two_threads_waiting_for_cores_are_timed_on_one(monkeypatch, tmp_path):
+    # every call's threads wait for a core as long as it runs (a loaded machine): two threads would time the
+    # scheduler, so the probe times one thread (whose best is 8 images here, two threads' 32), marks the
+    # record contended, and tune() keeps it for the process only
+    cost = {1: lambda b: 0.002 + 0.001 * b if b <= 8 else 0.003 * b, 2: lambda b: 0.002 + 0.00025 * b}
+    monkeypatch.setattr(tuning, "_waited", time.perf_counter)
+    monkeypatch.setattr(tuning, "_MEMO", {})
+    torch.set_num_threads(2)
+    model = Costly(lambda b: cost[torch.get_num_threads()](b))
+    sizes, record = tuning.tune(model, (1, 2, 2), "cpu", cache_dir=tmp_path, budget=2)
+    assert (sizes.forward, sizes.backward) == (8, 8) and torch.get_num_threads() == 2
+    assert record["contended"] and record["threads"] == 2 and record["timed_threads"] == {"forward": 1, "backward": 1}
+    assert not (tmp_path / tuning.CACHE_FILE).exists()                        # a quieter run probes again
+    assert tuning.tune(model, (1, 2, 2), "cpu", cache_dir=tmp_path)[1]["source"] == "memory"
+
+
+def test_contention_on_the_first_timings_does_not_decide(quiet):
     # 16 images are best (800/s; 8: 667/s), but a busy moment doubles its first three calls (400/s), all of
     # the sweep's timing of 16: the sweep alone would pick 8; the interleaved rounds time 16 again, and its
     # fastest call stands
-    model = Sleeping(lambda b: 0.004 + 0.001 * b if b <= 16 else 0.004 * b, contended=(16, 2.0, 3))
+    model = Costly(lambda b: 0.004 + 0.001 * b if b <= 16 else 0.004 * b, contended=(16, 2.0, 3))
     record = tuning.probe(model, (1, 2, 2), "cpu", budget=20)
     assert record["forward"] == record["backward"] == 16
     assert record["throughput"]["forward"]["16"] > 1.1 * record["throughput"]["forward"]["8"]
 
 
-def test_out_of_memory_ends_the_sweep_other_errors_are_raised():
-    record = tuning.probe(Sleeping(lambda b: 0.004, fail_at=16), (1, 2, 2), "cpu", budget=20)
+def test_a_one_size_outlier_does_not_decide(quiet):
+    # 500 images/s at every size but 8, which reads 1000/s (a reading the clock got wrong): the raw best
+    # would pick 8; the median over neighbours sees a flat curve and picks the largest timed size
+    model = Costly(lambda b: 0.001 * b if b == 8 else 0.002 * b)
+    record = tuning.probe(model, (1, 2, 2), "cpu", budget=20)
+    assert record["throughput"]["forward"]["8"] > 1.5 * record["throughput"]["forward"]["16"]
+    assert record["forward"] == record["backward"] == max(map(int, record["throughput"]["forward"])) == 32
+
+
+def test_out_of_memory_ends_the_sweep_other_errors_are_raised(quiet):
+    record = tuning.probe(Costly(lambda b: 0.004, fail_at=16), (1, 2, 2), "cpu", budget=20)
     assert record["forward"] == record["backward"] == 8                      # rate grows with b until OOM
     with pytest.raises(RuntimeError, match="out of memory"):                 # not even one size fits
-        tuning.probe(Sleeping(lambda b: 0.004, fail_at=1), (1, 2, 2), "cpu", budget=20)
+        tuning.probe(Costly(lambda b: 0.004, fail_at=1), (1, 2, 2), "cpu", budget=20)
 
 
 def test_tune_probes_once_then_reads_the_cache(tiny_cnn, tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "_MEMO", {})
+    monkeypatch.setattr(tuning, "_waited", lambda: 0.0)                     # never contended: always cached
     sizes, record = tuning.tune(tiny_cnn, (3, 8, 8), "cpu", cache_dir=tmp_path)
     assert record["source"] == "probe" and (tmp_path / tuning.CACHE_FILE).exists()
     assert sizes == PassSizes((3, 8, 8), "cpu", record["forward"], record["backward"])
@@ -173,16 +214,17 @@ def test_the_probe_leaves_model_and_rng_alone(tiny_cnn):
     assert all(p.grad is None for p in tiny_cnn.parameters())
 
 
-def test_gradients_get_the_larger_share_of_the_budget():
+def test_gradients_get_the_larger_share_of_the_budget(quiet):
     # the same cost both ways, rising slowly with the batch (1 ms per call, 2 ms per image): each sweep goes
     # as far as SWEEP_SHARE of its budget lets it, 16 images on 0.29 s, 32 on 0.43 s
-    record = tuning.probe(Sleeping(lambda b: 0.001 + 0.002 * b), (1, 2, 2), "cpu", budget=1.2)
+    record = tuning.probe(Costly(lambda b: 0.001 + 0.002 * b), (1, 2, 2), "cpu", budget=1.2)
     fwd, bwd = (max(map(int, record["throughput"][d])) for d in ("forward", "backward"))
     assert bwd == 2 * fwd and record["forward"] == fwd and record["backward"] == bwd
 
 
 def test_a_record_of_another_probe_version_is_probed_again(tiny_cnn, tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "_MEMO", {})
+    monkeypatch.setattr(tuning, "_waited", lambda: 0.0)
     k = tuning.key(tiny_cnn, (3, 8, 8), "cpu")
     (tmp_path / tuning.CACHE_FILE).write_text(f'{{"{k}": {{"forward": 42, "backward": 42, "seconds": 7.0}}}}')
     _, record = tuning.tune(tiny_cnn, (3, 8, 8), "cpu", cache_dir=tmp_path)
