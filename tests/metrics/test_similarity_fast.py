@@ -99,3 +99,15 @@ def test_similarities_pin_the_oracles():
     torch.testing.assert_close(s["hog"].double(), torch.tensor(
         [np.corrcoef(fa[i], fb[i])[0, 1] for i in range(4)], dtype=torch.float64), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(s["ssim"], ssim(mm(a.abs()), mm(b.abs())), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_agrees_with_cpu():
+    smooth, tied = _maps(4, (4, 48, 48))
+    a, b = smooth.float(), (smooth + 0.3 * tied).float()
+    cpu = similarities(a, b)
+    gpu = similarities(a.cuda(), b.cuda())
+    for k in cpu:
+        torch.testing.assert_close(gpu[k].cpu(), cpu[k], rtol=1e-6, atol=1e-7, equal_nan=True)
+    torch.testing.assert_close(average_rank(tied.reshape(4, -1).cuda()).cpu(), _rank_oracle(tied.reshape(4, -1)),
+                               rtol=0, atol=0)
