@@ -6,13 +6,13 @@ second small CNN of our own at 32 px (OtherCNN), torchvision's resnet18 and mobi
 Per model, interleaved `repeat` times: the best inference and forward+backward throughput over batch
 sizes 1, 2, 4, ... (the limit), pixel flipping (MoRF + LeRF, 16 steps), RISE, IG and SmoothGrad with
 default settings but for the counts given (masks, samples), under the tuned sizes. Images are counted
-with a forward pre-hook; each figure is the best of the repeats, `spread` 1 - worst / best. The clock is
-the wall clock (the probe's, bench.tuning): another process's load only adds time, so the best of the
-interleaved repeats is the closest to the model's own; on a shared machine the figures are lower bounds.
+with a forward pre-hook; each figure is the best of the repeats, `spread` 1 - worst / best. The clock is the
+probe's (bench.tuning.clock): on one CPU thread its CPU time, on several the wall clock, which another
+process's load inflates (two OpenMP threads wait at every barrier for a core): measure two threads on a
+quiet machine; the row's probe_threads says whether the probe found it contended.
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import pandas as pd
@@ -60,10 +60,10 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int]] = {
 
 
 def _timed(model: nn.Module, run: Callable[[], Any], device: torch.device) -> float:
-    """Images through `model` per wall second while run() runs (counted by a forward pre-hook)."""
+    """Images through `model` per second of the probe's clock while run() runs (a forward pre-hook counts)."""
     seen = [0]
     handle = model.register_forward_pre_hook(lambda _m, args: seen.__setitem__(0, seen[0] + len(args[0])))
-    now = time.perf_counter
+    now = tuning.clock(device)
     try:
         tuning._sync(device)
         t0 = now()

@@ -46,7 +46,7 @@ from metrics.batching import PassSizes, is_out_of_memory, pass_sizes
 
 log = logging.getLogger(__name__)
 
-BUDGET_S = {"cpu": 1.2, "cuda": 3.0}          # _clock() seconds for both directions (FORWARD_SHARE forward)
+BUDGET_S = {"cpu": 1.2, "cuda": 3.0}          # clock() seconds for both directions (FORWARD_SHARE forward)
 FORWARD_SHARE = 0.4
 SWEEP_SHARE = 0.6                              # of a direction's budget for the first sweep; rounds the rest
 PROBE = 5                                      # the probe's version: cached records of another are probed again
@@ -88,7 +88,7 @@ def _waited() -> float:
     return total * 1e-9
 
 
-def _clock(device: torch.device) -> Callable[[], float]:
+def clock(device: torch.device) -> Callable[[], float]:
     """The probe's clock (_fastest): the calling thread's CPU time on one CPU thread, else the wall clock."""
     return time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
 
@@ -99,7 +99,7 @@ def _fastest(step: Callable[[], Any], device: torch.device) -> tuple[float, floa
     waited for a core for at most CLEAN_WAIT of it; on one thread its CPU time (all of the work, none of
     the wait), all clean; on a GPU the wall clock, all clean."""
     clean, fastest, total, calls = math.inf, math.inf, 0.0, 0
-    several, now = device.type == "cpu" and torch.get_num_threads() > 1, _clock(device)
+    several, now = device.type == "cpu" and torch.get_num_threads() > 1, clock(device)
     while calls < 2 or total < MIN_TIME:
         _sync(device)
         w0 = _waited() if several else 0.0
@@ -118,14 +118,14 @@ def _sweep(step_at: Callable[[int], Callable[[], Any]], device: torch.device, ma
            budget: float, *, give_up: bool = False) -> tuple[int, dict[int, float], int, int] | None:
     """The size picked, the throughput (images/s, from the fastest clean call, else the fastest) per
     power-of-two batch size, the rounds timed and the sizes with a clean call (module docstring);
-    `budget` in seconds of _clock(). With `give_up`, None as soon as a size has no clean call."""
+    `budget` in seconds of clock(). With `give_up`, None as soon as a size has no clean call."""
     timed: dict[int, tuple[float, float]] = {}                  # size -> _fastest()
 
     def rate(b: int) -> float:
         clean, fastest = timed[b]
         return b / (clean if clean < math.inf else fastest)
 
-    now = _clock(device)
+    now = clock(device)
     started, batch, last, stale = now(), 1, 0.0, 0
     while batch <= max_batch and (stale < 2 or batch <= MIN_SWEEP):
         spent = now() - started
