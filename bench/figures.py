@@ -76,12 +76,15 @@ def plot_curves(band: pd.DataFrame, out_dir: str | Path, *, axes: dict[str, tupl
             ncols = min(len(pairs), _PANELS_PER_ROW)
             nrows = -(-len(pairs) // ncols) * len(curves)
             below = 0.45 + 0.7 * _text_width(data["x_label"].unique(), 7)       # x tick labels at 45 degrees
+            block = nrows // len(curves)                                        # panel rows of one curve
+            # a column's panels share their x axis (one (dataset, model)): its ticks and label under the last only
+            gap = 0.55 if block == 1 and len(curves) > 1 else below + 0.35
             fig, grid = _grid(nrows, ncols, panel=(3.0, 2.2), left=0.8, right=_text_width(methods, 8) + 0.7,
-                              top=0.75, bottom=below, wgap=0.5, hgap=below + 0.35)
+                              top=0.75, bottom=below, wgap=0.5, hgap=gap)
             drawn = {}
             for r, curve in enumerate(curves):
                 for i, (dataset, model) in enumerate(pairs):
-                    ax = grid[r * (nrows // len(curves)) + i // ncols, i % ncols]
+                    ax = grid[r * block + i // ncols, i % ncols]
                     facet = data[data["dataset"].eq(dataset) & data["model"].eq(model) & data["curve"].eq(curve)]
                     for method, m in facet.groupby("method", sort=True):
                         control = method in controls
@@ -96,10 +99,11 @@ def plot_curves(band: pd.DataFrame, out_dir: str | Path, *, axes: dict[str, tupl
                     row = _ORDERS[curve] if name == "morf_lerf" else curve if len(curves) > 1 else ""
                     ax.set_title(f"{dataset} / {model}" + (f": {row}" if row else ""),
                                  fontsize=9, y=1)
-                    ax.set_xlabel(xlabel, fontsize=8)
+                    last = r == len(curves) - 1
+                    ax.set_xlabel(xlabel, fontsize=8, visible=last)
                     if i % ncols == 0:
                         ax.set_ylabel(ylabel.format(curve=curve), fontsize=8)
-                    ax.tick_params(labelsize=7)
+                    ax.tick_params(labelsize=7, labelbottom=last)        # the panel below has the same x ticks
             for ax in grid.flat:
                 if not ax.has_data():
                     ax.set_visible(False)

@@ -30,6 +30,8 @@ def saved(monkeypatch):
     def record(fig, stem: Path, **kwargs):
         out[stem.name] = [(ax.get_title(), ax.get_ylabel()) for ax in fig.axes if ax.get_visible() and ax.has_data()]
         out[stem.name + " suptitle"] = fig._suptitle.get_text()
+        out[stem.name + " x"] = [(ax.xaxis.label.get_visible(), ax.xaxis.get_tick_params()["labelbottom"])
+                                 for ax in fig.axes if ax.get_visible() and ax.has_data()]
         return save(fig, stem, **kwargs)
 
     monkeypatch.setattr(figures, "save_figure", record)
@@ -46,6 +48,8 @@ def test_several_curves_of_a_metric_share_one_figure_a_row_each(tmp_path: Path, 
     assert saved["curves_mprt"] == [("shapes / cnn: spearman", "similarity (spearman)"), ("shapes / mlp: spearman", ""),
                                     ("shapes / cnn: ssim", "similarity (ssim)"), ("shapes / mlp: ssim", "")]
     assert saved["curves_mprt suptitle"].startswith("mprt: spearman, ssim (mean")
+    # a column shares its x axis: ticks and label under its last panel only
+    assert saved["curves_mprt x"] == [(False, False), (False, False), (True, True), (True, True)]
     # a metric with one curve keeps its own name and plain panel titles
     assert saved["curves_flip_curve"] == [("shapes / cnn", "curve"), ("shapes / mlp", "")]
 
@@ -54,4 +58,6 @@ def test_morf_and_lerf_stay_paired_beside_a_metrics_other_curves(tmp_path: Path,
     paths = figures.plot_curves(_band("flip", ["morf", "lerf", "extra"], pairs=(("shapes", "cnn"),)), tmp_path)
     assert sorted(p.name for p in paths) == ["curves_flip_extra.png", "curves_flip_morf_lerf.png"]
     assert [t for t, _ in saved["curves_flip_morf_lerf"]] == ["shapes / cnn: MoRF", "shapes / cnn: LeRF"]
+    assert saved["curves_flip_morf_lerf x"] == [(False, False), (True, True)]
+    assert saved["curves_flip_extra x"] == [(True, True)]
     assert [t for t, _ in saved["curves_flip_extra"]] == ["shapes / cnn"]
