@@ -72,8 +72,13 @@ def _local_mean(t: Tensor, window: str, win: int) -> Tensor:
     (sigma 1.5, separable, as scipy's gaussian_filter with truncate 3.5 away from the border)."""
     if window == "uniform":                          # box sums of shifted slices: 2 win adds, not win^2 per pixel
         H, W = t.shape[-2] - win + 1, t.shape[-1] - win + 1
-        rows = sum((t[..., i:i + H, :] for i in range(1, win)), t[..., :H, :])
-        return sum((rows[..., j:j + W] for j in range(1, win)), rows[..., :W]) / win ** 2
+        rows = t[..., :H, :].clone()
+        for i in range(1, win):
+            rows += t[..., i:i + H, :]
+        out = rows[..., :W].clone()
+        for j in range(1, win):
+            out += rows[..., j:j + W]
+        return out.div_(win ** 2)
     r = torch.arange(win, dtype=t.dtype, device=t.device) - win // 2
     g = torch.exp(-r.square() / (2 * _GAUSS_SIGMA ** 2))
     g = g / g.sum()
