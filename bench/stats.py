@@ -145,9 +145,12 @@ def metric_agreement(board: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (dataset, model), table in board.groupby(["dataset", "model"], sort=True):
         ranks = table.assign(column=table["metric"] + "/" + table["score"]).pivot(index="method", columns="column", values="rank")
-        for a, b in itertools.combinations(sorted(ranks.columns), 2):
-            pair = ranks[[a, b]].dropna()
-            tau = scipy.stats.kendalltau(pair[a], pair[b]) if len(pair) >= 2 else None
-            rows.append({"dataset": dataset, "model": model, "column_a": a, "column_b": b, "n_methods": len(pair),
+        names = sorted(ranks.columns)
+        values = ranks[names].to_numpy(dtype=np.float64)                  # (methods, columns): numpy, not a frame per pair
+        for (i, a), (j, b) in itertools.combinations(enumerate(names), 2):
+            both = ~(np.isnan(values[:, i]) | np.isnan(values[:, j]))    # methods ranked in both columns
+            n = int(both.sum())
+            tau = scipy.stats.kendalltau(values[both, i], values[both, j]) if n >= 2 else None
+            rows.append({"dataset": dataset, "model": model, "column_a": a, "column_b": b, "n_methods": n,
                          "kendall_tau": float(tau.statistic) if tau else np.nan, "p": float(tau.pvalue) if tau else np.nan})
     return pd.DataFrame(rows, columns=["dataset", "model", "column_a", "column_b", "n_methods", "kendall_tau", "p"])

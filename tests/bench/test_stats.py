@@ -138,6 +138,26 @@ def test_metric_agreement_kendall_tau():
     assert agreement["m1/s", "m3/s"] == pytest.approx(-1.0)
 
 
+def test_metric_agreement_is_scipys_kendall_tau_on_the_methods_both_columns_rank():
+    # tied ranks and missing ones (a method without a rank in a column): tau, p and n of scipy.stats.kendalltau
+    # on the methods ranked in both columns, exactly; fewer than two such methods: NaN
+    rng = np.random.default_rng(0)
+    ranks = rng.integers(1, 4, size=(6, 4)).astype(float)                   # (methods, columns), with ties
+    ranks[[0, 3], 1], ranks[1:, 3] = np.nan, np.nan
+    board = pd.DataFrame([{"dataset": "d", "model": "m", "method": f"x{i}", "metric": f"c{j}", "score": "s",
+                           "rank": ranks[i, j]} for i in range(6) for j in range(4)])
+    out = stats.metric_agreement(board)
+    assert len(out) == 6
+    for row, (a, b) in zip(out.itertuples(), itertools.combinations(range(4), 2)):
+        both = ~np.isnan(ranks[:, a]) & ~np.isnan(ranks[:, b])
+        assert (row.column_a, row.column_b, row.n_methods) == (f"c{a}/s", f"c{b}/s", both.sum())
+        if both.sum() < 2:
+            assert np.isnan(row.kendall_tau) and np.isnan(row.p)
+            continue
+        expected = scipy.stats.kendalltau(ranks[both, a], ranks[both, b])
+        assert (row.kendall_tau, row.p) == (expected.statistic, expected.pvalue)
+
+
 def test_latex_escapes_names_and_bolds_the_best():
     tex = format_latex(_board())
     assert r"\toprule" in tex and r"\bottomrule" in tex and r"y\_z" in tex
