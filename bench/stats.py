@@ -3,6 +3,7 @@ metric reliability. Inputs are tidy score tables (bench.store.SCORE_COLUMNS); ou
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Literal
 
@@ -14,7 +15,7 @@ import scipy.stats
 def sample_matrix(scores: pd.DataFrame) -> pd.DataFrame:
     """One (dataset, model, metric, score) slice as samples x methods; samples with any NaN are dropped
     (the tests below are paired: every method must be scored on the same samples)."""
-    table = scores.pivot_table(index="sample_id", columns="method", values="value", aggfunc="mean", dropna=False)
+    table = scores.groupby(["sample_id", "method"], sort=True)["value"].mean().unstack("method")   # pivot_table's frame
     return table.dropna(axis=0, how="any")
 
 
@@ -85,8 +86,14 @@ def _wilcoxon_method(d: np.ndarray) -> np.ndarray:
 def critical_difference(k: int, n: int, *, alpha: float = 0.05) -> float:
     """Nemenyi critical difference of average ranks (Demšar 2006): q_alpha * sqrt(k (k + 1) / (6 n)),
     q_alpha the studentized range quantile for k groups and infinite df, divided by sqrt(2)."""
-    q = scipy.stats.studentized_range.ppf(1 - alpha, k, np.inf) / np.sqrt(2)
+    q = _studentized_range(1 - alpha, k) / np.sqrt(2)
     return float(q * np.sqrt(k * (k + 1) / (6 * n)))
+
+
+@functools.lru_cache(maxsize=64)
+def _studentized_range(level: float, k: int) -> float:
+    """scipy's studentized range quantile at infinite df, once per (level, k): a report asks for it per column."""
+    return scipy.stats.studentized_range.ppf(level, k, np.inf)
 
 
 def krippendorff_alpha(ratings: np.ndarray, *, level: Literal["nominal", "ordinal", "interval"] = "ordinal") -> float:
