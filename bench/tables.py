@@ -334,9 +334,8 @@ def summarise(df: pd.DataFrame, keys: list[str], *, value: str, n_boot: int, see
         return pd.DataFrame(columns=keys + STATS)
     g = df.groupby(keys, sort=True)[value]
     out = g.agg(["mean", "count", "size"]).rename(columns={"count": "n"})
-    rows = pd.MultiIndex.from_frame(df[keys]) if len(keys) > 1 else pd.Index(df[keys[0]])
-    out[["ci_low", "ci_high"]] = _group_cis(df[value].to_numpy(np.float64), out.index.get_indexer(rows), len(out),
-                                            n_boot=n_boot, seed=seed)
+    codes = g.ngroup().fillna(-1).to_numpy(np.int64)                 # each row's group in `out` (sorted); -1: none
+    out[["ci_low", "ci_high"]] = _group_cis(df[value].to_numpy(np.float64), codes, len(out), n_boot=n_boot, seed=seed)
     out["n_nan"] = out.pop("size") - out["n"]
     return out[STATS].reset_index()
 
