@@ -5,10 +5,10 @@ probe() times the model on seeded inputs at batch sizes 1, 2, 4, ... (powers of 
 (torch.inference_mode) and the input gradient of one logit (as the gradient methods take it), on the run's
 own thread count (torch.get_num_threads()). A sweep times each size once: a direction stops when two sizes
 running did not beat its best throughput (past MIN_SWEEP), at an out-of-memory error (the GPU's bound), at
-MAX_BATCH or MAX_INPUT_BYTES of inputs, or at SWEEP_SHARE of its budget (sizes up to MIN_BUDGETED are always
-timed). Then rounds time the sizes within half the best throughput again, interleaved, while the budget
-lasts, and each size keeps its fastest clean call: another process's load only adds time, so the minimum is
-the model's own cost. The clock (_fastest): on several CPU threads the wall clock, a call being clean when
+MAX_BATCH or MAX_INPUT_BYTES of inputs, or at SWEEP_SHARE of its budget (all of it on one CPU thread; sizes
+up to MIN_BUDGETED are always timed). Then rounds time the sizes within half the best throughput (after the
+median below) again, interleaved, while the budget lasts, and each size keeps its fastest clean call:
+another process's load only adds time, so the minimum is the model's own cost. The clock (_fastest): on several CPU threads the wall clock, a call being clean when
 the process's threads waited for a core (Linux's schedstat) under CLEAN_WAIT of it; on one thread its CPU
 time; on a GPU the wall clock. Two OpenMP threads on a loaded machine wait at every barrier for the one
 without a core (2 cores at load 2.5: other_cnn's 16 images took 135 ms, nearly all of it waiting, against
@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 BUDGET_S = {"cpu": 1.2, "cuda": 3.0}          # clock() seconds for both directions (FORWARD_SHARE forward)
 FORWARD_SHARE = 0.4
-SWEEP_SHARE = 0.6                              # of a direction's budget for the first sweep; rounds the rest
+SWEEP_SHARE = 0.6                              # of a direction's wall-clock budget for the first sweep, rounds
+                                               # the rest (one thread's CPU time needs no rounds: all of it)
 PROBE = 5                                      # the probe's version: cached records of another are probed again
                                                # (1: two threads, CPU time, 1 s halved; 2: one thread, 1 s in
                                                # thirds; 3: 1.2 s, the raw best; 4: a 3-point median)
@@ -56,7 +57,7 @@ MAX_BATCH = {"cpu": 1024, "cuda": 4096}
 MAX_INPUT_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}
 TOLERANCE = 0.1                                # the largest size within 10% of the best (module docstring)
 CLEAN_WAIT = 0.1                               # a call whose threads waited for a core longer is contended
-CONTENDER = 0.5                                # rounds retime the sizes within half the best throughput
+CONTENDER = 0.5                                # rounds retime the sizes within half the best (3-point median)
 MAX_ROUNDS = 8                                 # timings per size at most (the sweep's and the rounds')
 MIN_SWEEP = 32                                 # sizes swept before a fall may stop it (budget permitting)
 MIN_BUDGETED = 4                               # sizes swept whatever the budget: resnet18 at 224 px on CPU
@@ -114,6 +115,13 @@ def _fastest(step: Callable[[], Any], device: torch.device) -> tuple[float, floa
     return clean, fastest
 
 
+def _median3(rates: dict[int, float]) -> dict[int, float]:
+    """Each size's throughput as the median of it and its neighbours' (the lower of two at the ends)."""
+    sizes = sorted(rates)
+    near = [[rates[s] for s in sizes[max(0, i - 1):i + 2]] for i in range(len(sizes))]
+    return {b: sorted(r)[1] if len(r) == 3 else min(r) for b, r in zip(sizes, near)}
+
+
 def _sweep(step_at: Callable[[int], Callable[[], Any]], device: torch.device, max_batch: int,
            budget: float, *, give_up: bool = False) -> tuple[int, dict[int, float], int, int] | None:
     """The size picked, the throughput (images/s, from the fastest clean call, else the fastest) per
@@ -125,11 +133,11 @@ def _sweep(step_at: Callable[[int], Callable[[], Any]], device: torch.device, ma
         clean, fastest = timed[b]
         return b / (clean if clean < math.inf else fastest)
 
-    now = clock(device)
+    now, sweep = clock(device), SWEEP_SHARE if clock(device) is time.perf_counter else 1.0
     started, batch, last, stale = now(), 1, 0.0, 0
     while batch <= max_batch and (stale < 2 or batch <= MIN_SWEEP):
         spent = now() - started
-        if batch > MIN_BUDGETED and spent + 2 * last > SWEEP_SHARE * budget:   # the next size costs ~2x the last
+        if batch > MIN_BUDGETED and spent + 2 * last > sweep * budget:   # the next size costs ~2x the last
             break
         try:
             seconds = _fastest(step_at(batch), device)
@@ -149,8 +157,8 @@ def _sweep(step_at: Callable[[int], Callable[[], Any]], device: torch.device, ma
         batch *= 2
     rounds = 1
     while rounds < MAX_ROUNDS:                                      # interleaved: each contender once per round
-        best = max(map(rate, timed))
-        again = [b for b in timed if rate(b) >= CONTENDER * best]
+        smooth = _median3({b: rate(b) for b in timed})
+        again = [b for b in timed if smooth[b] >= CONTENDER * max(smooth.values())]
         cost = sum(max(2 * b / rate(b), MIN_TIME) for b in again)  # a round's calls, at their best
         if now() - started + cost > budget:
             break
@@ -159,9 +167,7 @@ def _sweep(step_at: Callable[[int], Callable[[], Any]], device: torch.device, ma
             timed[b] = min(timed[b][0], clean), min(timed[b][1], fastest)
         rounds += 1
     rates = {b: rate(b) for b in timed}
-    sizes = sorted(rates)
-    near = [[rates[s] for s in sizes[max(0, i - 1):i + 2]] for i in range(len(sizes))]
-    smooth = {b: sorted(r)[1] if len(r) == 3 else min(r) for b, r in zip(sizes, near)}
+    smooth = _median3(rates)
     best = max(smooth.values())
     pick = max(b for b, r in smooth.items() if r >= (1 - TOLERANCE) * best)
     return pick, rates, rounds, sum(clean < math.inf for clean, _ in timed.values())
