@@ -2,26 +2,26 @@
 model runs fastest, for one input shape, device, thread count, precision and memory format.
 
 probe() times the model on seeded inputs at batch sizes 1, 2, 4, ... (powers of two): inference
-(torch.inference_mode) and the input gradient of one logit (as the gradient methods take it), on the run's
-own thread count (torch.get_num_threads()). A sweep times each size once: a direction stops when two sizes
-running did not beat its best throughput (past MIN_SWEEP), at an out-of-memory error (the GPU's bound), at
-MAX_BATCH or MAX_INPUT_BYTES of inputs, or at SWEEP_SHARE of its budget (all of it on one CPU thread; sizes
-up to MIN_BUDGETED are always timed). Then rounds time the sizes within half the best throughput (after the
-median below) again, interleaved, while the budget lasts, and each size keeps its fastest clean call:
-another process's load only adds time, so the minimum is the model's own cost. The clock (_fastest): on several CPU threads the wall clock, a call being clean when
-the process's threads waited for a core (Linux's schedstat) under CLEAN_WAIT of it; on one thread its CPU
-time; on a GPU the wall clock. Two OpenMP threads on a loaded machine wait at every barrier for the one
-without a core (2 cores at load 2.5: other_cnn's 16 images took 135 ms, nearly all of it waiting, against
-10 ms on one thread), and their CPU time counts the spinning (at load 8-9 it read 5-200 images/s for
-small_cnn): where a size of the sweep has no clean call, or any has none after the rounds, the direction is
-timed on one thread instead and the record, marked `contended`, is kept for the process only, so that a
-quieter run times its own threads. It picks the largest size within TOLERANCE of the best after a 3-point
-median over neighbouring sizes (the lower of two at the ends; the raw best once picked 8 images where
-32-128 were best): of sizes that tie (the curves are flat from 16-32 images on) the larger is safer, a
-chunked pass having its own per-chunk overhead. BUDGET_S: 1.2 s on CPU, 3 s on a GPU (of the probe's clock),
-40 % for inference and 60 % for gradients, which cost 2-3x as much per image. tune() keeps the result per key
-(architecture, input shape, device and threads, precision, channels_last, torch version) in memory and in
-`pass_sizes.json` of the cache folder, so later runs skip the probe; a record of another PROBE version is
+(torch.inference_mode) and the input gradient of one logit (as the gradient methods take it), on the run's own
+thread count (torch.get_num_threads()). A sweep times each size once: a direction stops when two sizes running
+did not beat its best throughput (past MIN_SWEEP), at an out-of-memory error (the GPU's bound), at MAX_BATCH
+or MAX_INPUT_BYTES of inputs, or at SWEEP_SHARE of its budget (all of it on one CPU thread; sizes up to
+MIN_BUDGETED are always timed). Then rounds time the sizes within half the best throughput (after the median
+below) again, interleaved, while the budget lasts, and each size keeps its fastest clean call: another
+process's load only adds time, so the minimum is the model's own cost. The clock (_fastest): on several CPU
+threads the wall clock, a call being clean when the process's threads waited for a core (Linux's schedstat)
+under CLEAN_WAIT of it; on one thread its CPU time; on a GPU the wall clock. Two OpenMP threads on a loaded
+machine wait at every barrier for the one without a core (2 cores at load 2.5: other_cnn's 16 images took 135
+ms, nearly all of it waiting, against 10 ms on one thread), and their CPU time counts the spinning (at load
+8-9 it read 5-200 images/s for small_cnn): where a size of the sweep has no clean call, or any has none after
+the rounds, the direction is timed on one thread instead and the record, marked `contended`, is kept for the
+process only, so that a quieter run times its own threads. It picks the largest size within TOLERANCE of the
+best after a 3-point median over neighbouring sizes (the lower of two at the ends; the raw best once picked 8
+images where 32-128 were best): of sizes that tie (the curves are flat from 16-32 images on) the larger is
+safer, a chunked pass having its own per-chunk overhead. BUDGET_S: 1.2 s on CPU, 3 s on a GPU (of the probe's
+clock), 40 % for inference and 60 % for gradients, which cost 2-3x as much per image. tune() keeps the result
+per key (architecture, input shape, device and threads, precision, channels_last, torch version) in memory and
+in `pass_sizes.json` of the cache folder, so later runs skip the probe; a record of another PROBE version is
 probed again. metrics.batching.pass_sizes() hands the sizes to every pass given no explicit chunk size.
 """
 from __future__ import annotations
