@@ -28,7 +28,9 @@ def model_free(method: Any) -> bool:
     """Whether `method` declares its map a function of the input alone, neither of the model's weights nor
     of the class (`model_free = True` on it or on the function under a functools.partial or wrapper's
     `func`: methods.edge, centre, constant): MPRT then computes one map and one comparison for every stage."""
-    while method is not None:
+    for _ in range(32):                                   # a bounded walk: a `func` that refers back cannot loop
+        if method is None:
+            return False
         if getattr(method, "model_free", False) is True:
             return True
         method = getattr(method, "func", None)
