@@ -82,6 +82,12 @@ def rank_methods(board: pd.DataFrame, scores: pd.DataFrame, manifests: list[dict
                    kendall=model_agreement(heads))
 
 
+def ranked_rows(scores: pd.DataFrame) -> np.ndarray:
+    """Which rows of a score table hold a ranked score (metrics.ranked), asked once per distinct score name."""
+    names = scores["score"].unique()
+    return scores["score"].isin([n for n in names if ranked(n)]).to_numpy(bool)
+
+
 def headlines(results: Results) -> tuple[dict[tuple[str, str, str], str], list[str]]:
     """Each (dataset, model, metric)'s headline score: the one its YAML declares (`_headline_`, the
     manifest's ``metrics.<name>.headline``), else the metric's only ranked stored score; and a note for each
@@ -90,7 +96,7 @@ def headlines(results: Results) -> tuple[dict[tuple[str, str, str], str], list[s
     declared = {(m["dataset"], m["model"], name): (meta or {}).get("headline")
                 for m in results.manifests for name, meta in (m.get("metrics") or {}).items()}
     s = results.scores
-    stored = s.loc[s["score"].map(ranked).astype(bool), ["dataset", "model", "metric", "score"]].drop_duplicates()
+    stored = s.loc[ranked_rows(s), ["dataset", "model", "metric", "score"]].drop_duplicates()
     out, notes = {}, []
     for key, part in stored.astype(str).groupby(["dataset", "model", "metric"], sort=True):
         names = sorted(part["score"])

@@ -12,9 +12,8 @@ import torch
 
 from bench import stats
 from bench.checks import resolve_target
-from bench.ranking import Ranking, headlines, rank_methods
+from bench.ranking import Ranking, headlines, rank_methods, ranked_rows
 from bench.results import META_COLUMNS, Results
-from metrics import ranked
 
 BOARD_KEYS = ["dataset", "model", "method", "metric", "score"]
 COLUMN_KEYS = ["dataset", "model", "metric", "score"]   # one leaderboard column of one table
@@ -126,7 +125,7 @@ def leaderboard(results: Results, *, n_boot: int = 1000, seed: int = 0) -> pd.Da
     family: the metric's family (`families`). headline: the column is its metric's headline score
     (`headlines`), the one every rank aggregate uses, so that a metric counts once.
     """
-    scores = results.scores[results.scores["score"].map(ranked).astype(bool)]
+    scores = results.scores[ranked_rows(results.scores)]
     board = summarise(scores, BOARD_KEYS, value="value", n_boot=n_boot, seed=seed)
     means, meta = _class_means(results, n_boot=n_boot, seed=seed)
     board = pd.concat([board, means], ignore_index=True) if len(means) else board
@@ -235,7 +234,7 @@ def significance(results: Results, *, alpha: float = 0.05) -> dict[str, pd.DataF
     - ``pairwise``: Wilcoxon signed-rank tests for every method pair, Holm-corrected;
     - ``ranks``: each method's average per-sample rank (1 = best), what the CD diagram draws.
     """
-    scores = results.scores[results.scores["score"].map(ranked).astype(bool)]   # the leaderboard's columns only
+    scores = results.scores[ranked_rows(results.scores)]                 # the leaderboard's columns only
     direction = results.meta.set_index(["metric", "score"])["higher_is_better"]
     friedman, pairwise, ranks = [], [], []
     for key, part in scores.groupby(COLUMN_KEYS, sort=True):
