@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 
 from bench.files import write_atomic
@@ -88,8 +89,8 @@ def plot_curves(band: pd.DataFrame, out_dir: str | Path, *, axes: dict[str, tupl
                     facet = data[data["dataset"].eq(dataset) & data["model"].eq(model) & data["curve"].eq(curve)]
                     for method, m in facet.groupby("method", sort=True):
                         control = method in controls
-                        ax.fill_between(m["x"], m["ci_low"], m["ci_high"], color=colour[method], alpha=0.2, lw=0,
-                                        zorder=2.5 if control else 1)
+                        _band(ax, m["x"], m["ci_low"], m["ci_high"], color=colour[method], alpha=0.2, lw=0,
+                              zorder=2.5 if control else 1)
                         drawn[method] = ax.plot(m["x"], m["mean"], "--" if control else "-", marker="o", ms=3,
                                                 color=colour[method], lw=1.6 if control else 1.2,
                                                 zorder=3 if control else 2, label=method)[0]
@@ -116,6 +117,17 @@ def plot_curves(band: pd.DataFrame, out_dir: str | Path, *, axes: dict[str, tupl
             paths.append(save_figure(fig, out_dir / "_".join(["curves", metric] + ([name] if name else [])), pdf=pdf,
                                      tight=False))
     return paths
+
+
+def _band(ax, x, low, high, **kwargs) -> None:
+    """What ``ax.fill_between(x, low, high, **kwargs)`` draws, without its per-call argument handling: a polygon per
+    run of finite points (from (x, high), along low, then back along high), as one PolyCollection."""
+    x, low, high = (np.asarray(v, dtype=np.float64) for v in (x, low, high))
+    finite = np.isfinite(x) & np.isfinite(low) & np.isfinite(high)
+    edges = np.flatnonzero(np.diff(np.r_[0, finite.astype(np.int8), 0]))          # start, end of every finite run
+    polygons = [np.concatenate([[[x[a], high[a]]], np.c_[x[a:b], low[a:b]], [[x[b - 1], high[b - 1]]],
+                                np.c_[x[a:b], high[a:b]][::-1]]) for a, b in zip(edges[::2], edges[1::2])]
+    ax.add_collection(PolyCollection(polygons, **kwargs))
 
 
 def plot_critical_difference(ranks: pd.DataFrame, friedman: pd.DataFrame, out_dir: str | Path, *,

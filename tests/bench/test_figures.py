@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
@@ -61,3 +62,25 @@ def test_morf_and_lerf_stay_paired_beside_a_metrics_other_curves(tmp_path: Path,
     assert saved["curves_flip_morf_lerf x"] == [(False, False), (True, True)]
     assert saved["curves_flip_extra x"] == [(True, True)]
     assert [t for t, _ in saved["curves_flip_extra"]] == ["shapes / cnn"]
+
+
+@pytest.mark.parametrize("gaps", [[], [3], [0, 1, 6], [2, 4, 7]])
+def test_band_draws_what_fill_between_draws(gaps: list[int]) -> None:
+    # same pixels and data limits as matplotlib's fill_between, NaN runs (a CI undefined at some x) included
+    x = np.linspace(0, 1, 8)
+    low, high = np.sin(3 * x), np.sin(3 * x) + 0.3 + x
+    low[gaps] = np.nan
+    images, limits = [], []
+    for draw in ("fill_between", "band"):
+        fig = figures.new_figure(figsize=(3, 2))
+        ax = fig.subplots()
+        if draw == "band":
+            figures._band(ax, x, low, high, color="tab:blue", alpha=0.2, lw=0, zorder=1)
+        else:
+            ax.fill_between(x, low, high, color="tab:blue", alpha=0.2, lw=0, zorder=1)
+        fig.canvas.draw()
+        images.append(np.asarray(fig.canvas.buffer_rgba()).copy())
+        limits.append((ax.get_xlim(), ax.get_ylim()))
+    assert limits[0] == limits[1]
+    np.testing.assert_array_equal(images[0], images[1])
+    assert (images[0][..., :3] < 255).any()                                        # something was drawn
