@@ -10,6 +10,8 @@ each family as well as overall.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import logging
 from functools import partial
 from pathlib import Path
@@ -116,7 +118,29 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, *, n_boot:
     experiments, or two values of a sweep, never share a table. The files of one report are `_write_group`'s;
     `pdf` adds a PDF twin of every figure.
     """
-    out = Path(root) / "report" if out_dir is None else Path(out_dir)
+    with _frozen_heap():
+        return _write_report(Path(root), out_dir, n_boot=n_boot, seed=seed, gallery=gallery,
+                             sanity_threshold=sanity_threshold, pdf=pdf)
+
+
+@contextlib.contextmanager
+def _frozen_heap():
+    """Leave the objects that exist before the report out of the garbage collector's passes while it runs
+    (gc.freeze): after a run, the heap holds torch and the run's objects, and each full collection that the
+    report's many small matplotlib objects trigger would walk all of them (about 10% of a default report)."""
+    mine = gc.isenabled() and gc.get_freeze_count() == 0          # never thaw what a caller froze
+    if mine:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if mine:
+            gc.unfreeze()
+
+
+def _write_report(root: Path, out_dir: str | Path | None, *, n_boot: int, seed: int, gallery: bool,
+                  sanity_threshold: float, pdf: bool) -> Path:
+    out = root / "report" if out_dir is None else Path(out_dir)
     split = groups(load(root))
     if len(split) == 1:
         (results, notes), = split.values()
