@@ -387,20 +387,13 @@ def test_perf_report_times_every_phase_once(tree: Path, capsys: pytest.CaptureFi
     assert out[0].startswith("imports: wall ") and out[1].startswith("report 1: load ") and "gallery" in out[1]
 
 
-def test_write_report_freezes_the_heap_only_while_it_runs(tree: Path, tmp_path: Path, monkeypatch) -> None:
-    import gc
-
-    import bench.report as report
-
-    seen = []
-    compute = report.compute
+def test_write_report_freezes_the_heap_only_while_it_runs(tree: Path, tmp_path: Path, monkeypatch, request) -> None:
+    import gc, bench.report as report  # noqa: E401
+    seen, compute = [], report.compute
     monkeypatch.setattr(report, "compute", lambda *a, **k: seen.append(gc.get_freeze_count()) or compute(*a, **k))
-    assert gc.get_freeze_count() == 0
     write_report(tree, tmp_path / "a", n_boot=20)
     assert seen[0] > 0 and gc.get_freeze_count() == 0              # frozen while it ran, thawed after
+    request.addfinalizer(gc.unfreeze)
     gc.freeze()                                                    # a caller's own freeze is left as it was
-    try:
-        write_report(tree, tmp_path / "b", n_boot=20)
-        assert gc.get_freeze_count() > 0                           # not thawed (frozen objects may still be freed)
-    finally:
-        gc.unfreeze()
+    write_report(tree, tmp_path / "b", n_boot=20)
+    assert gc.get_freeze_count() > 0                               # not thawed (frozen objects may still be freed)
