@@ -6,7 +6,8 @@ second small CNN of our own at 32 px (OtherCNN), torchvision's resnet18 and mobi
 Per model, interleaved `repeat` times: the best inference and forward+backward throughput over batch
 sizes 1, 2, 4, ... (the limit), pixel flipping (MoRF + LeRF, 16 steps), RISE, IG and SmoothGrad with
 default settings but for the counts given (masks, samples), under the tuned sizes. Images are counted
-with a forward pre-hook; each figure is the best of the repeats, `spread` 1 - worst / best. The clock is the
+with a forward pre-hook; each figure is the best of the repeats, `spread` 1 - worst / best; `ratio_at_chosen`
+sets the workload against the model's own passes at the chosen size (what is left once the size is right). The clock is the
 probe's (bench.tuning.clock): on one CPU thread its CPU time, on several the wall clock, which another
 process's load inflates (two OpenMP threads wait at every barrier for a core): measure two threads on a
 quiet machine; the row's probe_threads says whether the probe found it contended.
@@ -120,10 +121,13 @@ def measure(name: str, *, n: int, repeat: int, device: str = "cpu", masks: int =
     rows = []
     for w, (backward, _) in work.items():
         top = max(ref[backward], key=ref[backward].get)
+        chosen = sizes.backward if backward else sizes.forward
         rows.append({"model": name, "size": size, "n": n, "workload": w, "pass": "backward" if backward else "forward",
-                     "best_batch": top, "chosen_batch": sizes.backward if backward else sizes.forward,
+                     "best_batch": top, "chosen_batch": chosen,
                      "images_per_s": round(best[w], 1), "best_images_per_s": round(ref[backward][top], 1),
-                     "ratio": round(best[w] / ref[backward][top], 3), "probe_s": record["seconds"],
+                     "ratio": round(best[w] / ref[backward][top], 3),
+                     "ratio_at_chosen": round(best[w] / ref[backward][chosen], 3) if chosen in ref[backward] else None,
+                     "probe_s": record["seconds"],
                      "threads": record["threads"],
                      "probe_threads": record["timed_threads"]["backward" if backward else "forward"],
                      "spread": round(1 - min(seen[w]) / best[w], 3)})

@@ -93,6 +93,9 @@ def test_tuned_workload_rows_are_ratios_of_the_models_best(monkeypatch):
     # throughputs are rounded to 0.1 images/s: at a few images/s (a loaded machine) that moves the ratio ~1 %
     assert ((df.ratio / (df.images_per_s / df.best_images_per_s) - 1).abs() < 0.02).all() and (df.ratio > 0).all()
     assert ((df.spread >= 0) & (df.spread < 1)).all()
+    swept = df.chosen_batch <= 4                                    # the reference timed the chosen size
+    assert df.ratio_at_chosen.isna().eq(~swept).all()
+    assert (df.ratio_at_chosen[swept] >= df.ratio[swept] - 1e-3).all()   # the best size's rate is the larger
     sizes, _ = tuning.tune(perf_tuning.OtherCNN().eval(), (3, 32, 32), "cpu")      # same architecture: same key
     assert set(df[df["pass"] == "forward"].chosen_batch) == {sizes.forward}
     assert set(df[df["pass"] == "backward"].chosen_batch) == {sizes.backward}
