@@ -1,6 +1,8 @@
 """The performance script runs end to end on a tiny setting and writes its tidy table and figure."""
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import pytest
 
@@ -93,6 +95,8 @@ def test_tuned_workload_rows_are_ratios_of_the_models_best(monkeypatch):
     # throughputs are rounded to 0.1 images/s: at a few images/s (a loaded machine) that moves the ratio ~1 %
     assert ((df.ratio / (df.images_per_s / df.best_images_per_s) - 1).abs() < 0.02).all() and (df.ratio > 0).all()
     assert ((df.spread >= 0) & (df.spread < 1)).all()
+    # the reference is sustained (back-to-back calls); its fastest single call can only be faster
+    assert (df.peak_images_per_s >= df.best_images_per_s).all() and (df.ratio_peak <= df.ratio + 1e-3).all()
     swept = df.chosen_batch <= 4                                    # the reference timed the chosen size
     assert df.ratio_at_chosen.isna().eq(~swept).all()
     assert (df.ratio_at_chosen[swept] >= df.ratio[swept] - 1e-3).all()   # the best size's rate is the larger
@@ -100,6 +104,16 @@ def test_tuned_workload_rows_are_ratios_of_the_models_best(monkeypatch):
     assert set(df[df["pass"] == "forward"].chosen_batch) == {sizes.forward}
     assert set(df[df["pass"] == "backward"].chosen_batch) == {sizes.backward}
     assert set(df.best_batch) <= {1, 2, 4}
+
+
+def test_back_to_back_times_calls_until_the_stretch_is_spent():
+    """The sustained price: at least `calls` calls, and calls until `seconds` of wall time are spent."""
+    from bench.perf_floor import back_to_back
+
+    calls = back_to_back(lambda: time.sleep(0.01), seconds=0.05, calls=3)
+    walls = [w for w, _ in calls]
+    assert len(calls) >= 5 and sum(walls) >= 0.05 and sum(walls[:-1]) < 0.05 and min(walls) >= 0.01
+    assert len(back_to_back(lambda: time.sleep(0.01), seconds=0.0, calls=3)) == 3
 
 
 @pytest.mark.slow
@@ -123,6 +137,8 @@ def test_floor_counts_the_runs_passes_and_prices_them(tmp_path):
     assert total.run_wall_s > total.scoring_s > 0 and total.ratio_run == pytest.approx(
         total.run_wall_s / total.floor_wall_s, rel=1e-3)
     assert total.forward_passes > 0 and total.backward_passes > 0
+    # priced at the fastest single call, every pass is cheaper than at the sustained cost of back-to-back calls
+    assert (passes.floor_peak_wall_s <= passes.floor_wall_s).all() and total.ratio_run_peak >= total.ratio_run
     labels = pd.read_csv(tmp_path / "floor_labels.csv").set_index(["method", "metric"])
     cell = labels.loc[("saliency", "pixel_flipping")]                               # time spent beside its floor
     assert cell.cpu_s > 0 and cell.floor_cpu_s == pytest.approx(
