@@ -6,7 +6,8 @@ probe() times the model on seeded inputs at batch sizes 1, 2, 4, ... (powers of 
 thread count (torch.get_num_threads()). A sweep times each size once: a direction stops when two sizes running
 did not beat its best throughput (past MIN_SWEEP), at an out-of-memory error (the GPU's bound), at MAX_BATCH
 or MAX_INPUT_BYTES of inputs, or at SWEEP_SHARE of its budget (all of it on one CPU thread; sizes up to
-MIN_BUDGETED are always timed). Then rounds time the sizes within half the best throughput (after the median
+MIN_BUDGETED are always timed; while the last doubling gained GROWTH, up to OVERRUN times that share,
+since the run's every pass gains it too). Then rounds time the sizes within half the best throughput (after the median
 below) again, interleaved, while the budget lasts, and each size keeps its fastest clean call: another
 process's load only adds time, so the minimum is the model's own cost. The clock (_fastest): on several CPU
 threads the wall clock, a call being clean when the process's threads waited for a core (Linux's schedstat)
@@ -50,9 +51,10 @@ BUDGET_S = {"cpu": 1.2, "cuda": 3.0}          # clock() seconds for both directi
 FORWARD_SHARE = 0.4
 SWEEP_SHARE = 0.6                              # of a direction's wall-clock budget for the first sweep, rounds
                                                # the rest (one thread's CPU time needs no rounds: all of it)
-PROBE = 5                                      # the probe's version: cached records of another are probed again
+PROBE = 6                                      # the probe's version: cached records of another are probed again
                                                # (1: two threads, CPU time, 1 s halved; 2: one thread, 1 s in
-                                               # thirds; 3: 1.2 s, the raw best; 4: a 3-point median)
+                                               # thirds; 3: 1.2 s, the raw best; 4: a 3-point median; 5: the
+                                               # run's threads, clean calls; 6: GROWTH past the budget)
 MAX_BATCH = {"cpu": 1024, "cuda": 4096}
 MAX_INPUT_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}
 TOLERANCE = 0.1                                # the largest size within 10% of the best (module docstring)
@@ -60,6 +62,11 @@ CLEAN_WAIT = 0.1                               # a call whose threads waited for
 CONTENDER = 0.5                                # rounds retime the sizes within half the best (3-point median)
 MAX_ROUNDS = 8                                 # timings per size at most (the sweep's and the rounds')
 MIN_SWEEP = 32                                 # sizes swept before a fall may stop it (budget permitting)
+GROWTH, OVERRUN = 0.1, 4                       # past its budget, a sweep goes on while the last doubling
+                                               # gained 10 % (TOLERANCE: it may move the pick), up to 4x the
+                                               # budget: mobilenet_v3_small at 224 px on CPU gains 12-41 % per
+                                               # doubling to 32 images; 1.2 s stopped its probe at 4-8 (0.56
+                                               # of the best in pixel flipping)
 MIN_BUDGETED = 4                               # sizes swept whatever the budget: resnet18 at 224 px on CPU
                                                # stopped at 1 (0.74 of its best in pixel flipping); ~4 s once
 MIN_TIME = 0.02                                # seconds of calls per timing (at least two calls)
@@ -138,7 +145,9 @@ def _sweep(step_at: Callable[[int], Callable[[], Any]], device: torch.device, ma
     while batch <= max_batch and (stale < 2 or batch <= MIN_SWEEP):
         spent = now() - started
         if batch > MIN_BUDGETED and spent + 2 * last > sweep * budget:   # the next size costs ~2x the last
-            break
+            rising = len(timed) >= 2 and rate(batch // 2) >= (1 + GROWTH) * rate(batch // 4)
+            if not rising or spent + 2 * last > OVERRUN * sweep * budget:
+                break
         try:
             seconds = _fastest(step_at(batch), device)
             if give_up and seconds[0] == math.inf:                  # no clean call: contended

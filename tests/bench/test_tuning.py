@@ -223,6 +223,19 @@ def test_gradients_get_the_larger_share_of_the_budget():
     assert bwd == 2 * fwd and record["forward"] == fwd and record["backward"] == bwd
 
 
+def test_a_sweep_still_gaining_goes_past_its_budget():
+    # one thread (its CPU time: exact under load); 20 ms per call whatever the batch, so every doubling
+    # doubles the throughput (a 224 px mobilenet gains 12-41 % per doubling): each size costs two calls, 40 ms; the
+    # forward share of 0.215 s (86 ms) ends at 4 images (MIN_BUDGETED), four times it (344 ms) at 64 (7
+    # sizes: 280 ms; 128 would end at 360)
+    torch.set_num_threads(1)                                                  # conftest restores the count
+    steep = tuning.probe(Costly(lambda b: 0.02), (1, 2, 2), "cpu", budget=0.215)
+    assert max(map(int, steep["throughput"]["forward"])) == 64 == steep["forward"]
+    # the same budget on a flat curve (20 ms per image: no size gains) stops at the budget
+    flat = tuning.probe(Costly(lambda b: 0.02 * b), (1, 2, 2), "cpu", budget=0.215)
+    assert max(map(int, flat["throughput"]["forward"])) == tuning.MIN_BUDGETED
+
+
 def test_a_record_of_another_probe_version_is_probed_again(tiny_cnn, tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "_MEMO", {})
     monkeypatch.setattr(tuning, "_waited", lambda: 0.0)
