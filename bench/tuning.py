@@ -96,9 +96,14 @@ def _waited() -> float:
     return total * 1e-9
 
 
+def _several_threads(device: torch.device) -> bool:
+    """Whether passes on `device` run on several CPU threads (timed on the wall clock, clean calls only)."""
+    return device.type == "cpu" and torch.get_num_threads() > 1
+
+
 def clock(device: torch.device) -> Callable[[], float]:
     """The probe's clock (_fastest): the calling thread's CPU time on one CPU thread, else the wall clock."""
-    return time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+    return time.thread_time if device.type == "cpu" and not _several_threads(device) else time.perf_counter
 
 
 def _fastest(step: Callable[[], Any], device: torch.device) -> tuple[float, float]:
@@ -107,7 +112,7 @@ def _fastest(step: Callable[[], Any], device: torch.device) -> tuple[float, floa
     waited for a core for at most CLEAN_WAIT of it; on one thread its CPU time (all of the work, none of
     the wait), all clean; on a GPU the wall clock, all clean."""
     clean, fastest, total, calls = math.inf, math.inf, 0.0, 0
-    several, now = device.type == "cpu" and torch.get_num_threads() > 1, clock(device)
+    several, now = _several_threads(device), clock(device)
     while calls < 2 or total < MIN_TIME:
         _sync(device)
         w0 = _waited() if several else 0.0
@@ -140,7 +145,8 @@ def _sweep(step_at: Callable[[int], Callable[[], Any]], device: torch.device, ma
         clean, fastest = timed[b]
         return b / (clean if clean < math.inf else fastest)
 
-    now, sweep = clock(device), SWEEP_SHARE if clock(device) is time.perf_counter else 1.0
+    now = clock(device)
+    sweep = SWEEP_SHARE if now is time.perf_counter else 1.0
     started, batch, last, stale = now(), 1, 0.0, 0
     while batch <= max_batch and (stale < 2 or batch <= MIN_SWEEP):
         spent = now() - started
@@ -221,7 +227,7 @@ def probe(model: nn.Module, shape: tuple[int, ...], device: torch.device | str, 
 
     t0, threads, out = time.perf_counter(), torch.get_num_threads(), {}
     for name, step_at, share in (("forward", forward, FORWARD_SHARE), ("backward", backward, 1 - FORWARD_SHARE)):
-        several = device.type == "cpu" and threads > 1
+        several = _several_threads(device)
         swept = _sweep(step_at, device, limit, share * budget, give_up=several)
         timed_threads = threads
         if swept is not None:
