@@ -8,7 +8,12 @@ went through. Passes are labelled by the (method, metric) being computed or by t
 check, probe, report maps, tuning probe). After the run, this process times each model (random weights:
 the same architecture runs as fast) at batch sizes 1, 2, 4, ... for inference and for forward+backward,
 on the wall clock and on CPU time, and prices every pass at the best per-image time of its kind:
-floor = sum over passes of images x best seconds per image. The price is sustained: each size runs
+floor = sum over passes of images x best seconds per image. The machine's speed drifts (the same
+sustained 64-image pass of resnet read 0.76-1.49 ms per image within minutes), so a floor priced by a
+sweep at another moment is off by as much; runs after the first also sample in-window: right after each
+label, the child times SAMPLE_S of the model's own passes at the sweep's best sizes (an unhooked copy),
+and the `window` columns price each label's passes at those samples (floor_window_wall_s; the samples'
+seconds are taken off the run's, its labels' and its jobs'). The price is sustained: each size runs
 back-to-back calls for STRETCH_S, and its cost per image is their total over their images, as the run's
 passes follow one another; the `peak` columns price at the fastest single call instead, which on this
 machine's noise is 1.2-1.3x below the sustained cost (back_to_back). Wall ratios are loaded-machine
@@ -24,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from copy import deepcopy
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -37,19 +43,49 @@ from bench.tuning import pass_step
 
 _WHERE: ContextVar[tuple[str, str]] = ContextVar("floor_where", default=("(run)", "(other)"))
 _PASSES: list[list[Any]] = []                    # [model, method, metric, batch, backward?] per model call
-_SPANS: list[tuple[str, float, float]] = []      # (model, start, end) of each job, time.time()
+_SPANS: list[tuple[str, float, float, float]] = []   # (model, start, end, seconds of _sample in it) per job
 _MODELS: dict[str, dict[str, Any]] = {}          # model name -> its net config, classes and input shape
 _SPENT: dict[str, list[float]] = {}              # "model|method|metric" -> [wall, CPU seconds] under that label
 _MODEL: ContextVar[str] = ContextVar("floor_model", default="")
+_SAMPLE_AT: dict[str, dict[str, int]] = json.loads(os.environ.get("FLOOR_SAMPLE_AT", "{}"))   # model -> kind -> batch
+_REFS: dict[str, tuple[nn.Module, Tensor]] = {}  # model name -> an unhooked copy and inputs, for _sample
+_PRICES: dict[str, list[list[Any]]] = {}         # "model|method|metric" -> [kind, images, wall, CPU] per sample
+_SAMPLING = [0.0, 0.0]                           # wall, CPU seconds spent in _sample (taken off the run's)
+SAMPLE_S = 0.05                                  # seconds of back-to-back passes per kind and sample
+
+
+def _sample(key: str) -> None:
+    """Time the model's own passes at its best sizes (_SAMPLE_AT) right after the label `key` ran: the
+    price of that label's passes in the machine's state of the moment (floor(): in-window floor)."""
+    name = key.split("|")[0]
+    if name not in _SAMPLE_AT or name not in _MODELS:
+        return
+    w0, c0 = time.perf_counter(), time.process_time()
+    if name not in _REFS:
+        model = _MODELS[name].pop("_copy")
+        x = torch.randn(max(_SAMPLE_AT[name].values()), *_MODELS[name]["shape"],
+                        generator=torch.Generator().manual_seed(2)).to(next(model.parameters()).device)
+        _REFS[name] = model, x
+    model, x = _REFS[name]
+    for kind, b in _SAMPLE_AT[name].items():
+        calls = back_to_back(pass_step(model, x[:b], backward=kind == "backward", device=x.device),
+                             seconds=SAMPLE_S, calls=2)
+        _PRICES.setdefault(key, []).append([kind, b * len(calls), *(sum(c[i] for c in calls) for i in (0, 1))])
+    _SAMPLING[0] += time.perf_counter() - w0
+    _SAMPLING[1] += time.process_time() - c0
 
 
 def _count(model: nn.Module, name: str, net: dict[str, Any]) -> None:
     """Record every call of `model` in _PASSES under the current _WHERE label."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    copy = deepcopy(model) if name in _SAMPLE_AT else None            # before the hook: _sample's own passes
+    _SAMPLING[0] += time.perf_counter() - w0
+    _SAMPLING[1] += time.process_time() - c0
     def hook(_m: nn.Module, args: tuple, output: Any) -> None:
         entry = [name, *_WHERE.get(), len(args[0]), False]
         _PASSES.append(entry)
         if name not in _MODELS and isinstance(output, Tensor):
-            _MODELS[name] = {"net": net, "classes": output.shape[1], "shape": list(args[0].shape[1:])}
+            _MODELS[name] = {"net": net, "classes": output.shape[1], "shape": list(args[0].shape[1:]), "_copy": copy}
         if isinstance(output, Tensor) and output.requires_grad:
             output.register_hook(lambda g: entry.__setitem__(4, True) or g)
     model.register_forward_hook(hook)
@@ -57,14 +93,16 @@ def _count(model: nn.Module, name: str, net: dict[str, Any]) -> None:
 
 @contextmanager
 def _label(method: str, metric: str) -> Iterator[None]:
-    token, w0, c0 = _WHERE.set((method, metric)), time.perf_counter(), time.process_time()
+    token, w0, c0, s0 = _WHERE.set((method, metric)), time.perf_counter(), time.process_time(), list(_SAMPLING)
     try:
         yield
     finally:
         _WHERE.reset(token)
-        spent = _SPENT.setdefault(f"{_MODEL.get()}|{method}|{metric}", [0.0, 0.0])
-        spent[0] += time.perf_counter() - w0
-        spent[1] += time.process_time() - c0
+        key = f"{_MODEL.get()}|{method}|{metric}"
+        spent = _SPENT.setdefault(key, [0.0, 0.0])
+        spent[0] += time.perf_counter() - w0 - (_SAMPLING[0] - s0[0])        # less samples of labels inside
+        spent[1] += time.process_time() - c0 - (_SAMPLING[1] - s0[1])
+        _sample(key)
 
 
 def _labelled(fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
@@ -93,12 +131,12 @@ def _instrument() -> None:
             yield
 
     def timed_run(cfg: Any, **kwargs: Any) -> dict[str, Any]:
-        t0, token = time.time(), _MODEL.set(str(cfg.model.name))
+        t0, token, s0 = time.time(), _MODEL.set(str(cfg.model.name)), _SAMPLING[0]
         try:
             return run(cfg, **kwargs)
         finally:
             _MODEL.reset(token)
-            _SPANS.append((str(cfg.model.name), t0, time.time()))
+            _SPANS.append((str(cfg.model.name), t0, time.time(), _SAMPLING[0] - s0))   # and its samples' seconds
 
     runner.load_model, runner.recording, runner.run = load_model, recording, timed_run
     for name, stage in (("check_model", "(model check)"), ("probe", "(probe)"), ("tune", "(tuning probe)")):
@@ -116,8 +154,9 @@ def child(argv: list[str]) -> None:
         code = cli(argv)
     finally:
         counts = Counter(tuple(p) for p in _PASSES)
-        path.write_text(json.dumps({"passes": [[*k, v] for k, v in counts.items()], "spans": _SPANS, "models": _MODELS, "spent": _SPENT,
-                                    "end": time.time()}))
+        models = {k: {f: v for f, v in m.items() if f != "_copy"} for k, m in _MODELS.items()}
+        path.write_text(json.dumps({"passes": [[*k, v] for k, v in counts.items()], "spans": _SPANS, "models": models,
+                                    "spent": _SPENT, "end": time.time(), "prices": _PRICES, "sampling": _SAMPLING}))
     if code:
         raise SystemExit(code)
 
@@ -204,10 +243,14 @@ def floor(out: Path, *, overrides: tuple[str, ...] = (), repeat: int = 2, cache_
         torch.set_num_threads(threads)
     runs, prices = [], {}
     for r in range(repeat):                                         # interleaved: a run, then the models' sweep
-        with tempfile.TemporaryDirectory(prefix="floor-") as results:
-            data, t0, wall, cpu = _run_child([f"results_dir={results}", *overrides], env)
-            runs.append({"wall": wall, "cpu": cpu, "scoring": _scoring_seconds(Path(results)), "data": data, "t0": t0})
-        print(f"floor: run {r + 1}/{repeat}: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+        at = {name: {k: p[k]["batch"] for k in ("forward", "backward")} for name, p in prices.items()}
+        with tempfile.TemporaryDirectory(prefix="floor-") as results:   # runs after the first sample in-window
+            data, t0, wall, cpu = _run_child([f"results_dir={results}", *overrides], {**env, "FLOOR_SAMPLE_AT": json.dumps(at)})
+            sampled_wall, sampled_cpu = data["sampling"]
+            runs.append({"wall": wall - sampled_wall, "cpu": cpu - sampled_cpu, "sampling": sampled_wall,
+                         "scoring": _scoring_seconds(Path(results)), "data": data, "t0": t0})
+        print(f"floor: run {r + 1}/{repeat}: {wall:.1f} s wall, {cpu:.1f} s CPU, {sampled_wall:.1f} s of it "
+              "in-window samples", flush=True)
         for name, spec in sorted(data["models"].items()):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
@@ -219,37 +262,54 @@ def floor(out: Path, *, overrides: tuple[str, ...] = (), repeat: int = 2, cache_
                     old[kind].update(wall=new["wall"], batch=new["batch"])
                 for clock in ("cpu", "peak_wall", "peak_cpu"):
                     old[kind][clock] = min(old[kind][clock], new[clock])
-    passes = pd.DataFrame(runs[0]["data"]["passes"], columns=["model", "method", "metric", "batch", "backward",
-                                                              "count"])
-    passes["kind"] = passes.backward.map({True: "backward", False: "forward"})
-    passes["images"] = passes.batch * passes["count"]
+    best = min(runs, key=lambda r: r["wall"])
+    passes = _passes(best["data"])
     for clock in ("wall", "cpu", "peak_wall", "peak_cpu"):
         per = passes.apply(lambda p: prices[p.model][p.kind][clock], axis=1)
         passes[f"floor_{clock}_s"] = passes.images * per
-    passes = passes.drop(columns="backward").sort_values("floor_wall_s", ascending=False)
-    best = min(runs, key=lambda r: r["wall"])
+    passes = passes.sort_values("floor_wall_s", ascending=False)
+    sampled = [r for r in runs if r["data"]["prices"]]
+    window = min(sampled, key=lambda r: r["wall"]) if sampled else None
+    in_window = _window_floor(window["data"]) if window else None
     labels = _labels(passes, best["data"]["spent"])
     scoring = passes[passes.method != "(run)"]
     spans = best["data"]["spans"]
     rows = []
     for name, group in passes.groupby("model"):
-        job = sum(e - s for m, s, e in spans if m == name)
+        job = sum(e - s - x for m, s, e, x in spans if m == name)
         rows.append({"model": name, "job_wall_s": round(job, 2), "floor_wall_s": group.floor_wall_s.sum(),
                      "floor_cpu_s": group.floor_cpu_s.sum(), "ratio_job": job / group.floor_wall_s.sum(),
                      **{f"best_{k}_batch": prices[name][k]["batch"] for k in ("forward", "backward")},
                      **{f"best_{k}_ms_per_image": 1e3 * prices[name][k]["wall"] for k in ("forward", "backward")}})
+        if window:
+            w_job = sum(e - s - x for m, s, e, x in window["data"]["spans"] if m == name)
+            w_floor = in_window[in_window.model == name].floor_window_wall_s.sum()
+            rows[-1].update(job_window_run_s=round(w_job, 2), floor_window_wall_s=w_floor, ratio_job_window=w_job / w_floor)
     f_wall, f_cpu = passes.floor_wall_s.sum(), passes.floor_cpu_s.sum()
-    first, last = min(s for _, s, _ in spans), max(e for _, _, e in spans)
-    rows.append({"model": "total", "threads": torch.get_num_threads(), "run_wall_s": best["wall"], "run_walls_s": " ".join(f"{r['wall']:.1f}" for r in runs),
-                 "run_cpu_s": best["cpu"], "startup_s": first - best["t0"], "jobs_wall_s": sum(e - s for _, s, e in spans),
-                 "report_s": best["data"]["end"] - last, "scoring_s": best["scoring"], "floor_wall_s": f_wall,
+    first, last = min(s for _, s, _, _ in spans), max(e for _, _, e, _ in spans)
+    outside = best["sampling"] - sum(x for *_, x in spans)          # samples after the jobs (the report's maps)
+    rows.append({"model": "total", "threads": torch.get_num_threads(), "run_wall_s": best["wall"],
+                 "run_walls_s": " ".join(f"{r['wall']:.1f}" for r in runs),
+                 "run_cpu_s": best["cpu"], "startup_s": first - best["t0"],
+                 "jobs_wall_s": sum(e - s - x for _, s, e, x in spans),
+                 "report_s": best["data"]["end"] - last - outside, "scoring_s": best["scoring"], "floor_wall_s": f_wall,
                  "floor_cpu_s": f_cpu, "ratio_run": best["wall"] / f_wall,
                  "ratio_scoring": best["scoring"] / scoring.floor_wall_s.sum(),
                  "ratio_cpu": best["cpu"] / f_cpu, "floor_peak_wall_s": passes.floor_peak_wall_s.sum(),
                  "ratio_run_peak": best["wall"] / passes.floor_peak_wall_s.sum(),
-                 "ratio_cpu_peak": best["cpu"] / passes.floor_peak_cpu_s.sum(), "forward_passes": int(passes[passes.kind == "forward"]["count"].sum()),
+                 "ratio_cpu_peak": best["cpu"] / passes.floor_peak_cpu_s.sum(),
+                 **({"window_run_wall_s": window["wall"], "window_sampling_s": window["sampling"],
+                     "floor_window_wall_s": in_window.floor_window_wall_s.sum(),
+                     "ratio_window": window["wall"] / in_window.floor_window_wall_s.sum(),
+                     "ratio_cpu_window": window["cpu"] / in_window.floor_window_cpu_s.sum()} if window else {}),
+                 "forward_passes": int(passes[passes.kind == "forward"]["count"].sum()),
                  "backward_passes": int(passes[passes.kind == "backward"]["count"].sum())})
-    table = pd.DataFrame(rows).round(4)
+    if window:                                                      # the same, for the sampled run in-window
+        w = _labels(in_window.rename(columns={"floor_window_wall_s": "floor_wall_s", "floor_window_cpu_s": "floor_cpu_s"}),
+                    window["data"]["spent"])
+        labels = labels.merge(w, on=["model", "method", "metric"], how="outer", suffixes=("", "_window"))
+        labels = labels.sort_values("excess_cpu_s_window", ascending=False)
+    table = pd.DataFrame(rows).round(6)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "floor.csv", index=False)
     passes.round(4).to_csv(out / "floor_passes.csv", index=False)
@@ -257,6 +317,31 @@ def floor(out: Path, *, overrides: tuple[str, ...] = (), repeat: int = 2, cache_
     print("\n\n".join(t.to_string(index=False) for t in (table, passes.head(15).round(3), labels.head(20).round(3))),
           flush=True)
     return table
+
+
+def _passes(data: dict[str, Any]) -> pd.DataFrame:
+    """A counted run's passes: model, method, metric, batch, count, kind ("forward" / "backward"), images."""
+    passes = pd.DataFrame(data["passes"], columns=["model", "method", "metric", "batch", "backward", "count"])
+    passes["kind"] = passes.backward.map({True: "backward", False: "forward"})
+    passes["images"] = passes.batch * passes["count"]
+    return passes.drop(columns="backward")
+
+
+def _window_floor(data: dict[str, Any]) -> pd.DataFrame:
+    """A sampled run's passes priced in-window: each label's passes at the seconds per image of the samples
+    taken right after it (_sample), a label without samples (passes outside any) at its model's mean."""
+    samples = pd.DataFrame([(*k.split("|"), *p) for k, ps in data["prices"].items() for p in ps],
+                           columns=["model", "method", "metric", "kind", "images", "wall", "cpu"])
+    by_label = samples.groupby(["model", "method", "metric", "kind"])[["images", "wall", "cpu"]].sum()
+    by_model = samples.groupby(["model", "kind"])[["images", "wall", "cpu"]].sum()
+    passes = _passes(data)
+    for clock in ("wall", "cpu"):
+        def price(p: pd.Series) -> float:
+            at = by_label.loc[(p.model, p.method, p.metric, p.kind)] if (p.model, p.method, p.metric, p.kind) in \
+                by_label.index else by_model.loc[(p.model, p.kind)]
+            return at[clock] / at.images
+        passes[f"floor_window_{clock}_s"] = passes.images * passes.apply(price, axis=1)
+    return passes
 
 
 def _labels(passes: pd.DataFrame, spent: dict[str, list[float]]) -> pd.DataFrame:
