@@ -54,11 +54,13 @@ _SAMPLING = [0.0, 0.0]                           # wall, CPU seconds spent in _s
 SAMPLE_S = 0.05                                  # seconds of back-to-back passes per kind and sample
 
 
-def _sample(key: str) -> None:
-    """Time the model's own passes at its best sizes (_SAMPLE_AT) right after the label `key` ran: the
-    price of that label's passes in the machine's state of the moment (floor(): in-window floor)."""
+def _sample(key: str, since: int) -> None:
+    """Time the model's own passes at its best sizes (_SAMPLE_AT) right after the label `key` ran, of each
+    kind it made (its _PASSES from `since` on): the price of that label's passes in the machine's state of
+    the moment (floor(): in-window floor)."""
     name = key.split("|")[0]
-    if name not in _SAMPLE_AT or name not in _MODELS:
+    kinds = {"backward" if p[4] else "forward" for p in _PASSES[since:] if p[0] == name}
+    if name not in _SAMPLE_AT or name not in _MODELS or not kinds:
         return
     w0, c0 = time.perf_counter(), time.process_time()
     if name not in _REFS:
@@ -67,7 +69,8 @@ def _sample(key: str) -> None:
                         generator=torch.Generator().manual_seed(2)).to(next(model.parameters()).device)
         _REFS[name] = model, x
     model, x = _REFS[name]
-    for kind, b in _SAMPLE_AT[name].items():
+    for kind in sorted(kinds):
+        b = _SAMPLE_AT[name][kind]
         calls = back_to_back(pass_step(model, x[:b], backward=kind == "backward", device=x.device),
                              seconds=SAMPLE_S, calls=2)
         _PRICES.setdefault(key, []).append([kind, b * len(calls), *(sum(c[i] for c in calls) for i in (0, 1))])
@@ -93,7 +96,7 @@ def _count(model: nn.Module, name: str, net: dict[str, Any]) -> None:
 
 @contextmanager
 def _label(method: str, metric: str) -> Iterator[None]:
-    token, w0, c0, s0 = _WHERE.set((method, metric)), time.perf_counter(), time.process_time(), list(_SAMPLING)
+    token, w0, c0, s0, n0 = _WHERE.set((method, metric)), time.perf_counter(), time.process_time(), list(_SAMPLING), len(_PASSES)
     try:
         yield
     finally:
@@ -102,7 +105,7 @@ def _label(method: str, metric: str) -> Iterator[None]:
         spent = _SPENT.setdefault(key, [0.0, 0.0])
         spent[0] += time.perf_counter() - w0 - (_SAMPLING[0] - s0[0])        # less samples of labels inside
         spent[1] += time.process_time() - c0 - (_SAMPLING[1] - s0[1])
-        _sample(key)
+        _sample(key, n0)
 
 
 def _labelled(fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
@@ -217,22 +220,14 @@ def _run_child(args: list[str], env: dict[str, str]) -> tuple[dict[str, Any], fl
         return json.loads(path.read_text()), t0, wall, cpu
 
 
-def _scoring_seconds(results_dir: Path) -> float:
-    """Seconds the runs spent in methods and metrics (the manifests' method/ and metric/ timings)."""
-    total = 0.0
-    for path in results_dir.rglob("manifest.json"):
-        timings = json.loads(path.read_text()).get("timings", {})
-        total += sum(v for k, v in timings.items() if k.startswith(("method/", "metric/")))
-    return total
-
-
 def floor(out: Path, *, overrides: tuple[str, ...] = (), repeat: int = 2, cache_dir: str | None = None,
           limit: int = 256, threads: int | None = None) -> pd.DataFrame:
     """Run `python -m bench OVERRIDES` `repeat` times (fresh results folders, cached models), count its
     passes, price them (module docstring); write OUT/floor.csv (per model and in total: wall and CPU
     seconds of the run and of its scoring phase, floor, ratios), OUT/floor_passes.csv (every
     (model, method, metric, kind, batch) with its count and priced seconds, costliest first) and
-    OUT/floor_labels.csv (_labels: where the run's time beyond the floor goes). `threads`:
+    OUT/floor_labels.csv (_labels: where the run's time beyond the floor goes). The scoring phase is the
+    seconds under the methods' and metrics' labels (less their samples). `threads`:
     torch's threads in the run (OMP_NUM_THREADS) and in the timing; one thread's CPU time is what a
     loaded machine inflates least (two threads spin while one waits for a core)."""
     from hydra.utils import instantiate
@@ -248,7 +243,8 @@ def floor(out: Path, *, overrides: tuple[str, ...] = (), repeat: int = 2, cache_
             data, t0, wall, cpu = _run_child([f"results_dir={results}", *overrides], {**env, "FLOOR_SAMPLE_AT": json.dumps(at)})
             sampled_wall, sampled_cpu = data["sampling"]
             runs.append({"wall": wall - sampled_wall, "cpu": cpu - sampled_cpu, "sampling": sampled_wall,
-                         "scoring": _scoring_seconds(Path(results)), "data": data, "t0": t0})
+                         "scoring": sum(w for k, (w, _) in data["spent"].items() if k.split("|")[1] != "(run)"),
+                         "data": data, "t0": t0})
         print(f"floor: run {r + 1}/{repeat}: {wall:.1f} s wall, {cpu:.1f} s CPU, {sampled_wall:.1f} s of it "
               "in-window samples", flush=True)
         for name, spec in sorted(data["models"].items()):
