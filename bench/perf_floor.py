@@ -297,7 +297,9 @@ def floor(out: Path, *, overrides: tuple[str, ...] = (), repeat: int = 2, cache_
                  **({"window_run_wall_s": window["wall"], "window_sampling_s": window["sampling"],
                      "floor_window_wall_s": in_window.floor_window_wall_s.sum(),
                      "ratio_window": window["wall"] / in_window.floor_window_wall_s.sum(),
-                     "ratio_cpu_window": window["cpu"] / in_window.floor_window_cpu_s.sum()} if window else {}),
+                     "ratio_cpu_window": window["cpu"] / in_window.floor_window_cpu_s.sum(),
+                     "window_unpriced_images": int(in_window.images[in_window.floor_window_wall_s.isna()].sum())}
+                    if window else {}),
                  "forward_passes": int(passes[passes.kind == "forward"]["count"].sum()),
                  "backward_passes": int(passes[passes.kind == "backward"]["count"].sum())})
     if window:                                                      # the same, for the sampled run in-window
@@ -325,7 +327,8 @@ def _passes(data: dict[str, Any]) -> pd.DataFrame:
 
 def _window_floor(data: dict[str, Any]) -> pd.DataFrame:
     """A sampled run's passes priced in-window: each label's passes at the seconds per image of the samples
-    taken right after it (_sample), a label without samples (passes outside any) at its model's mean."""
+    taken right after it (_sample), a label without samples (passes outside any) at its model's mean, and
+    NaN where the model has no sample of that kind."""
     samples = pd.DataFrame([(*k.split("|"), *p) for k, ps in data["prices"].items() for p in ps],
                            columns=["model", "method", "metric", "kind", "images", "wall", "cpu"])
     by_label = samples.groupby(["model", "method", "metric", "kind"])[["images", "wall", "cpu"]].sum()
@@ -333,9 +336,10 @@ def _window_floor(data: dict[str, Any]) -> pd.DataFrame:
     passes = _passes(data)
     for clock in ("wall", "cpu"):
         def price(p: pd.Series) -> float:
-            at = by_label.loc[(p.model, p.method, p.metric, p.kind)] if (p.model, p.method, p.metric, p.kind) in \
-                by_label.index else by_model.loc[(p.model, p.kind)]
-            return at[clock] / at.images
+            for table, key in ((by_label, (p.model, p.method, p.metric, p.kind)), (by_model, (p.model, p.kind))):
+                if key in table.index:
+                    return table.loc[key, clock] / table.loc[key, "images"]
+            return float("nan")
         passes[f"floor_window_{clock}_s"] = passes.images * passes.apply(price, axis=1)
     return passes
 

@@ -116,6 +116,27 @@ def test_back_to_back_times_calls_until_the_stretch_is_spent():
     assert len(back_to_back(lambda: time.sleep(0.01), seconds=0.0, calls=3)) == 3
 
 
+def test_window_prices_each_labels_passes_at_its_own_samples():
+    """In-window floor, by hand: a label's passes at its samples' seconds per image; passes outside any label
+    at the model's mean over all its samples of that kind; NaN where the model has no sample of the kind."""
+    from bench.perf_floor import _window_floor
+
+    data = {"passes": [["m", "ig", "mprt", 64, True, 10],             # 640 images, backward
+                       ["m", "sal", "pf", 32, False, 4],              # 128 images, forward
+                       ["m", "(run)", "(other)", 8, False, 1],        # 8 images, no label's samples
+                       ["m", "(run)", "(other)", 2, True, 1]],        # 2 images, backward
+            "prices": {"m|ig|mprt": [["backward", 128, 0.256, 0.5]],   # 2 ms per image
+                       "m|sal|pf": [["forward", 64, 0.032, 0.06], ["forward", 64, 0.064, 0.1]]}}   # 0.75 ms
+    got = _window_floor(data).set_index(["method", "metric", "batch"])
+    assert got.loc[("ig", "mprt", 64)].floor_window_wall_s == pytest.approx(640 * 0.002)
+    assert got.loc[("ig", "mprt", 64)].floor_window_cpu_s == pytest.approx(640 * 0.5 / 128)
+    assert got.loc[("sal", "pf", 32)].floor_window_wall_s == pytest.approx(128 * 0.096 / 128)
+    assert got.loc[("(run)", "(other)", 8)].floor_window_wall_s == pytest.approx(8 * 0.096 / 128)
+    assert got.loc[("(run)", "(other)", 2)].floor_window_wall_s == pytest.approx(2 * 0.002)
+    data["prices"].pop("m|ig|mprt")                                   # no backward sample at all: unpriced
+    assert _window_floor(data).set_index("batch").loc[[64, 2]].floor_window_wall_s.isna().all()
+
+
 @pytest.mark.slow
 def test_floor_counts_the_runs_passes_and_prices_them(tmp_path):
     """Issue 22's floor: a real `python -m bench` in a child process, its passes counted by (method, metric,
@@ -141,6 +162,7 @@ def test_floor_counts_the_runs_passes_and_prices_them(tmp_path):
     # the second run sampled in-window: a price per label, its seconds off the run's
     assert total.window_sampling_s > 0 and total.floor_window_wall_s > 0 and total.window_run_wall_s > 0
     assert total.ratio_window == pytest.approx(total.window_run_wall_s / total.floor_window_wall_s, rel=1e-3)
+    assert total.window_unpriced_images == 0
     # priced at the fastest single call, every pass is cheaper than at the sustained cost of back-to-back calls
     assert (passes.floor_peak_wall_s <= passes.floor_wall_s).all() and total.ratio_run_peak >= total.ratio_run
     labels = pd.read_csv(tmp_path / "floor_labels.csv").set_index(["method", "metric"])
