@@ -96,7 +96,8 @@ def _count(model: nn.Module, name: str, net: dict[str, Any]) -> None:
 
 @contextmanager
 def _label(method: str, metric: str) -> Iterator[None]:
-    token, w0, c0, s0, n0 = _WHERE.set((method, metric)), time.perf_counter(), time.process_time(), list(_SAMPLING), len(_PASSES)
+    token, w0, c0 = _WHERE.set((method, metric)), time.perf_counter(), time.process_time()
+    s0, n0 = list(_SAMPLING), len(_PASSES)
     try:
         yield
     finally:
@@ -240,7 +241,8 @@ def floor(out: Path, *, overrides: tuple[str, ...] = (), repeat: int = 2, cache_
     for r in range(repeat):                                         # interleaved: a run, then the models' sweep
         at = {name: {k: p[k]["batch"] for k in ("forward", "backward")} for name, p in prices.items()}
         with tempfile.TemporaryDirectory(prefix="floor-") as results:   # runs after the first sample in-window
-            data, t0, wall, cpu = _run_child([f"results_dir={results}", *overrides], {**env, "FLOOR_SAMPLE_AT": json.dumps(at)})
+            data, t0, wall, cpu = _run_child([f"results_dir={results}", *overrides],
+                                             {**env, "FLOOR_SAMPLE_AT": json.dumps(at)})
             sampled_wall, sampled_cpu = data["sampling"]
             runs.append({"wall": wall - sampled_wall, "cpu": cpu - sampled_cpu, "sampling": sampled_wall,
                          "scoring": sum(w for k, (w, _) in data["spent"].items() if k.split("|")[1] != "(run)"),
@@ -280,7 +282,8 @@ def floor(out: Path, *, overrides: tuple[str, ...] = (), repeat: int = 2, cache_
         if window:
             w_job = sum(e - s - x for m, s, e, x in window["data"]["spans"] if m == name)
             w_floor = in_window[in_window.model == name].floor_window_wall_s.sum()
-            rows[-1].update(job_window_run_s=round(w_job, 2), floor_window_wall_s=w_floor, ratio_job_window=w_job / w_floor)
+            rows[-1].update(job_window_run_s=round(w_job, 2), floor_window_wall_s=w_floor,
+                            ratio_job_window=w_job / w_floor)
     f_wall, f_cpu = passes.floor_wall_s.sum(), passes.floor_cpu_s.sum()
     first, last = min(s for _, s, _, _ in spans), max(e for _, _, e, _ in spans)
     outside = best["sampling"] - sum(x for *_, x in spans)          # samples after the jobs (the report's maps)
@@ -303,8 +306,8 @@ def floor(out: Path, *, overrides: tuple[str, ...] = (), repeat: int = 2, cache_
                  "forward_passes": int(passes[passes.kind == "forward"]["count"].sum()),
                  "backward_passes": int(passes[passes.kind == "backward"]["count"].sum())})
     if window:                                                      # the same, for the sampled run in-window
-        w = _labels(in_window.rename(columns={"floor_window_wall_s": "floor_wall_s", "floor_window_cpu_s": "floor_cpu_s"}),
-                    window["data"]["spent"])
+        renamed = {"floor_window_wall_s": "floor_wall_s", "floor_window_cpu_s": "floor_cpu_s"}
+        w = _labels(in_window.rename(columns=renamed), window["data"]["spent"])
         labels = labels.merge(w, on=["model", "method", "metric"], how="outer", suffixes=("", "_window"))
         labels = labels.sort_values("excess_cpu_s_window", ascending=False)
     table = pd.DataFrame(rows).round(6)

@@ -5,10 +5,11 @@ Models (random weights; timing needs no training): the embedded zoo at 64 px as 
 second small CNN of our own at 32 px (OtherCNN), torchvision's resnet18 and mobilenet_v3_small at 224.
 Per model, interleaved `repeat` times: the best inference and forward+backward throughput over batch
 sizes 1, 2, 4, ... (the limit; sustained over back-to-back calls, as the workloads' passes run, and
-`ratio_peak` against the fastest single call, which the machine's noise lifts), pixel flipping (MoRF + LeRF, 16 steps), RISE, IG and SmoothGrad with
-default settings but for the counts given (masks, samples), under the tuned sizes. Images are counted
-with a forward pre-hook; each figure is the best of the repeats, `spread` 1 - worst / best; `ratio_at_chosen`
-sets the workload against the model's own passes at the chosen size (what is left once the size is right). The clock is the
+`ratio_peak` against the fastest single call, which the machine's noise lifts), pixel flipping (MoRF +
+LeRF, 16 steps), RISE, IG and SmoothGrad with default settings but for the counts given (masks, samples),
+under the tuned sizes. Images are counted with a forward pre-hook; each figure is the best of the
+repeats, `spread` 1 - worst / best; `ratio_at_chosen` sets the workload against the model's own passes at
+the chosen size (what is left once the size is right). The clock is the
 probe's (bench.tuning.clock): on one CPU thread its CPU time, on several the wall clock, which another
 process's load inflates (two OpenMP threads wait at every barrier for a core): measure two threads on a
 quiet machine; the row's probe_threads says whether the probe found it contended.
