@@ -38,8 +38,9 @@ def _masked_scores(model: nn.Module, x: Tensor, target: Tensor, keep: Tensor, *,
 
     def forward(i: Tensor) -> Tensor:                                             # i: (N,) flat index into (B, K)
         b, k = i.div(K, rounding_mode="floor"), i % K
-        m = keep[k][:, None]                                                       # (N, 1, H, W)
-        return target_output(model, x[b] * m + baseline * (1 - m), target[b], output)
+        m = keep.index_select(0, k)[:, None]                                       # (N, 1, H, W)
+        # x m + baseline (1 - m), in place in the gathered copy: no new (N, C, H, W) tensor per step
+        return target_output(model, x.index_select(0, b).mul_(m).add_(baseline * (1 - m)), target[b], output)
 
     with torch.no_grad():
         return chunked(forward, B * K, chunk_size, device=x.device, like=x).view(B, K)
