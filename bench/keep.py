@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from bench.files import write_atomic
-from metrics import mprt_stages, similarities, to_map
+from metrics import model_free, mprt_stages, similarities, to_map
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ def mprt_grid(model: nn.Module, x: Tensor, target: Tensor, methods: dict[str, Ca
               reduce: str, constant: Literal["zero", "nan"] = "zero", **stages: Any) -> MprtGrid:
     """Maps of every method at every stage of `metrics.mprt_stages(model, **stages)`, and their Spearman
     similarity to the original map by `metrics.similarities` (absolute maps, `constant` rule), i.e. what
-    `mprt` with the same arguments scores. One pass over the stages serves every method.
+    `mprt` with the same arguments scores. One pass over the stages serves every method; a method declared
+    `model_free` (metrics.model_free: a map of x alone) is computed once and shown at every stage, as mprt does.
     """
     maps: dict[str, list[Tensor]] = {}                                  # raw attributions (G, C, H, W), as mprt
     for name, method in methods.items():
@@ -88,7 +89,8 @@ def mprt_grid(model: nn.Module, x: Tensor, target: Tensor, methods: dict[str, Ca
         labels.append(layer)
         for name in list(maps):
             try:
-                maps[name].append(methods[name](randomized, x, target).detach())
+                fixed = model_free(methods[name])
+                maps[name].append(maps[name][0] if fixed else methods[name](randomized, x, target).detach())
             except Exception as e:                                     # noqa: BLE001
                 log.warning("mprt grid: %s failed at %s: %s: %s", name, layer, type(e).__name__, e)
                 del maps[name]

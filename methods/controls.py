@@ -35,7 +35,7 @@ from metrics.checks import check_float
 
 def _model_free(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """Declare a control's map a function of x alone, neither of the model nor of the class (read by
-    metrics._stages.model_free: MPRT computes it once for all stages)."""
+    metrics.model_free: MPRT and the report's MPRT grid compute it once for all stages)."""
     fn.model_free = True
     return fn
 

@@ -22,7 +22,7 @@ from metrics._similarity import (SIMILARITIES, Constant, Correlation, Window, de
                                  similarities, spearman, ssim, top_k_overlap)
 from metrics._stages import Order, _fully_randomized, _stages, model_free, mprt_stages, randomization_layers
 
-__all__ = ["mprt", "mprt_stages", "emprt", "smprt", "random_logit", "data_randomization",
+__all__ = ["mprt", "mprt_stages", "model_free", "emprt", "smprt", "random_logit", "data_randomization",
            "randomization_layers", "similarities", "degenerate", "spearman", "ssim", "hog", "hog_similarity",
            "top_k_overlap", "SIMILARITIES"]
 
@@ -154,7 +154,7 @@ def mprt(
     stage; one mean curve per measure. Lower is better. Also the context score `degenerate` (`degenerate@<layer>`
     per stage), 1 where either map is constant (`similarities` then scores 0 by convention, not by measurement;
     never ranked; the sanity table's "degenerate" verdict). `model` and the global RNG are never changed.
-    Cost: repeats x layers method calls; one for a method declared `model_free` (metrics._stages.model_free).
+    Cost: repeats x layers method calls; one for a method declared `model_free` (metrics.model_free).
     """
     _check_repeats(repeats)
     _check_explain(explain)
@@ -167,7 +167,7 @@ def mprt(
     similarities(original[:1], original[:1], **options)                            # similarity options checked
     reference: dict = {}                                                          # original's side, kept
     stage_map = lambda m: method(m, x, _explained(m, x, target, explain))          # noqa: E731 (B, C, H, W)
-    # a map of x alone (metrics._stages.model_free): computed and compared once, the same at every stage
+    # a map of x alone (metrics.model_free): computed and compared once, the same at every stage
     fixed = _compared(original, stage_map(model), reference, options) if model_free(method) else None
     draws, names = [], []
     for r in range(repeats):

@@ -24,6 +24,7 @@ from bench.report import write_report                                       # no
 from bench.results import load                                              # noqa: E402
 from bench.run import run                                                   # noqa: E402
 from bench.zoo import SmallCNN                                              # noqa: E402
+import methods                                                              # noqa: E402
 from methods import saliency                                               # noqa: E402
 from metrics import mprt, to_map                                            # noqa: E402
 from metrics.randomization import _fully_randomized                         # noqa: E402
@@ -98,6 +99,29 @@ def test_grid_stages_are_the_models_mprt_scores(tiny_cnn, batch, order):
     for k, layer in enumerate(grid.labels):
         torch.testing.assert_close(grid.spearman["saliency"][k], expected.scores[f"spearman@{layer}"], rtol=0, atol=0)
     assert all(torch.equal(v, before[k]) for k, v in tiny_cnn.state_dict().items())     # model untouched
+
+
+def test_grid_computes_a_model_free_map_once(tiny_cnn, batch):
+    """A method declared model_free (methods.edge) is called once, on the original model, and shown unchanged
+    at every stage, with Spearman 1 as mprt scores it; an undeclared one is called at every stage."""
+    x, target = batch
+    calls = {"edge": 0, "saliency": 0}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        call.model_free = getattr(fn, "model_free", False)
+        return call
+
+    grid = mprt_grid(tiny_cnn, x, target, {"edge": counted("edge", methods.edge),
+                                           "saliency": counted("saliency", saliency)}, reduce="sum",
+                     layers=["conv1", "conv2", "fc"])
+    assert calls == {"edge": 1, "saliency": 4}
+    assert all(torch.equal(m, grid.maps["edge"][0]) for m in grid.maps["edge"][1:])
+    expected = mprt(tiny_cnn, x, target, methods.edge, measures=["spearman"], layers=["conv1", "conv2", "fc"])
+    for k, layer in enumerate(grid.labels):
+        torch.testing.assert_close(grid.spearman["edge"][k], expected.scores[f"spearman@{layer}"], rtol=0, atol=0)
 
 
 def test_gallery_and_grid_of_a_stored_run(tiny: SimpleNamespace):
