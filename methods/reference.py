@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from methods._common import attribution_method, cannot_run, generator, input_gradient, value_range
 from metrics.baselines import BLUR_SIGMA, Baseline, baseline_fill
-from metrics.batching import chunked, draws_per_pass, retry_smaller
+from metrics.batching import auto_chunk_size, chunked, draws_per_pass, retry_smaller
 
 # elementwise nonlinearities: the Rescale rule m = (y - y') / (z - z'); linear layers keep their gradient
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -47,18 +47,26 @@ def integrated_gradients(
     minimum in the image: the data's black, as Sundararajan et al.'s black image; it moves with
     a constant input shift, so IG from it is input invariant, Kindermans et al. 2019), image_min,
     mean, blur, uniform (drawn from `seed`) or a tensor: metrics.baselines. `internal_batch_size`:
-    images per forward/backward pass, at least one node for the whole batch; None sizes it from
-    the memory budget of metrics.batching (on CPU 64-image passes ran 1.3-1.4x faster than 256);
-    out of memory, it is retried once at half the size.
+    images per forward/backward pass; None takes the tuned or memory-budget size of metrics.batching.
+    A pass holds whole nodes of the batch, or, where the size is below the batch, one node of a group
+    of that many samples (captum's passes hold all samples of a call; each sample's IG is its own).
+    Out of memory, it is retried once at half the size.
     """
     if steps < 1:
         raise ValueError(f"integrated_gradients: steps must be a positive integer, got {steps}")
     ref = baseline_fill(x, baseline, seed=seed, blur_sigma=blur_sigma).expand_as(x)
     ig = captum.attr.IntegratedGradients(model)
-    return retry_smaller(lambda size: ig.attribute(x.requires_grad_(), baselines=ref, target=target, n_steps=steps,
-                                                   method=rule, internal_batch_size=size),
-                         len(x) * draws_per_pass(internal_batch_size, x), smallest=len(x),
-                         name="internal_batch_size")                                             # (B, C, H, W)
+
+    def attribute(images: int) -> Tensor:                                     # images per pass
+        if images >= len(x):                                                  # whole nodes of the batch
+            return ig.attribute(x.requires_grad_(), baselines=ref, target=target, n_steps=steps, method=rule,
+                                internal_batch_size=len(x) * (images // len(x)))
+        return torch.cat([ig.attribute(xs.detach().requires_grad_(), baselines=rs, target=ts, n_steps=steps,
+                                       method=rule, internal_batch_size=len(xs))                # groups of samples
+                          for xs, rs, ts in zip(x.split(images), ref.split(images), target.split(images))])
+
+    images = auto_chunk_size(x, backward=True) if internal_batch_size is None else internal_batch_size
+    return retry_smaller(attribute, max(1, images), name="internal_batch_size")                # (B, C, H, W)
 
 
 def _references(x: Tensor, baseline: Baseline, pattern: Tensor, blur_sigma: float) -> Callable[[Tensor], Tensor]:

@@ -58,6 +58,18 @@ def test_every_chunked_pass_takes_the_tuned_size(name, tiny_cnn, data):
     assert max(untuned) > size
 
 
+def test_ig_passes_below_the_batch_take_groups_of_samples(tiny_cnn, batch):
+    # a tuned gradient pass of 3 images and a batch of 5: groups of 3 and 2 samples, one IG node per pass
+    # (captum puts every sample of a call in each pass), and the same map as whole-batch passes
+    x, target = batch
+    with pass_sizes(PassSizes((3, 8, 8), "cpu", forward=7, backward=3)):
+        seen = _passes(tiny_cnn, lambda: methods.integrated_gradients(tiny_cnn, x, target, steps=4))
+        got = methods.integrated_gradients(tiny_cnn, x, target, steps=4)
+    assert len(x) == 5 and sorted(seen) == [2] * 4 + [3] * 4
+    expected = methods.integrated_gradients(tiny_cnn, x, target, steps=4, internal_batch_size=4 * len(x))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_an_explicit_size_wins(tiny_cnn, data):
     x, target, a = data
     with pass_sizes(SIZES):

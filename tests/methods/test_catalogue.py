@@ -458,7 +458,8 @@ CHUNKED = {                         # methods with a pass size, and small settin
 @pytest.mark.parametrize("name", CHUNKED)
 def test_pass_size_from_the_memory_budget(name, tiny_cnn, batch, monkeypatch):
     """chunk_size (internal_batch_size for IG) None sizes each forward pass from metrics.batching's budget,
-    at least one draw of the whole batch, and gives the maps of explicit pass sizes."""
+    at least one draw of the whole batch (IG: one node of a group of samples), and gives the maps of
+    explicit pass sizes."""
     import metrics.batching
     x, target = batch
     size = "internal_batch_size" if name == "integrated_gradients" else "chunk_size"
@@ -472,8 +473,8 @@ def test_pass_size_from_the_memory_budget(name, tiny_cnn, batch, monkeypatch):
     finally:
         hook.remove()
     torch.testing.assert_close(auto, explicit, rtol=1e-5, atol=1e-6)
-    per_draw = name in ("smoothgrad", "smoothgrad_squared", "vargrad", "expected_gradients", "deeplift_shap",
-                        "integrated_gradients")                     # passes of whole draws of the batch
+    per_draw = name in ("smoothgrad", "smoothgrad_squared", "vargrad", "expected_gradients",
+                        "deeplift_shap")                            # passes of whole draws of the batch
     expected = len(x) if per_draw else 2
     assert max(set(passes), key=passes.count) == expected and passes.count(expected) >= 2, passes   # besides probes
 
