@@ -47,7 +47,7 @@ _SPANS: list[tuple[str, float, float, float]] = []   # (model, start, end, secon
 _MODELS: dict[str, dict[str, Any]] = {}          # model name -> its net config, classes and input shape
 _SPENT: dict[str, list[float]] = {}              # "model|method|metric" -> [wall, CPU seconds] under that label
 _MODEL: ContextVar[str] = ContextVar("floor_model", default="")
-_SAMPLE_AT: dict[str, dict[str, int]] = json.loads(os.environ.get("FLOOR_SAMPLE_AT", "{}"))   # model -> kind -> batch
+_SAMPLE_AT: dict[str, dict[str, int]] = {}      # model -> kind -> batch: floor() hands it to child() (FLOOR_SAMPLE_AT)
 _REFS: dict[str, tuple[nn.Module, Tensor]] = {}  # model name -> an unhooked copy and inputs, for _sample
 _PRICES: dict[str, list[list[Any]]] = {}         # "model|method|metric" -> [kind, images, wall, CPU] per sample
 _SAMPLING = [0.0, 0.0]                           # wall, CPU seconds spent in _sample (taken off the run's)
@@ -152,6 +152,10 @@ def child(argv: list[str]) -> None:
     """`python -m bench.perf_floor --passes FILE ARGS`: `python -m bench ARGS` with the counting hooks; the
     counts and job spans go to FILE as JSON, whatever the run's exit."""
     path, argv = Path(argv[2]), argv[3:]
+    try:
+        _SAMPLE_AT.update(json.loads(os.environ.get("FLOOR_SAMPLE_AT") or "{}"))
+    except ValueError as e:
+        raise SystemExit(f"FLOOR_SAMPLE_AT is not JSON ({e}); floor() sets it, unset it to run without samples")
     _instrument()
     from bench.__main__ import cli
     try:

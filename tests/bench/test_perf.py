@@ -116,6 +116,20 @@ def test_back_to_back_times_calls_until_the_stretch_is_spent():
     assert len(back_to_back(lambda: time.sleep(0.01), seconds=0.0, calls=3)) == 3
 
 
+def test_a_stray_sample_variable_breaks_only_the_counted_child(tmp_path):
+    """FLOOR_SAMPLE_AT is floor()'s message to its child: other modules import whatever it holds, and the
+    child stops with a message naming it rather than a traceback."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "FLOOR_SAMPLE_AT": "{not json"}
+    imported = subprocess.run([sys.executable, "-c", "import bench.perf_tuning"], env=env, capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr
+    child = subprocess.run([sys.executable, "-m", "bench.perf_floor", "--passes", str(tmp_path / "p.json")], env=env,
+                           capture_output=True, text=True)
+    assert child.returncode != 0 and "FLOOR_SAMPLE_AT is not JSON" in child.stderr
+
+
 def test_window_prices_each_labels_passes_at_its_own_samples():
     """In-window floor, by hand: a label's passes at its samples' seconds per image; passes outside any label
     at the model's mean over all its samples of that kind; NaN where the model has no sample of the kind."""
