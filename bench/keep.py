@@ -84,13 +84,12 @@ def mprt_grid(model: nn.Module, x: Tensor, target: Tensor, methods: dict[str, Ca
             maps[name] = [method(model, x, target).detach()]
         except Exception as e:                                         # noqa: BLE001
             log.warning("mprt grid: %s failed: %s: %s", name, type(e).__name__, e)
-    labels = []
+    labels, fixed = [], {name for name in maps if model_free(methods[name])}
     for layer, randomized in mprt_stages(model, **stages):
         labels.append(layer)
         for name in list(maps):
             try:
-                fixed = model_free(methods[name])
-                maps[name].append(maps[name][0] if fixed else methods[name](randomized, x, target).detach())
+                maps[name].append(maps[name][0] if name in fixed else methods[name](randomized, x, target).detach())
             except Exception as e:                                     # noqa: BLE001
                 log.warning("mprt grid: %s failed at %s: %s: %s", name, layer, type(e).__name__, e)
                 del maps[name]

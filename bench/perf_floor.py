@@ -48,10 +48,22 @@ _MODELS: dict[str, dict[str, Any]] = {}          # model name -> its net config,
 _SPENT: dict[str, list[float]] = {}              # "model|method|metric" -> [wall, CPU seconds] under that label
 _MODEL: ContextVar[str] = ContextVar("floor_model", default="")
 _SAMPLE_AT: dict[str, dict[str, int]] = {}      # model -> kind -> batch: floor() hands it to child() (FLOOR_SAMPLE_AT)
-_REFS: dict[str, tuple[nn.Module, Tensor]] = {}  # model name -> an unhooked copy and inputs, for _sample
+_COPIES: dict[str, nn.Module] = {}              # model name -> an unhooked copy, for _sample
+_INPUTS: dict[str, Tensor] = {}                  # model name -> _sample's inputs
 _PRICES: dict[str, list[list[Any]]] = {}         # "model|method|metric" -> [kind, images, wall, CPU] per sample
-_SAMPLING = [0.0, 0.0]                           # wall, CPU seconds spent in _sample (taken off the run's)
+_SAMPLING = [0.0, 0.0]                           # wall, CPU seconds spent sampling (taken off the run's)
 SAMPLE_S = 0.05                                  # seconds of back-to-back passes per kind and sample
+
+
+@contextmanager
+def _sampling() -> Iterator[None]:
+    """Count the block's wall and CPU seconds in _SAMPLING: time the run would not have spent."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        _SAMPLING[0] += time.perf_counter() - w0
+        _SAMPLING[1] += time.process_time() - c0
 
 
 def _sample(key: str, since: int) -> None:
@@ -60,35 +72,33 @@ def _sample(key: str, since: int) -> None:
     the moment (floor(): in-window floor)."""
     name = key.split("|")[0]
     kinds = {"backward" if p[4] else "forward" for p in _PASSES[since:] if p[0] == name}
-    if name not in _SAMPLE_AT or name not in _MODELS or not kinds:
+    if name not in _COPIES or name not in _MODELS or not kinds:
         return
-    w0, c0 = time.perf_counter(), time.process_time()
-    if name not in _REFS:
-        model = _MODELS[name].pop("_copy")
-        x = torch.randn(max(_SAMPLE_AT[name].values()), *_MODELS[name]["shape"],
-                        generator=torch.Generator().manual_seed(2)).to(next(model.parameters()).device)
-        _REFS[name] = model, x
-    model, x = _REFS[name]
-    for kind in sorted(kinds):
-        b = _SAMPLE_AT[name][kind]
-        calls = back_to_back(pass_step(model, x[:b], backward=kind == "backward", device=x.device),
-                             seconds=SAMPLE_S, calls=2)
-        _PRICES.setdefault(key, []).append([kind, b * len(calls), *(sum(c[i] for c in calls) for i in (0, 1))])
-    _SAMPLING[0] += time.perf_counter() - w0
-    _SAMPLING[1] += time.process_time() - c0
+    with _sampling():
+        model = _COPIES[name]
+        if name not in _INPUTS:
+            _INPUTS[name] = torch.randn(max(_SAMPLE_AT[name].values()), *_MODELS[name]["shape"],
+                                        generator=torch.Generator().manual_seed(2)).to(next(model.parameters()).device)
+        x = _INPUTS[name]
+        for kind in sorted(kinds):
+            b = _SAMPLE_AT[name][kind]
+            calls = back_to_back(pass_step(model, x[:b], backward=kind == "backward", device=x.device),
+                                 seconds=SAMPLE_S, calls=2)
+            _PRICES.setdefault(key, []).append([kind, b * len(calls), *(sum(c[i] for c in calls) for i in (0, 1))])
 
 
 def _count(model: nn.Module, name: str, net: dict[str, Any]) -> None:
-    """Record every call of `model` in _PASSES under the current _WHERE label."""
-    w0, c0 = time.perf_counter(), time.process_time()
-    copy = deepcopy(model) if name in _SAMPLE_AT else None            # before the hook: _sample's own passes
-    _SAMPLING[0] += time.perf_counter() - w0
-    _SAMPLING[1] += time.process_time() - c0
+    """Record every call of `model` in _PASSES under the current _WHERE label (and keep an unhooked copy
+    for _sample where the run samples in-window)."""
+    if name in _SAMPLE_AT and name not in _COPIES:
+        with _sampling():
+            _COPIES[name] = deepcopy(model)                          # before the hook: _sample's own passes
+
     def hook(_m: nn.Module, args: tuple, output: Any) -> None:
         entry = [name, *_WHERE.get(), len(args[0]), False]
         _PASSES.append(entry)
         if name not in _MODELS and isinstance(output, Tensor):
-            _MODELS[name] = {"net": net, "classes": output.shape[1], "shape": list(args[0].shape[1:]), "_copy": copy}
+            _MODELS[name] = {"net": net, "classes": output.shape[1], "shape": list(args[0].shape[1:])}
         if isinstance(output, Tensor) and output.requires_grad:
             output.register_hook(lambda g: entry.__setitem__(4, True) or g)
     model.register_forward_hook(hook)
@@ -162,8 +172,7 @@ def child(argv: list[str]) -> None:
         code = cli(argv)
     finally:
         counts = Counter(tuple(p) for p in _PASSES)
-        models = {k: {f: v for f, v in m.items() if f != "_copy"} for k, m in _MODELS.items()}
-        path.write_text(json.dumps({"passes": [[*k, v] for k, v in counts.items()], "spans": _SPANS, "models": models,
+        path.write_text(json.dumps({"passes": [[*k, v] for k, v in counts.items()], "spans": _SPANS, "models": _MODELS,
                                     "spent": _SPENT, "end": time.time(), "prices": _PRICES, "sampling": _SAMPLING}))
     if code:
         raise SystemExit(code)

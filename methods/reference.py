@@ -60,7 +60,7 @@ def integrated_gradients(
     def attribute(images: int) -> Tensor:                                     # images per pass
         if images >= len(x):                                                  # whole nodes of the batch
             return ig.attribute(x.requires_grad_(), baselines=ref, target=target, n_steps=steps, method=rule,
-                                internal_batch_size=len(x) * (images // len(x)))
+                                internal_batch_size=len(x) * draws_per_pass(images, x))
         return torch.cat([ig.attribute(xs.detach().requires_grad_(), baselines=rs, target=ts, n_steps=steps,
                                        method=rule, internal_batch_size=len(xs))                # groups of samples
                           for xs, rs, ts in zip(x.split(images), ref.split(images), target.split(images))])
